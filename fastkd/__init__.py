@@ -1,0 +1,55 @@
+"""fastkd: data-free knowledge distillation for NLP models, with fused distillation kernels.
+
+Public API::
+
+    import fastkd
+    loss = fastkd.distill_loss(student_logits, teacher_logits, temperature=2.0)
+
+Backends (``backend=`` argument, ``FASTKD_BACKEND`` environment variable, or automatic):
+``cuda``, ``triton``, ``cpu`` (compiled), ``torch`` (reference). ``python -m fastkd.info`` shows
+what is available here and why not.
+"""
+
+from __future__ import annotations
+
+import importlib.util as _ilu
+import os as _os
+import sys as _sys
+
+__version__ = "0.1.0"
+
+
+def _alias_source_kernels() -> None:
+    # An installed fastkd ships the Triton kernels as the subpackage fastkd/kernels. In a source
+    # checkout they live in the top-level kernels/ folder (the design card's layout): register that
+    # folder as fastkd.kernels so both layouts import the same way. Nothing is imported here.
+    here = _os.path.dirname(_os.path.abspath(__file__))
+    if _os.path.isdir(_os.path.join(here, "kernels")) or "fastkd.kernels" in _sys.modules:
+        return
+    src = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
+    if not _os.path.isfile(src):
+        return
+    spec = _ilu.spec_from_file_location("fastkd.kernels", src, submodule_search_locations=[_os.path.dirname(src)])
+    if spec is None or spec.loader is None:
+        return
+    module = _ilu.module_from_spec(spec)
+    _sys.modules["fastkd.kernels"] = module
+    spec.loader.exec_module(module)
+    globals()["kernels"] = module
+
+
+_alias_source_kernels()
+
+from fastkd import nn  # noqa: E402
+from fastkd.backends import BACKENDS, BackendUnavailableError, available_backends  # noqa: E402
+from fastkd.ops.distill_loss import distill_loss, reference_distill_loss  # noqa: E402
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "__version__",
+    "available_backends",
+    "distill_loss",
+    "nn",
+    "reference_distill_loss",
+]

@@ -1,0 +1,1 @@
+"""One module per op: reference, validation, torch.library registration and backend dispatch."""

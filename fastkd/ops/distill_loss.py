@@ -1,0 +1,401 @@
+"""``fastkd.distill_loss``: the fused temperature-softmax distillation loss.
+
+Layers (one file each): ``kernels/distill_loss.py`` (Triton), ``csrc/distill_loss.cpp`` (C++ CPU,
+at::vec), ``csrc/distill_loss.cu`` (CUDA), and this module: the pure-PyTorch reference, input
+validation, registration with ``torch.library`` (fake tensors, autograd) and backend dispatch.
+
+All fused backends share one op schema::
+
+    distill_loss(Tensor student, Tensor teacher, Tensor row_scale, float temperature, int divergence,
+                 float beta, float loss_scale, bool reduce, bool grad_student, bool grad_teacher)
+        -> (Tensor loss, Tensor grad_student, Tensor grad_teacher)
+
+on ``[N, V]`` logits. The forward writes the gradients (already multiplied by the reduction
+weights in ``row_scale`` and by ``loss_scale``); backward scales them in place by the upstream
+gradient with ``scale_grad_``, which does nothing when that gradient is the scalar 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from fastkd import _ext
+from fastkd.backends import Op
+
+DIVERGENCES: dict[str, int] = {"kl": 0, "reverse_kl": 1, "jsd": 2}
+REDUCTIONS: tuple[str, ...] = ("batchmean", "mean", "sum", "none")
+
+OP = Op("distill_loss")
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (pure PyTorch): the CPU fallback, the test oracle and the benchmark baseline.
+# --------------------------------------------------------------------------------------------
+def _xlogy_diff(w: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """w * (a - b) with zero where w == 0 (also in the gradient), even if a - b is inf or NaN."""
+    pos = w > 0
+    return w * torch.where(pos, a - b, torch.zeros((), dtype=a.dtype, device=a.device))
+
+
+def divergence_rows(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float, divergence: str, beta: float
+) -> Tensor:
+    """Per-row divergence D (no temperature-squared factor), shape ``[...]``, in >= fp32."""
+    dt = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    s = student_logits.to(dt) / temperature
+    t = teacher_logits.to(dt) / temperature
+    ls = torch.log_softmax(s, dim=-1)
+    lt = torch.log_softmax(t, dim=-1)
+    if divergence == "jsd" and beta == 0.0:
+        divergence = "kl"
+    if divergence == "jsd" and beta == 1.0:
+        divergence = "reverse_kl"
+    if divergence == "kl":
+        return _xlogy_diff(lt.exp(), lt, ls).sum(-1)
+    if divergence == "reverse_kl":
+        return _xlogy_diff(ls.exp(), ls, lt).sum(-1)
+    p, q = lt.exp(), ls.exp()
+    lm = torch.log(beta * p + (1.0 - beta) * q)
+    return beta * _xlogy_diff(p, lt, lm).sum(-1) + (1.0 - beta) * _xlogy_diff(q, ls, lm).sum(-1)
+
+
+def reference_distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    keep: Tensor | None = None,
+    scale_by_t2: bool = True,
+) -> Tensor:
+    """The pure-PyTorch distillation loss (differentiable to both inputs through autograd).
+
+    ``keep``: optional boolean ``[...]`` (the logits' leading shape); False rows are excluded.
+    Computes in float32, or float64 for float64 inputs.
+    """
+    d = divergence_rows(student_logits, teacher_logits, temperature, divergence, beta)
+    if scale_by_t2:
+        d = d * (temperature * temperature)
+    V = student_logits.shape[-1]
+    if keep is not None:
+        d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
+        count = keep.sum().to(d.dtype).clamp_min(1.0)
+    else:
+        count = torch.tensor(float(max(d.numel(), 1)), dtype=d.dtype, device=d.device)
+    if reduction == "none":
+        return d
+    if reduction == "sum":
+        return d.sum()
+    if reduction == "batchmean":
+        return d.sum() / count
+    return d.sum() / (count * V)  # "mean": over all kept elements, as torch.nn.functional.kl_div
+
+
+# --------------------------------------------------------------------------------------------
+# Validation: clear errors that name the argument.
+# --------------------------------------------------------------------------------------------
+def _check_inputs(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    reduction: str,
+    labels: Tensor | None,
+    mask: Tensor | None,
+) -> None:
+    for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(
+                f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), got {x.dtype}"
+            )
+        if x.dim() < 1:
+            raise ValueError(f"{name} must have shape [..., V] with at least one dimension, got a 0-d tensor")
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same vocabulary size V (last dimension), got "
+            f"{student_logits.shape[-1]} and {teacher_logits.shape[-1]}"
+        )
+    if student_logits.shape != teacher_logits.shape:
+        raise ValueError(
+            f"student_logits and teacher_logits must have the same shape, got {tuple(student_logits.shape)} and "
+            f"{tuple(teacher_logits.shape)}"
+        )
+    if student_logits.shape[-1] == 0:
+        raise ValueError("student_logits must have a non-empty last dimension V")
+    if student_logits.device != teacher_logits.device:
+        raise ValueError(
+            f"student_logits and teacher_logits must be on the same device, got {student_logits.device} and "
+            f"{teacher_logits.device}"
+        )
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
+        raise TypeError(f"temperature must be a positive finite number, got {type(temperature).__name__}")
+    if not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta <= 1.0):
+        raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    lead = tuple(student_logits.shape[:-1])
+    if labels is not None:
+        if (
+            not isinstance(labels, Tensor)
+            or labels.is_floating_point()
+            or labels.is_complex()
+            or labels.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"labels must be an integer tensor of shape {lead}, got "
+                f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
+            )
+        if tuple(labels.shape) != lead:
+            raise ValueError(f"labels must have the logits' leading shape {lead}, got {tuple(labels.shape)}")
+        if labels.device != student_logits.device:
+            raise ValueError(f"labels must be on {student_logits.device}, got {labels.device}")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
+            raise TypeError(
+                f"mask must be a boolean tensor of shape {lead} (True = keep the row), got "
+                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
+            )
+        if tuple(mask.shape) != lead:
+            raise ValueError(f"mask must have the logits' leading shape {lead}, got {tuple(mask.shape)}")
+        if mask.device != student_logits.device:
+            raise ValueError(f"mask must be on {student_logits.device}, got {mask.device}")
+
+
+def _keep_rows(labels: Tensor | None, mask: Tensor | None, ignore_index: int) -> Tensor | None:
+    keep = None
+    if labels is not None:
+        keep = labels != ignore_index
+    if mask is not None:
+        keep = mask if keep is None else keep & mask
+    return keep
+
+
+def _row_scale(keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Per-row weights of the reduction (float32; float64 for float64 logits), on device, no host sync."""
+    if keep is None:
+        if reduction == "batchmean":
+            return torch.full((N,), 1.0 / max(N, 1), device=device, dtype=dtype)
+        if reduction == "mean":
+            return torch.full((N,), 1.0 / max(N * V, 1), device=device, dtype=dtype)
+        return torch.ones(N, device=device, dtype=dtype)
+    k = keep.reshape(N).to(dtype)
+    if reduction == "batchmean":
+        return k / k.sum().clamp_min(1.0)
+    if reduction == "mean":
+        return k / (k.sum() * V).clamp_min(1.0)
+    return k
+
+
+# --------------------------------------------------------------------------------------------
+# Registration of the fused ops: fake tensors (torch.compile) and autograd.
+# --------------------------------------------------------------------------------------------
+def _fake(student, teacher, row_scale, temperature, divergence, beta, loss_scale, reduce, grad_student, grad_teacher):
+    N = student.shape[0]
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    loss = student.new_empty(() if reduce else (N,), dtype=acc)
+    gs = torch.empty_like(student) if grad_student else student.new_empty((0,))
+    gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,))
+    return loss, gs, gt
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    _, gs, gt = output
+    ctx.grad_student, ctx.grad_teacher = bool(inputs[8]), bool(inputs[9])
+    ctx.save_for_backward(gs, gt)
+
+
+def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
+    def backward(ctx, g_loss, _g_gs, _g_gt):
+        gs, gt = ctx.saved_tensors
+        scale = g_loss.to(torch.float64 if torch.float64 in (gs.dtype, gt.dtype) else torch.float32)
+        scale = scale.contiguous()
+        d_s = d_t = None
+        # The saved gradients are this op's own outputs, used once: scale them in place. A second
+        # backward through the same graph (retain_graph=True) is refused by autograd's version check.
+        if ctx.grad_student:
+            scale_grad_(gs, scale)
+            d_s = gs
+        if ctx.grad_teacher:
+            scale_grad_(gt, scale)
+            d_t = gt
+        return d_s, d_t, None, None, None, None, None, None, None, None
+
+    return backward
+
+
+def _register_compiled() -> None:
+    if _ext.library() is None:
+        return
+    torch.library.register_fake("fastkd::distill_loss")(_fake)
+
+    @torch.library.register_fake("fastkd::scale_grad_")
+    def _scale_fake(grad, scale):
+        return None
+
+    torch.library.register_autograd(
+        "fastkd::distill_loss", _make_backward(torch.ops.fastkd.scale_grad_), setup_context=_setup_context
+    )
+
+
+_register_compiled()
+
+_triton_ops: dict[str, object] = {}
+
+
+def _triton_op():
+    """The Triton custom ops, defined on first use (importing triton is not free)."""
+    if _triton_ops:
+        return _triton_ops["distill_loss"]
+    from fastkd.kernels import distill_loss as tk
+
+    @torch.library.custom_op("fastkd::distill_loss_triton", mutates_args=())
+    def distill_loss_triton(
+        student: Tensor,
+        teacher: Tensor,
+        row_scale: Tensor,
+        temperature: float,
+        divergence: int,
+        beta: float,
+        loss_scale: float,
+        reduce: bool,
+        grad_student: bool,
+        grad_teacher: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        return tk.distill_loss_forward(
+            student, teacher, row_scale, temperature, divergence, beta, loss_scale, reduce, grad_student, grad_teacher
+        )
+
+    @torch.library.custom_op("fastkd::scale_grad_triton_", mutates_args=("grad",))
+    def scale_grad_triton_(grad: Tensor, scale: Tensor) -> None:
+        tk.scale_grad_(grad, scale)
+
+    distill_loss_triton.register_fake(_fake)
+    distill_loss_triton.register_autograd(_make_backward(scale_grad_triton_), setup_context=_setup_context)
+    _triton_ops["distill_loss"] = distill_loss_triton
+    _triton_ops["scale_grad_"] = scale_grad_triton_
+    return distill_loss_triton
+
+
+# --------------------------------------------------------------------------------------------
+# Backends and the public function.
+# --------------------------------------------------------------------------------------------
+def _fused(
+    op: Callable,
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    keep: Tensor | None,
+    temperature: float,
+    divergence: str,
+    beta: float,
+    reduction: str,
+    scale_by_t2: bool,
+) -> Tensor:
+    lead = student_logits.shape[:-1]
+    V = student_logits.shape[-1]
+    if teacher_logits.dtype != student_logits.dtype:
+        teacher_logits = teacher_logits.to(student_logits.dtype)
+    s2 = student_logits.reshape(-1, V)
+    t2 = teacher_logits.reshape(-1, V)
+    if s2.stride(-1) != 1 or s2.stride(0) != V:
+        s2 = s2.contiguous()
+    if t2.stride(-1) != 1 or t2.stride(0) != V:
+        t2 = t2.contiguous()
+    N = s2.shape[0]
+    acc = torch.float64 if s2.dtype == torch.float64 else torch.float32
+    row_scale = _row_scale(keep, N, V, reduction, s2.device, acc)
+    div = divergence
+    if div == "jsd" and beta == 0.0:
+        div = "kl"
+    elif div == "jsd" and beta == 1.0:
+        div = "reverse_kl"
+    loss, _, _ = op(
+        s2, t2, row_scale, float(temperature), DIVERGENCES[div], float(beta),
+        float(temperature) ** 2 if scale_by_t2 else 1.0, reduction != "none",
+        student_logits.requires_grad and torch.is_grad_enabled(),
+        teacher_logits.requires_grad and torch.is_grad_enabled(),
+    )  # fmt: skip
+    return loss.reshape(lead) if reduction == "none" else loss
+
+
+@OP.register("torch")
+def _torch_impl(student_logits, teacher_logits, keep, temperature, divergence, beta, reduction, scale_by_t2):
+    out = reference_distill_loss(
+        student_logits, teacher_logits, temperature=temperature, divergence=divergence, beta=beta,
+        reduction=reduction, keep=keep, scale_by_t2=scale_by_t2,
+    )  # fmt: skip
+    return out.to(torch.float32) if out.dtype != torch.float64 else out
+
+
+@OP.register("cpu")
+def _cpu_impl(*args):
+    return _fused(torch.ops.fastkd.distill_loss, *args)
+
+
+@OP.register("cuda")
+def _cuda_impl(*args):
+    return _fused(torch.ops.fastkd.distill_loss, *args)
+
+
+@OP.register("triton")
+def _triton_impl(*args):
+    return _fused(_triton_op(), *args)
+
+
+def distill_loss(
+    student_logits: Tensor,
+    teacher_logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    beta: float = 0.5,
+    reduction: str = "batchmean",
+    ignore_index: int = -100,
+    labels: Tensor | None = None,
+    mask: Tensor | None = None,
+    scale_by_t2: bool = True,
+    backend: str | None = None,
+) -> Tensor:
+    """Distillation loss between raw student and teacher logits, fused into one pass.
+
+    Args:
+        student_logits, teacher_logits: ``[..., V]`` raw logits (float32, bfloat16, float16, float64),
+            same shape and device. A teacher of another dtype is cast
+            to the student's.
+        temperature: divides both logit sets (> 0).
+        divergence: ``"kl"`` = KL(teacher || student) (Hinton KD), ``"reverse_kl"`` =
+            KL(student || teacher), ``"jsd"`` = generalised JSD:
+            ``beta * KL(p || m) + (1 - beta) * KL(q || m)`` with ``m = beta * p + (1 - beta) * q``,
+            p the teacher's and q the student's distribution; ``beta=0`` gives ``"kl"`` and
+            ``beta=1`` ``"reverse_kl"`` (the convention of TRL's GKD loss).
+        reduction: ``"batchmean"`` (sum / kept rows), ``"mean"`` (sum / (kept rows * V)), ``"sum"``,
+            ``"none"`` (per row, shape ``[...]``; excluded rows are 0).
+        ignore_index, labels: rows with ``labels == ignore_index`` are excluded.
+        mask: boolean ``[...]``, False rows are excluded. With every row excluded, ``batchmean`` and
+            ``mean`` return 0 with zero gradients.
+        scale_by_t2: multiply by ``temperature**2`` (Hinton's convention, keeps gradient scale
+            independent of T).
+        backend: ``"cuda"``, ``"triton"``, ``"cpu"``, ``"torch"`` or None (automatic; also
+            ``FASTKD_BACKEND``).
+
+    Gradients flow to the student logits and, when ``teacher_logits.requires_grad``, to the
+    teacher logits, computed in the forward pass. The loss and all accumulation are float32
+    (float64 for float64 inputs). A ``-inf`` logit is a zero probability and contributes nothing
+    (a ``-inf`` student logit where the teacher has mass gives ``inf``); NaN propagates.
+    """
+    _check_inputs(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, mask)
+    keep = _keep_rows(labels, mask, ignore_index)
+    name = OP.select(student_logits.device, backend)
+    return OP(name, student_logits, teacher_logits, keep, temperature, divergence, beta, reduction, scale_by_t2)
