@@ -1,0 +1,285 @@
+"""Build a student from a teacher sequence classifier, and map teacher embeddings to the student.
+
+Two ways, chosen by the size you ask for (:func:`build_student`):
+
+* **Fewer layers, same width** (DistilBERT-style): the student is the teacher's architecture with
+  ``layers`` transformer blocks; embeddings, the kept blocks (evenly spaced, first and last
+  included), pooler and classifier are copied from the teacher.
+* **A size config** (``hidden``, ``heads``, ``intermediate`` smaller than the teacher's): the
+  transformer blocks start random; the word / position / segment embeddings start as the
+  teacher's, projected onto their top ``hidden`` principal directions (an SVD of the teacher's
+  embedding matrix), which keeps the lexical knowledge that the small vocabulary-sized matrix
+  holds (most of a small student's parameters). Hidden-state matching then learns projections
+  between the widths (:class:`fastkd.nn.HiddenStateMatcher`).
+
+Both keep the teacher's tokenizer, labels and model class, so the student is saved with
+``save_pretrained`` and loads anywhere the teacher does (``transformers.pipeline`` included).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+INIT_CHOICES = ("auto", "teacher", "random")
+_INTERMEDIATE_NAMES = ("intermediate_size", "hidden_dim", "ffn_dim", "n_inner")
+_LAYER_KEY = re.compile(r"\.(layer|layers|h|block|blocks)\.(\d+)\.")
+
+
+class StudentConfigError(ValueError):
+    """The requested student size is impossible or pointless for this teacher."""
+
+
+def _intermediate_name(config: Any) -> str | None:
+    for n in _INTERMEDIATE_NAMES:
+        if getattr(config, n, None) is not None:
+            return n
+    return None
+
+
+def model_dims(config: Any) -> dict[str, int]:
+    """``{"layers", "hidden", "heads", "intermediate"}`` of a transformers config (0 if unknown)."""
+    name = _intermediate_name(config)
+    return {
+        "layers": int(getattr(config, "num_hidden_layers", 0) or 0),
+        "hidden": int(getattr(config, "hidden_size", 0) or 0),
+        "heads": int(getattr(config, "num_attention_heads", 0) or 0),
+        "intermediate": int(getattr(config, name, 0) or 0) if name else 0,
+    }
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def select_layers(n_teacher: int, n_student: int) -> list[int]:
+    """Teacher layers a shallower student copies: evenly spaced, first and last included.
+
+    6 -> 3 gives [0, 2, 5]; 12 -> 6 gives [0, 2, 4, 7, 9, 11]; a one-layer student takes the last.
+    """
+    if n_student >= n_teacher:
+        return list(range(n_student))
+    if n_student == 1:
+        return [n_teacher - 1]
+    return [round(i * (n_teacher - 1) / (n_student - 1)) for i in range(n_student)]
+
+
+def student_dims(
+    teacher_config: Any,
+    *,
+    layers: int | None = None,
+    hidden: int | None = None,
+    heads: int | None = None,
+    intermediate: int | None = None,
+) -> dict[str, int]:
+    """The student's dimensions, with defaults filled in and checked against the teacher's.
+
+    Defaults: half the teacher's layers (at least 1); the teacher's width; heads that keep the
+    teacher's head size; the teacher's intermediate/hidden ratio.
+    """
+    t = model_dims(teacher_config)
+    if not t["layers"] or not t["hidden"] or not t["heads"]:
+        raise StudentConfigError(
+            f"cannot read layers/hidden/heads from the teacher config ({type(teacher_config).__name__}); "
+            "fastkd builds students for encoder classifiers (BERT, RoBERTa, DistilBERT, ELECTRA, ...)"
+        )
+    for name, v in (("layers", layers), ("hidden", hidden), ("heads", heads), ("intermediate", intermediate)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v <= 0):
+            raise StudentConfigError(f"student {name} must be a positive integer, got {v!r}")
+    s_layers = layers if layers is not None else max(1, t["layers"] // 2)
+    s_hidden = hidden if hidden is not None else t["hidden"]
+    head_size = t["hidden"] // t["heads"]
+    if heads is None:
+        heads = t["heads"] if s_hidden == t["hidden"] else max(1, s_hidden // head_size)
+        while s_hidden % heads:
+            heads -= 1
+    if s_hidden % heads:
+        raise StudentConfigError(f"student hidden size {s_hidden} must be divisible by its heads {heads}")
+    if intermediate is None:
+        ratio = (t["intermediate"] / t["hidden"]) if t["intermediate"] else 4.0
+        intermediate = t["intermediate"] if s_hidden == t["hidden"] and t["intermediate"] else int(ratio * s_hidden)
+    dims = {"layers": s_layers, "hidden": s_hidden, "heads": heads, "intermediate": intermediate}
+    keys = [k for k in dims if t[k]]
+    if all(dims[k] >= t[k] for k in keys):
+        raise StudentConfigError(
+            "the student is not smaller than the teacher in any dimension "
+            f"(student {dims}, teacher {t}); give fewer layers (--student-layers) or a narrower hidden size "
+            "(--student-hidden)"
+        )
+    return dims
+
+
+def _remap_layer_key(key: str, mapping: list[int]) -> str | None:
+    m = _LAYER_KEY.search(key)
+    if m is None:
+        return key
+    i = int(m.group(2))
+    if i >= len(mapping):
+        return None
+    return key[: m.start(2)] + str(mapping[i]) + key[m.end(2) :]
+
+
+def _pca_basis(matrix: Tensor, k: int) -> Tensor:
+    """``[H, k]`` orthonormal top-k right singular vectors of ``matrix`` ``[V, H]`` (float64 eigh)."""
+    m = matrix.detach().double()
+    evals, evecs = torch.linalg.eigh(m.T @ m)  # ascending
+    basis = evecs[:, torch.argsort(evals, descending=True)[:k]]
+    # fix the sign of each direction (eigh's signs are arbitrary): largest component positive
+    signs = torch.sign(basis[basis.abs().argmax(0), torch.arange(k)])
+    signs[signs == 0] = 1
+    return (basis * signs).to(matrix.dtype)
+
+
+def _named_embeddings(model: nn.Module) -> dict[str, nn.Embedding]:
+    """The model's embedding tables keyed by role: word, position, token_type."""
+    out: dict[str, nn.Embedding] = {}
+    word = model.get_input_embeddings()
+    if isinstance(word, nn.Embedding):
+        out["word"] = word
+    for name, mod in model.named_modules():
+        if not isinstance(mod, nn.Embedding) or mod is word:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if "position" in leaf and "position" not in out:
+            out["position"] = mod
+        elif ("token_type" in leaf or "segment" in leaf) and "token_type" not in out:
+            out["token_type"] = mod
+    return out
+
+
+@torch.no_grad()
+def build_student(
+    teacher: nn.Module,
+    *,
+    layers: int | None = None,
+    hidden: int | None = None,
+    heads: int | None = None,
+    intermediate: int | None = None,
+    init: str = "auto",
+    seed: int = 0,
+) -> nn.Module:
+    """A smaller sequence classifier of the teacher's class, initialised from the teacher.
+
+    Args:
+        teacher: a ``transformers`` sequence-classification model (its config gives the defaults).
+        layers, hidden, heads, intermediate: the student's size; see :func:`student_dims`.
+        init: ``"auto"`` (copy the kept layers when the width is the teacher's, else projected
+            embeddings and random blocks), ``"teacher"`` (the same, but an error when nothing can be
+            copied), ``"random"`` (the architecture's own random initialisation).
+        seed: seeds the random initialisation.
+
+    Returns the student in training mode on the teacher's device, with ``fastkd_init`` (a short
+    description of what was copied) attached to its config.
+    """
+    if init not in INIT_CHOICES:
+        raise StudentConfigError(f"student init must be one of {INIT_CHOICES}, got {init!r}")
+    from transformers import AutoModelForSequenceClassification
+
+    dims = student_dims(teacher.config, layers=layers, hidden=hidden, heads=heads, intermediate=intermediate)
+    t_dims = model_dims(teacher.config)
+    cfg = copy.deepcopy(teacher.config)
+    cfg.num_hidden_layers = dims["layers"]
+    cfg.hidden_size = dims["hidden"]
+    cfg.num_attention_heads = dims["heads"]
+    iname = _intermediate_name(cfg)
+    if iname is not None:
+        setattr(cfg, iname, dims["intermediate"])
+    if getattr(cfg, "head_dim", None) is not None and dims["hidden"] != t_dims["hidden"]:
+        cfg.head_dim = dims["hidden"] // dims["heads"]
+    if hasattr(cfg, "_name_or_path"):
+        cfg._name_or_path = ""
+    devstate = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        student = AutoModelForSequenceClassification.from_config(cfg)
+    finally:
+        torch.random.set_rng_state(devstate)
+    param = next(teacher.parameters())
+    student.to(device=param.device, dtype=param.dtype)
+
+    same_width = all(dims[k] == t_dims[k] for k in ("hidden", "heads", "intermediate") if t_dims[k])
+    description = "random"
+    if init in ("auto", "teacher"):
+        if same_width:
+            mapping = select_layers(t_dims["layers"], dims["layers"])
+            t_state = teacher.state_dict()
+            copied = 0
+            s_state = student.state_dict()
+            for key, value in s_state.items():
+                tkey = _remap_layer_key(key, mapping)
+                if tkey is not None and tkey in t_state and t_state[tkey].shape == value.shape:
+                    value.copy_(t_state[tkey])
+                    copied += 1
+            if copied == 0:
+                raise StudentConfigError("no teacher weights could be copied into the student (unknown layout)")
+            description = f"teacher layers {mapping}"
+        else:
+            t_emb = _named_embeddings(teacher)
+            s_emb = _named_embeddings(student)
+            if "word" not in t_emb or "word" not in s_emb:
+                if init == "teacher":
+                    raise StudentConfigError("the teacher has no word-embedding table to project")
+            else:
+                basis = _pca_basis(t_emb["word"].weight, dims["hidden"])
+                for role, t_mod in t_emb.items():
+                    s_mod = s_emb.get(role)
+                    if s_mod is not None and s_mod.weight.shape[0] == t_mod.weight.shape[0]:
+                        s_mod.weight.copy_(t_mod.weight @ basis)
+                description = f"embeddings projected onto the teacher's top-{dims['hidden']} principal directions"
+    student.config.fastkd_init = description
+    student.train()
+    return student
+
+
+class EmbeddingBridge:
+    """Maps teacher-space input embeddings ``[..., Ht]`` to the student's input space ``[..., Hs]``.
+
+    Pseudo and adversarial embeddings (AS-DFD, Zero-shot KD's embedding variant) live in the
+    teacher's embedding space. The student reads them through the linear map ``M`` that best sends
+    the teacher's word embeddings to the student's own (ridge least squares over a fixed sample of
+    the vocabulary), refit from the student's current embeddings at each call of :meth:`refit`.
+    ``M`` is the identity when the student still holds the teacher's embeddings and the projection
+    basis when it was initialised by :func:`build_student`'s SVD projection. No gradient reaches
+    ``M``; gradients flow through it to the teacher-space embeddings.
+    """
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, sample: int = 8192, ridge: float = 1e-4) -> None:
+        self.teacher_weight = teacher.get_input_embeddings().weight
+        self.student_emb = student.get_input_embeddings()
+        v = self.teacher_weight.shape[0]
+        if self.student_emb.weight.shape[0] != v:
+            raise ValueError(
+                f"teacher and student vocabularies differ ({v} vs {self.student_emb.weight.shape[0]}): the student "
+                "must use the teacher's tokenizer"
+            )
+        g = torch.Generator().manual_seed(1234)
+        idx = torch.randperm(v, generator=g)[: min(sample, v)].sort().values
+        self.index = idx.to(self.teacher_weight.device)
+        a = self.teacher_weight.detach()[self.index].double()
+        gram = a.T @ a
+        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
+        self._chol = torch.linalg.cholesky(gram)
+        self._a = a
+        self.matrix: Tensor | None = None
+        self.refit()
+
+    @torch.no_grad()
+    def refit(self) -> None:
+        b = self.student_emb.weight.detach()[self.index].double()
+        m = torch.cholesky_solve(self._a.T @ b, self._chol)
+        self.matrix = m.to(self.student_emb.weight.dtype)
+
+    def __call__(self, teacher_embeds: Tensor) -> Tensor:
+        assert self.matrix is not None
+        return teacher_embeds @ self.matrix.to(teacher_embeds.dtype)
