@@ -47,9 +47,23 @@ from fastkd.ops.distill_loss import distill_loss, reference_distill_loss  # noqa
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DistillConfig",
     "__version__",
     "available_backends",
+    "distill",
     "distill_loss",
+    "evaluate",
     "nn",
     "reference_distill_loss",
 ]
+
+# The distillation loop imports transformers: load it on first use, not with `import fastkd`.
+_LAZY = {"distill": "fastkd.loop", "DistillConfig": "fastkd.loop", "DistillResult": "fastkd.loop", "evaluate": "fastkd.loop"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

@@ -153,25 +153,21 @@ def _rows_to_labeled(rows: Sequence[Any], where: str, label2id: dict[str, int] |
     out: list[LabeledRow] = []
     if not rows:
         return out
-    first = rows[0]
-    if not isinstance(first, dict):
-        raise DataError(f"{where}: expected labeled rows (dicts with text and label), got {type(first).__name__}")
-    tcol = _pick(first, TEXT_COLUMNS)
-    pcol = _pick(first, PAIR_COLUMNS)
-    lcol = _pick(first, LABEL_COLUMNS)
-    if tcol is None or lcol is None:
-        raise DataError(
-            f"{where}: needs a text column ({' / '.join(TEXT_COLUMNS)}) and a label column "
-            f"({' / '.join(LABEL_COLUMNS)}); found columns {sorted(first)}"
-        )
+    if isinstance(rows[0], str):
+        raise DataError(f"{where}: plain text has no labels; labeled data must be .csv, .tsv, .jsonl or .json")
     for i, r in enumerate(rows):
-        text = r.get(tcol)
-        if text is None:
-            raise DataError(f"{where}: row {i} has no {tcol!r}")
+        if not isinstance(r, dict):
+            raise DataError(f"{where}: row {i} is a {type(r).__name__}, not a mapping")
+        tcol, pcol, lcol = _pick(r, TEXT_COLUMNS), _pick(r, PAIR_COLUMNS), _pick(r, LABEL_COLUMNS)
+        if tcol is None or lcol is None or r.get(tcol) is None:
+            raise DataError(
+                f"{where}: row {i} needs a text column ({' / '.join(TEXT_COLUMNS)}) and a label column "
+                f"({' / '.join(LABEL_COLUMNS)}); found columns {sorted(r)}"
+            )
         pair = r.get(pcol) if pcol else None
         out.append(
             {
-                "text": str(text),
+                "text": str(r[tcol]),
                 "text_pair": None if pair in (None, "") else str(pair),
                 "label": _to_label(r.get(lcol), label2id, f"{where}: row {i}"),
             }
@@ -271,7 +267,13 @@ def _resolve(source: Any, what: str) -> tuple[list[Any], str]:
         except Exception as e:
             raise DataError(f"source {source!r} failed to load: {e.__class__.__name__}: {e}") from e
         return rows, source
-    if os.sep in source or source.startswith(".") or source.lower().endswith((".txt", ".csv", ".tsv", ".jsonl")):
+    looks_like_path = (
+        source.startswith((".", "/", "~"))
+        or name.count("/") > 1
+        or (os.sep != "/" and os.sep in source)
+        or name.lower().endswith((".txt", ".text", ".csv", ".tsv", ".jsonl", ".json", ".ndjson"))
+    )
+    if looks_like_path:  # hub dataset ids are "name" or "org/name"
         raise DataError(f"{what} source {source!r}: no such file or folder")
     return _load_datasets(name, split, what), source
 

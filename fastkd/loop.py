@@ -92,7 +92,7 @@ class DistillConfig:
     max_length: int = _f(64, "maximum tokens per row")
     lr: float = _f(2e-4, "peak learning rate (AdamW)")
     weight_decay: float = _f(0.01, "AdamW weight decay (not applied to biases and norms)")
-    warmup_steps: int | None = _f(None, "linear warmup steps (default: 6%% of max_steps)")
+    warmup_steps: int | None = _f(None, "linear warmup steps (default: 6% of max_steps)")
     schedule: str = _f("linear", "learning-rate decay after warmup: linear, cosine, constant")
     max_grad_norm: float = _f(1.0, "gradient clipping norm (0 disables)")
     temperature: float = _f(2.0, "softmax temperature of the KD loss")
@@ -531,6 +531,7 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
     # ---- 1. checks, teacher, data ---------------------------------------------------------------
     method_cls, options = check_config(cfg)
     rank, world, device, our_group = _dist_setup(cfg.device)
+    threads_before = torch.get_num_threads()
     try:
         micro = cfg.batch_size // (world * cfg.grad_accum)
         if micro * world * cfg.grad_accum != cfg.batch_size:
@@ -605,7 +606,10 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
             all_reduce=lambda ts: _all_reduce_mean(ts, world), progress=cfg.progress and rank == 0,
         )  # fmt: skip
         method = method_cls(ctx, options)
-        method.setup()
+        try:
+            method.setup()
+        except ValueError as e:  # e.g. a generator that cannot be loaded, a tokenizer without [MASK]
+            raise DistillError(f"method {cfg.method!r}: {e}") from None
 
         modules: list[nn.Module] = [student] + ([matcher] if matcher is not None else [])
         extra_params = method.student_parameters()
@@ -802,6 +806,7 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
                 json.dump({**dataclasses.asdict(result), "config": cfg.to_dict()}, f, indent=1)
         return result
     finally:
+        torch.set_num_threads(threads_before)
         if our_group:
             import torch.distributed as dist
 

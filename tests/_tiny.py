@@ -110,8 +110,9 @@ def teacher_dir(layers: int = 2, hidden: int = 32, steps: int = 150) -> str:
     if os.path.isfile(os.path.join(out, "config.json")):
         return out
     tok = bert_tokenizer()
-    state = torch.random.get_rng_state()
+    state, threads = torch.random.get_rng_state(), torch.get_num_threads()
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny matrices: threads only add overhead
     model = BertForSequenceClassification(bert_config(len(tok), layers, hidden))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     rows = task_rows(steps * 32, seed=1)
@@ -124,6 +125,7 @@ def teacher_dir(layers: int = 2, hidden: int = 32, steps: int = 150) -> str:
         opt.step()
         opt.zero_grad()
     torch.random.set_rng_state(state)
+    torch.set_num_threads(threads)
     model.eval()
     model.save_pretrained(out)
     tok.save_pretrained(out)

@@ -233,7 +233,10 @@ class Method:
         opt = cls.Options(**kwargs)
         check = getattr(opt, "check", None)
         if check is not None:
-            check()
+            try:
+                check()
+            except ValueError as e:
+                raise OptionError(f"method {cls.name!r}: {e}") from None
         return opt
 
 
