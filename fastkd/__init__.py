@@ -58,7 +58,12 @@ __all__ = [
 ]
 
 # The distillation loop imports transformers: load it on first use, not with `import fastkd`.
-_LAZY = {"distill": "fastkd.loop", "DistillConfig": "fastkd.loop", "DistillResult": "fastkd.loop", "evaluate": "fastkd.loop"}
+_LAZY = {
+    "distill": "fastkd.loop",
+    "DistillConfig": "fastkd.loop",
+    "DistillResult": "fastkd.loop",
+    "evaluate": "fastkd.loop",
+}
 
 
 def __getattr__(name: str):

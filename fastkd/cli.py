@@ -169,15 +169,21 @@ def _run_eval(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------
 def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="fine-tuned teacher folder or hub id (required)")
-    p.add_argument("--ood", required=True, help="out-of-domain text to rewrite: file, folder, dataset or source (required)")
-    p.add_argument("--generator", default=None, help="causal LM: folder, hub id or .gguf file (default: -O generator=...)")
+    p.add_argument(
+        "--ood", required=True, help="out-of-domain text to rewrite: file, folder, dataset or source (required)"
+    )
+    p.add_argument(
+        "--generator", default=None, help="causal LM: folder, hub id or .gguf file (default: -O generator=...)"
+    )
     p.add_argument("--out", required=True, help="output JSONL file (required)")
     p.add_argument("--num-rows", type=int, default=1000, help="rows to generate (default: 1000)")
     p.add_argument("--max-length", type=int, default=64, help="teacher tokens per row when scoring (default: 64)")
     p.add_argument("--pair", action="store_true", help="pair each rewrite with a second OOD sentence (default: off)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: on)")
+    p.add_argument(
+        "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: on)"
+    )
     p.add_argument(
         "-O", "--option", dest="options", action="append", metavar="KEY=VALUE",
         help="a T3 option, repeatable; listed below (default: none)",

@@ -175,3 +175,30 @@ def causal_lm_dir() -> str:
     model.save_pretrained(out)
     fast.save_pretrained(out)
     return out
+
+
+T3_OPTIONS = {"pool_size": 128, "gen_batch": 64, "max_new_tokens": 12, "tune_steps": 1, "tune_batch": 4}
+
+
+def config(method: str, out_dir: str, **kw):
+    """A DistillConfig for the tiny teacher: one thread, no progress bar, small batches."""
+    from fastkd.loop import DistillConfig
+
+    files = data_files()
+    base = {
+        "teacher": teacher_dir(), "method": method, "ood": files["ood"], "eval": files["eval"],
+        "out_dir": str(out_dir), "max_steps": 8, "batch_size": 8, "max_length": 24, "student_layers": 1,
+        "lr": 5e-3, "eval_every": 0, "save_every": 0, "log_every": 1, "progress": False, "threads": 1,
+    }  # fmt: skip
+    if method == "supervised":
+        base["train"] = files["train"]
+    if method == "t3":
+        base["method_options"] = {"generator": causal_lm_dir(), **T3_OPTIONS}
+    base.update(kw)
+    return DistillConfig(**base)
+
+
+def has_op(name: str) -> bool:
+    import fastkd
+
+    return hasattr(fastkd, name)

@@ -43,7 +43,9 @@ def test_load_labeled_csv_tsv_jsonl(tmp_path):
 def test_load_labeled_glue_pairs_and_label_names(tmp_path):
     p = tmp_path / "mnli.jsonl"
     p.write_text(
-        "\n".join(json.dumps({"premise": f"p{i}", "hypothesis": f"h{i}", "label": lab}) for i, lab in enumerate(["Yes", "no"])),
+        "\n".join(
+            json.dumps({"premise": f"p{i}", "hypothesis": f"h{i}", "label": lab}) for i, lab in enumerate(["Yes", "no"])
+        ),
         encoding="utf-8",
     )
     rows = fdata.load_labeled(str(p), label2id={"no": 0, "yes": 1})
@@ -135,7 +137,7 @@ def test_failing_source_names_itself():
 
     fdata.register_source("unit_broken", broken)
     try:
-        with pytest.raises(fdata.DataError, match="unit_broken.*disk on fire"):
+        with pytest.raises(fdata.DataError, match=r"unit_broken.*disk on fire"):
             fdata.load_text("unit_broken")
     finally:
         fdata._SOURCES.pop("unit_broken", None)

@@ -76,7 +76,8 @@ class _StraightThroughEmbed(torch.autograd.Function):
 def gumbel_softmax_st(logits: Tensor, tau: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(y_soft, index)``: the relaxed sample and its argmax, with Gumbel noise from ``generator``."""
     u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
-    gumbel = -torch.log(-torch.log(u.clamp(1e-10, 1.0)).clamp_min(1e-10))
+    u = u.clamp(1e-10, 1.0 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
     y = (logits.float() + gumbel) / tau
     return torch.softmax(y, dim=-1), y.argmax(-1)
 
