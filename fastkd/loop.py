@@ -558,7 +558,7 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
 
         eval_rows: list[dict] = []
         if cfg.eval:
-            eval_rows = fdata.load_labeled(cfg.eval, label2id=label2id)
+            eval_rows = _load("eval", lambda: fdata.load_labeled(cfg.eval, label2id=label2id))
             if cfg.eval_max_rows:
                 eval_rows = eval_rows[: cfg.eval_max_rows]
             bad = sorted({r["label"] for r in eval_rows if not 0 <= r["label"] < num_labels})
@@ -567,10 +567,10 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
                     f"eval data {cfg.eval!r} has labels {bad[:10]} but the teacher has {num_labels} classes "
                     f"(0..{num_labels - 1}); is it the teacher's task?"
                 )
-        ood_texts = fdata.load_text(cfg.ood) if method_cls.needs_ood else None
+        ood_texts = _load("ood", lambda: fdata.load_text(cfg.ood)) if method_cls.needs_ood else None
         train_rows = None
         if not method_cls.data_free:  # only the supervised upper bound reads the training split
-            train_rows = fdata.load_labeled(cfg.train, label2id=label2id)
+            train_rows = _load("train", lambda: fdata.load_labeled(cfg.train, label2id=label2id))
             bad = sorted({r["label"] for r in train_rows if not 0 <= r["label"] < num_labels})
             if bad:
                 raise DistillError(f"train data has labels {bad[:10]} outside the teacher's 0..{num_labels - 1}")
@@ -812,6 +812,13 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
 
             dist.barrier()
             dist.destroy_process_group()
+
+
+def _load(option: str, read: Any) -> Any:
+    try:
+        return read()
+    except fdata.DataError as e:
+        raise DistillError(f"--{option}: {e}") from None
 
 
 def _acc(d: dict[str, Tensor], key: str, value: Tensor) -> None:
