@@ -37,11 +37,13 @@ def _base_type(hint: Any) -> Any:
 
 
 def _parse_kv(items: Sequence[str] | None, what: str) -> dict[str, str]:
+    from fastkd.methods.base import OptionError
+
     out: dict[str, str] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ValueError(f"{what} must look like KEY=VALUE, got {item!r}")
+            raise OptionError(f"{what} must look like KEY=VALUE, got {item!r}")
         out[key.strip().replace("-", "_")] = value
     return out
 
