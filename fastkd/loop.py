@@ -394,6 +394,17 @@ def _all_reduce_mean(tensors: Sequence[Tensor], world: int) -> None:
         i += n
 
 
+def _any_rank(flag: bool, world: int, device: torch.device) -> bool:
+    """True if ``flag`` is set on any rank (torchrun sends Ctrl-C to every rank, not at the same instant)."""
+    if world <= 1:
+        return flag
+    import torch.distributed as dist
+
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def _seed_step(seed: int, step: int, rank: int) -> None:
     # dropout and anything else drawing from the global RNGs: a function of (seed, step, rank)
     s = fdata.mix_seed(seed, step, rank, 0)
@@ -772,7 +783,7 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
                         bar.write(_fmt_eval(rec))
                 if cfg.save_every and step % cfg.save_every == 0 and step < cfg.max_steps:
                     checkpoint(step, wall_before + time.perf_counter() - t_run)
-                if stop.requested:
+                if _any_rank(stop.requested, world, device):  # every rank stops after the same step
                     interrupted = True
                     break
         bar.close()
