@@ -382,3 +382,28 @@ def test_t3_generate_dataset_rows(teacher_and_tok):
     rw = Rewriter(teacher, tok, options, device=torch.device("cpu"), max_length=24)
     assert rw.label_words == ["negative", "positive"]  # from the teacher's id2label
     assert "a positive text" in rw.prompt("the river", 1) and "the river" in rw.prompt("the river", 1)
+
+
+def test_t3_logprobs_match_the_generator_with_left_padding(teacher_and_tok):
+    """REINFORCE needs log p(generated tokens): recomputed with the left-padded prompts, they equal the
+    log-softmax of the logits generate() sampled from."""
+    from fastkd.methods.t3 import Rewriter
+
+    teacher, tok = teacher_and_tok
+    options = T3.parse_options({"generator": _tiny.causal_lm_dir(), "max_new_tokens": 6, "top_p": 1.0})
+    rw = Rewriter(teacher, tok, options, device=torch.device("cpu"), max_length=24)
+    prompts = [rw.prompt(s, y) for s, y in [("tree", 0), ("the big river and the old stone house near it", 1)]]
+    enc = rw.lm_tok(prompts, return_tensors="pt", padding=True)
+    assert (enc["attention_mask"][0] == 0).any()  # the first prompt is left-padded
+    torch.manual_seed(0)
+    out = rw.lm.generate(**enc, do_sample=True, top_p=1.0, temperature=1.0, max_new_tokens=6, min_new_tokens=6,
+                         pad_token_id=rw.lm_tok.pad_token_id, output_logits=True, return_dict_in_generate=True)  # fmt: skip
+    p_len = enc["input_ids"].shape[1]
+    gen = out.sequences[:, p_len:]
+    expected = torch.stack([torch.log_softmax(lg.float(), -1).gather(1, gen[:, i : i + 1]).squeeze(1)
+                            for i, lg in enumerate(out.logits)], dim=1)  # fmt: skip
+    mask = torch.cat([enc["attention_mask"], torch.ones_like(gen)], dim=1)
+    with torch.no_grad():
+        lp, gmask = rw.token_logprobs(out.sequences, mask, p_len)
+    assert gmask.all()
+    assert torch.allclose(lp, expected, atol=1e-4)

@@ -44,7 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.data import encode, load_text
-from fastkd.methods.base import Method, StepInfo, TextSampler, View, opt
+from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
 
 DEFAULT_PROMPT = "Rewrite the following text as a {label} {task}, in one sentence.\n\nText: {text}"
 
@@ -208,7 +208,9 @@ class Rewriter:
         after = (is_eos.cumsum(1) - is_eos.long()) > 0
         gen_mask = (~after).long()
         mask = torch.cat([enc["attention_mask"], gen_mask], dim=1)
-        texts = [_clean(t) for t in self.lm_tok.batch_decode(new * gen_mask, skip_special_tokens=True)]
+        lengths = gen_mask.sum(1).tolist()
+        decoded = self.lm_tok.batch_decode([row[:n] for row, n in zip(new.tolist(), lengths)], skip_special_tokens=True)
+        texts = [_clean(t) for t in decoded]
         texts = [t if t else s for t, s in zip(texts, sources)]
         return texts, out, mask, p_len
 
@@ -217,6 +219,17 @@ class Rewriter:
         enc = encode(self.tokenizer, texts, pairs, max_length=self.max_length, device=self.device)
         with self.autocast():
             return self.teacher(**enc).logits.float().softmax(-1)
+
+    def token_logprobs(self, seq: Tensor, mask: Tensor, p_len: int) -> tuple[Tensor, Tensor]:
+        """Log-probabilities ``[B, G]`` of the generated tokens under the current LM, and their mask."""
+        kw: dict[str, Tensor] = {"input_ids": seq, "attention_mask": mask}
+        if _accepts(self.lm, "position_ids"):  # left padding: positions as generate() counted them
+            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        with self.autocast():
+            logits = self.lm(**kw).logits[:, p_len - 1 : -1].float()
+        gen = seq[:, p_len:]
+        lp = torch.log_softmax(logits, -1).gather(2, gen.unsqueeze(-1)).squeeze(-1)
+        return lp, mask[:, p_len:].float()
 
     def tune_step(
         self, sources: Sequence[str], labels: Sequence[int], reduce: Callable[[list], None] | None = None
@@ -230,11 +243,7 @@ class Rewriter:
         adv = reward - reward.mean()
         if len(texts) > 1:
             adv = adv / (reward.std() + 1e-6)
-        with self.autocast():
-            logits = self.lm(input_ids=seq, attention_mask=mask).logits[:, p_len - 1 : -1].float()
-        gen = seq[:, p_len:]
-        gmask = mask[:, p_len:].float()
-        lp = torch.log_softmax(logits, -1).gather(2, gen.unsqueeze(-1)).squeeze(-1)
+        lp, gmask = self.token_logprobs(seq, mask, p_len)
         seq_lp = (lp * gmask).sum(1) / gmask.sum(1).clamp_min(1.0)
         loss = -(adv.detach() * seq_lp).mean()
         self.optimizer.zero_grad(set_to_none=True)
