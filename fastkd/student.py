@@ -262,15 +262,18 @@ class EmbeddingBridge:
     """Maps teacher-space input embeddings ``[..., Ht]`` to the student's input space ``[..., Hs]``.
 
     Pseudo and adversarial embeddings (AS-DFD, Zero-shot KD's embedding variant) live in the
-    teacher's embedding space. The student reads them through the linear map ``M`` that best sends
-    the teacher's word embeddings to the student's own (ridge least squares over a fixed sample of
-    the vocabulary), refit from the student's current embeddings at each call of :meth:`refit`.
-    ``M`` is the identity when the student still holds the teacher's embeddings and the projection
-    basis when it was initialised by :func:`build_student`'s SVD projection. No gradient reaches
-    ``M``; gradients flow through it to the teacher-space embeddings.
+    teacher's embedding space. The student reads them through ``x @ M`` where ``M = s * Q`` is the
+    scaled orthogonal map (orthogonal Procrustes: ``Q`` with orthonormal columns, ``s`` a scalar)
+    that best sends the teacher's word embeddings to the student's own, over a fixed sample of the
+    vocabulary, refit from the student's current embeddings at each :meth:`refit`. ``M`` is the
+    identity while the student holds the teacher's embeddings and the projection basis when
+    :func:`build_student` initialised them by SVD projection. The orthogonality bounds the map's gain:
+    an unconstrained least-squares map amplifies directions in which the teacher's embeddings vary
+    little, and an adversary (which ascends the student's loss through the map) finds them. No
+    gradient reaches ``M``; gradients flow through it to the teacher-space embeddings.
     """
 
-    def __init__(self, teacher: nn.Module, student: nn.Module, *, sample: int = 8192, ridge: float = 1e-4) -> None:
+    def __init__(self, teacher: nn.Module, student: nn.Module, *, sample: int = 8192) -> None:
         self.teacher_weight = teacher.get_input_embeddings().weight
         self.student_emb = student.get_input_embeddings()
         v = self.teacher_weight.shape[0]
@@ -279,25 +282,38 @@ class EmbeddingBridge:
                 f"teacher and student vocabularies differ ({v} vs {self.student_emb.weight.shape[0]}): the student "
                 "must use the teacher's tokenizer"
             )
+        if self.student_emb.weight.shape[1] > self.teacher_weight.shape[1]:
+            raise ValueError("the student's embeddings are wider than the teacher's; no orthogonal map exists")
         g = torch.Generator().manual_seed(1234)
         idx = torch.randperm(v, generator=g)[: min(sample, v)].sort().values
         self.index = idx.to(self.teacher_weight.device)
-        a = self.teacher_weight.detach()[self.index].double()
-        gram = a.T @ a
-        gram += ridge * gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        with _one_thread():
-            self._chol = torch.linalg.cholesky(gram)
-        self._a = a
+        self._a = self.teacher_weight.detach()[self.index].double()
+        self._gram = self._a.T @ self._a
         self.matrix: Tensor | None = None
+        self.basis: Tensor | None = None
         self.refit()
 
     @torch.no_grad()
     def refit(self) -> None:
         b = self.student_emb.weight.detach()[self.index].double()
-        rhs = self._a.T @ b
+        cross = self._a.T @ b  # [Ht, Hs]
         with _one_thread():
-            m = torch.cholesky_solve(rhs, self._chol)
-        self.matrix = m.to(self.student_emb.weight.dtype)
+            u, sv, vh = torch.linalg.svd(cross, full_matrices=False)
+        q = u @ vh  # [Ht, Hs], orthonormal columns
+        # least-squares scale for the fixed q: <A q, B> / |A q|^2
+        scale = float(sv.sum()) / max(float((q * (self._gram @ q)).sum()), 1e-12)
+        self.matrix = (scale * q).to(self.student_emb.weight.dtype)
+        self.basis = q.to(self.student_emb.weight.dtype)
+
+    def visible(self, teacher_vectors: Tensor) -> Tensor:
+        """The part of teacher-space vectors the student can see: the projection onto the span of
+        ``M``. Gradients are projected with it before pseudo or adversarial embeddings are updated,
+        so that the changes that make the teacher respond are ones the student receives (a narrow
+        student's map drops the other directions); the identity for a student of the teacher's width."""
+        q = self.basis.to(teacher_vectors.dtype)
+        if q.shape[0] == q.shape[1]:
+            return teacher_vectors
+        return (teacher_vectors @ q) @ q.T
 
     def __call__(self, teacher_embeds: Tensor) -> Tensor:
         assert self.matrix is not None

@@ -70,8 +70,9 @@ def ood_texts(n: int, seed: int) -> list[str]:
     out = []
     for _ in range(n):
         words = [rng.choice(OOD_WORDS + NEUTRAL[:8]) for _ in range(rng.randint(4, 12))]
-        if rng.random() < 0.6:
-            words.insert(rng.randrange(len(words) + 1), rng.choice(POS + NEG))
+        if rng.random() < 0.85:  # other topics, but opinionated words in most sentences
+            for _ in range(rng.randint(1, 2)):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(POS + NEG))
         out.append(" ".join(words))
     return out
 
@@ -188,7 +189,8 @@ def config(method: str, out_dir: str, **kw):
     base = {
         "teacher": teacher_dir(), "method": method, "ood": files["ood"], "eval": files["eval"],
         "out_dir": str(out_dir), "max_steps": 8, "batch_size": 8, "max_length": 24, "student_layers": 1,
-        "lr": 5e-3, "eval_every": 0, "save_every": 0, "log_every": 1, "progress": False, "threads": 1,
+        "lr": 5e-3, "temperature": 1.0, "eval_every": 0, "save_every": 0, "log_every": 1, "progress": False,
+        "threads": 1,
     }  # fmt: skip
     if method == "supervised":
         base["train"] = files["train"]

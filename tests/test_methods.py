@@ -8,10 +8,11 @@ import os
 import _tiny
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastkd
 from fastkd import data as fdata
-from fastkd.loop import DistillError, distill, evaluate, load_classifier
+from fastkd.loop import DistillError, distill, evaluate, load_classifier, predict_logits
 from fastkd.methods import METHODS, OptionError, get_method
 from fastkd.methods.asdfd import rotate_pairs
 from fastkd.methods.base import MethodContext, StepInfo
@@ -39,7 +40,7 @@ CASES = [
     pytest.param("supervised", {}, id="supervised"),
     pytest.param("zskd", ZSKD_MLM, id="zskd-mlm"),
     pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding", marks=needs_ascent),
-    pytest.param("asdfd", {"construct_steps": 3}, id="asdfd", marks=[needs_ascent, needs_matcher]),
+    pytest.param("asdfd", {}, id="asdfd", marks=[needs_ascent, needs_matcher]),
     pytest.param("t3", _tiny.T3_OPTIONS, id="t3"),
 ]
 
@@ -61,32 +62,38 @@ def _kd_log(out_dir: str, key: str) -> list[float]:
 # --------------------------------------------------------------------------------------------
 @pytest.mark.parametrize(("method", "options"), CASES)
 def test_method_learns_the_teacher(tmp_path, teacher_and_tok, method, options):
-    """A few dozen steps: the KD loss on the method's data falls and the (randomly initialised)
-    student's agreement with the teacher on held-out task data rises well above chance."""
+    """A hundred steps: the KD divergence to the teacher on held-out task data (used for evaluation
+    only) falls, the KD loss on the method's own data falls (where that data is not adversarial), and
+    the student's agreement with the teacher rises well above chance. The student is narrower than
+    the teacher, so its transformer layer starts random (its embeddings are the teacher's, projected)."""
     teacher, tok = teacher_and_tok
     eval_rows = fdata.load_labeled(_tiny.data_files()["eval"])
     opts = {**options}
     if method == "t3":
         opts["generator"] = _tiny.causal_lm_dir()
     cfg = _tiny.config(
-        method, tmp_path, max_steps=60, batch_size=16, student_init="random", method_options=opts, log_every=5
+        method, tmp_path, max_steps=100, batch_size=16, student_hidden=16, method_options=opts, log_every=5
     )
-    # the student the loop starts from (same seed, same builder)
-    start = build_student(teacher, layers=1, init="random", seed=cfg.seed)
-    t_pred = torch.tensor([r["label"] for r in eval_rows])  # the teacher is exact on this task
-    assert evaluate(teacher, tok, eval_rows)["accuracy"] == 1.0
-    start_acc = evaluate(start, tok, eval_rows)["accuracy"]
+    # the student the loop starts from (same seed, same builder), and its divergence from the teacher
+    start = build_student(teacher, layers=1, hidden=16, seed=cfg.seed)
+    t_logits = predict_logits(teacher, tok, eval_rows, max_length=24)
+    s_logits = predict_logits(start, tok, eval_rows, max_length=24)
+    start_kl = float(
+        F.kl_div(s_logits.log_softmax(-1), t_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+    )
+    start_agreement = float((s_logits.argmax(-1) == t_logits.argmax(-1)).float().mean())
+    assert evaluate(teacher, tok, eval_rows)["accuracy"] == 1.0  # the teacher is exact on this task
     result = distill(cfg)
-    assert result.steps == 60 and not result.interrupted
-    key = {"random": "kd_random", "ood": "kd_ood", "supervised": "kd_train", "zskd": "kd_ood", "asdfd": "kd_pseudo"}
-    kd = _kd_log(tmp_path, key.get(method, "kd_generated"))
-    assert len(kd) == 12
-    assert sum(kd[-3:]) / 3 < 0.8 * sum(kd[:3]) / 3, kd
+    assert result.steps == 100 and not result.interrupted
+    assert result.final["kl_to_teacher"] < 0.8 * start_kl, (start_kl, result.final)
     agreement = result.final["agreement"]
     assert agreement == pytest.approx(result.final["accuracy"])  # the teacher is exact: agreement is accuracy
-    assert agreement >= 0.7 and agreement >= start_acc + 0.15, (start_acc, agreement)
-    assert t_pred.numel() == len(eval_rows)
-    assert result.final["kl_to_teacher"] < result.history[0]["kl_to_teacher"] or len(result.history) == 1
+    assert agreement >= 0.7 and agreement >= start_agreement + 0.15, (start_agreement, agreement)
+    own = {"random": "kd_random", "ood": "kd_ood", "supervised": "kd_train", "zskd": "kd_ood", "t3": "kd_generated"}
+    if method in own and options.get("generator") != "embedding":
+        kd = _kd_log(tmp_path, own[method])
+        assert len(kd) == 20
+        assert sum(kd[-3:]) / 3 < 0.8 * sum(kd[:3]) / 3, kd
 
 
 # --------------------------------------------------------------------------------------------

@@ -37,7 +37,9 @@ What is reconstruction (the paper's details we could not follow exactly, or chos
       adversarial stage updates every row of the batch (written back to the pool). ``fresh_fraction=1``
       and ``pool_size=0`` give the per-batch construction of the paper.
     * The student reads teacher-space embeddings through :class:`fastkd.student.EmbeddingBridge`
-      (the identity for a student of the teacher's width).
+      (the identity for a student of the teacher's width), and the updates are projected onto the
+      directions that bridge passes to a narrower student: a change the student cannot see would
+      teach the teacher's response to it as noise.
 """
 
 from __future__ import annotations
@@ -82,7 +84,7 @@ class ASDFD(Method):
     class Options:
         seq_len: int = opt(24, "pseudo tokens between [CLS] and [SEP] (capped by max_length)")
         construct_steps: int = opt(5, "embedding-guessing steps for each new row")
-        construct_step_size: float = opt(0.2, "guessing step, x mean word-embedding norm")
+        construct_step_size: float = opt(0.3, "guessing step, x mean word-embedding norm")
         adv_steps: int = opt(1, "adversarial steps per batch")
         adv_step_size: float = opt(0.05, "adversarial step, x mean word-embedding norm")
         keep_weight: float = opt(1.0, "weight of the teacher's target cross-entropy in the adversarial objective")
@@ -162,6 +164,7 @@ class ASDFD(Method):
 
     def _step(self, z: Tensor, objective: Tensor, step_size: float, maximize: bool) -> Tensor:
         (grad,) = torch.autograd.grad(objective, z)
+        grad = self.ctx.bridge.visible(grad)  # move only in directions the student receives
         z = z.detach()
         self._ascent(z, grad, step_size=step_size, norm="l2", max_norm=self.max_norm, maximize=maximize)
         return z

@@ -39,7 +39,8 @@ What is reconstruction (the papers leave it open, or our setting differs)
       around the clean embeddings; [CLS]/[SEP]/padding untouched). The gradient is that of
       :func:`fastkd.distill_loss` with respect to the input embeddings, through the teacher's logits
       (and the student's). The student reads teacher-space embeddings through
-      :class:`fastkd.student.EmbeddingBridge`.
+      :class:`fastkd.student.EmbeddingBridge`; the steps are projected onto the directions that map
+      passes to a narrower student.
     * During generator updates and the ascent the student runs in eval mode (no dropout noise in
       the adversary's signal); its weights get no gradient there.
 """
@@ -146,7 +147,7 @@ class ZeroShotKD(Method):
         generator_layers: int = opt(2, "teacher blocks the default masked-LM generator is built from")
         generator_path: str | None = opt(None, "a masked LM with the teacher's vocabulary (path or hub id)")
         embed_steps: int = opt(1, "gradient-ascent steps per batch (embedding)")
-        embed_radius: float = opt(0.5, "L2 ball radius around the clean embeddings, x mean word-embedding norm")
+        embed_radius: float = opt(0.15, "L2 ball radius around the clean embeddings, x mean word-embedding norm")
         embed_step_size: float = opt(0.0, "ascent step, x mean word-embedding norm; 0 = 1.25 * radius / steps")
         embed_norm: str = opt("l2", "step normalisation of embedding_ascent_: l2, linf, sign, none")
         ood_weight: float = opt(1.0, "weight of the KD loss on the clean OOD batch")
@@ -301,6 +302,7 @@ class ZeroShotKD(Method):
                 t_logits = ctx.forward(ctx.teacher, adv, "teacher").logits
                 s_logits = ctx.forward(student, adv, "student").logits
                 (grad,) = torch.autograd.grad(ctx.kd(s_logits, t_logits), x)
+                grad = ctx.bridge.visible(grad)  # perturb only what a narrower student receives
                 x = x.detach()
                 ascent(
                     x, grad, step_size=self.step_size, norm=self.opt.embed_norm, radius=self.radius, origin=origin,
