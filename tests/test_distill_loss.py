@@ -1,0 +1,628 @@
+"""fastkd.distill_loss on every backend against a float64 reference (loss and both gradients).
+
+Every backend runs through ``backend_params(OP)``: ``torch`` (the reference itself, in float32),
+``cpu`` (C++), ``triton`` (under TRITON_INTERPRET=1 on CPU, so its shapes stay small) and ``cuda``
+(skipped with its reason without a GPU). The oracle is ``reference_distill_loss`` evaluated in
+float64 with autograd; ``test_reference_matches_torch_kl_div`` ties that oracle to PyTorch's own
+``kl_div``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DEVICE, backend_params
+
+import fastkd
+from fastkd.ops import distill_loss as dl
+from fastkd.ops.distill_loss import OP, reference_distill_loss
+
+BACKENDS = backend_params(OP)
+FUSED = [p for p in BACKENDS if p.values[0] != "torch"]
+INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+# Max-normalised error tolerances against float64: |actual - ref|.max() / |ref|.max().
+# The loss accumulates in float32 for every input dtype; a gradient is rounded to the input dtype
+# once (2**-9 relative for bfloat16, 2**-11 for float16).
+TOL = {
+    torch.float64: {"loss": 1e-10, "grad": 1e-10},
+    torch.float32: {"loss": 2e-5, "grad": 2e-5},
+    torch.bfloat16: {"loss": 2e-5, "grad": 8e-3},
+    torch.float16: {"loss": 2e-5, "grad": 2e-3},
+}
+
+# (divergence, beta) pairs: beta 0 and 1 are the two KLs written as a JSD.
+DIVERGENCES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
+
+
+def _keep(labels, mask, ignore_index=-100):
+    keep = None if labels is None else labels != ignore_index
+    if mask is not None:
+        keep = mask if keep is None else keep & mask
+    return keep
+
+
+def _reference(s, t, *, grad_out=None, labels=None, mask=None, ignore_index=-100, **kw):
+    """(loss, d loss/d s, d loss/d t) of the float64 reference, with upstream gradient grad_out."""
+    s64 = s.detach().to(torch.float64).requires_grad_(True)
+    t64 = t.detach().to(torch.float64).requires_grad_(True)
+    loss = reference_distill_loss(s64, t64, keep=_keep(labels, mask, ignore_index), **kw)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(torch.float64)
+    gs, gt = torch.autograd.grad(loss, (s64, t64), go)
+    return loss.detach(), gs, gt
+
+
+def _run(backend, s, t, *, grad_teacher=True, grad_out=None, **kw):
+    """(loss, s.grad, t.grad) of fastkd.distill_loss on ``backend``; t.grad is None without grad_teacher."""
+    s_ = s.detach().clone().requires_grad_(True)
+    t_ = t.detach().clone().requires_grad_(grad_teacher)
+    loss = fastkd.distill_loss(s_, t_, backend=backend, **kw)
+    go = torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype)
+    loss.backward(go)
+    return loss.detach(), s_.grad, t_.grad
+
+
+def _err(actual, expected) -> float:
+    a, e = actual.detach().to(torch.float64), expected.detach().to(torch.float64)
+    assert a.shape == e.shape, (a.shape, e.shape)
+    if a.numel() == 0:
+        return 0.0
+    scale = e.abs().max().clamp_min(1e-300)
+    return ((a - e).abs().max() / scale).item()
+
+
+def _check(got, ref, dtype, what=""):
+    loss, gs, gt = got
+    rloss, rgs, rgt = ref
+    tol = TOL[dtype]
+    assert loss.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    assert torch.isfinite(loss).all() and torch.isfinite(gs).all(), what
+    assert _err(loss, rloss) <= tol["loss"], f"{what} loss {loss} vs {rloss}"
+    assert gs.dtype == dtype
+    assert _err(gs, rgs) <= tol["grad"], f"{what} student grad error {_err(gs, rgs)}"
+    if gt is not None:
+        assert gt.dtype == dtype and torch.isfinite(gt).all()
+        assert _err(gt, rgt) <= tol["grad"], f"{what} teacher grad error {_err(gt, rgt)}"
+
+
+def _logits(*shape, dtype=torch.float32, scale=2.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    s = torch.randn(*shape, generator=g) * scale
+    t = torch.randn(*shape, generator=g) * scale
+    return s.to(DEVICE, dtype), t.to(DEVICE, dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# The oracle itself
+# --------------------------------------------------------------------------------------------
+def test_reference_matches_torch_kl_div():
+    s, t = _logits(4, 6, 33, dtype=torch.float64)
+    T = 2.5
+    ls, lt = F.log_softmax(s / T, -1), F.log_softmax(t / T, -1)
+    rows = 4 * 6
+    kl = F.kl_div(ls, lt, log_target=True, reduction="sum") / rows * T * T
+    rkl = F.kl_div(lt, ls, log_target=True, reduction="sum") / rows * T * T
+    kw = {"temperature": T, "reduction": "batchmean"}
+    torch.testing.assert_close(reference_distill_loss(s, t, divergence="kl", **kw), kl)
+    torch.testing.assert_close(reference_distill_loss(s, t, divergence="reverse_kl", **kw), rkl)
+    # generalised JSD from its definition, with beta 0 and 1 the two KLs
+    b = 0.3
+    p, q = lt.exp(), ls.exp()
+    m = b * p + (1 - b) * q
+    jsd = (b * (p * (lt - m.log())).sum() + (1 - b) * (q * (ls - m.log())).sum()) / rows * T * T
+    torch.testing.assert_close(reference_distill_loss(s, t, divergence="jsd", beta=b, **kw), jsd)
+    torch.testing.assert_close(reference_distill_loss(s, t, divergence="jsd", beta=0.0, **kw), kl)
+    torch.testing.assert_close(reference_distill_loss(s, t, divergence="jsd", beta=1.0, **kw), rkl)
+    # "mean" is kl_div's elementwise mean; scale_by_t2=False drops T**2
+    torch.testing.assert_close(
+        reference_distill_loss(s, t, temperature=T, reduction="mean", scale_by_t2=False),
+        F.kl_div(ls, lt, log_target=True, reduction="mean"),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Values and gradients against float64
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 4.0])
+@pytest.mark.parametrize(("divergence", "beta"), DIVERGENCES)
+def test_divergences_and_temperatures(backend, divergence, beta, temperature):
+    s, t = _logits(2, 3, 33)
+    labels = torch.randint(0, 33, (2, 3), device=DEVICE)
+    labels[1, 0] = -100
+    kw = {"temperature": temperature, "divergence": divergence, "beta": beta, "labels": labels}
+    go = torch.tensor(0.7, device=DEVICE)  # the loss is not the last op
+    _check(_run(backend, s, t, grad_out=go, **kw), _reference(s, t, grad_out=go, **kw), torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("keep", ["all", "labels", "mask", "labels+mask"])
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_reductions_and_ignored_rows(backend, reduction, keep):
+    s, t = _logits(2, 3, 33, seed=1)
+    labels = mask = None
+    if "labels" in keep:
+        labels = torch.tensor([[5, -1, 7], [-1, 2, 3]], device=DEVICE)  # custom ignore_index -1
+    if "mask" in keep:
+        mask = torch.tensor([[True, True, False], [True, True, True]], device=DEVICE)
+    kw = {"temperature": 2.0, "reduction": reduction, "labels": labels, "mask": mask, "ignore_index": -1}
+    # a non-trivial upstream gradient: a random one per row for "none", a scalar otherwise
+    go = torch.randn(2, 3, device=DEVICE) if reduction == "none" else torch.tensor(-1.5, device=DEVICE)
+    got = _run(backend, s, t, grad_out=go, **kw)
+    _check(got, _reference(s, t, grad_out=go, **kw), torch.float32, f"{reduction}/{keep}")
+    keep_rows = _keep(labels, mask, -1)
+    if keep_rows is not None:  # excluded rows: no loss, exactly zero gradients
+        assert (got[1][~keep_rows] == 0).all() and (got[2][~keep_rows] == 0).all()
+        if reduction == "none":
+            assert (got[0][~keep_rows] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("divergence", "beta"), [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+def test_dtypes(backend, dtype, divergence, beta):
+    # V = 257 is odd: the vectorised kernels meet misaligned rows, partial vectors and a scalar tail.
+    s, t = _logits(5, 257, dtype=dtype, seed=2)
+    kw = {"temperature": 2.0, "divergence": divergence, "beta": beta}
+    _check(_run(backend, s, t, **kw), _reference(s, t, **kw), dtype, str(dtype))
+
+
+def _eager_in_dtype(s, t, T):
+    """The usual eager KD loss computed entirely in the logits' dtype (the flash-attention yardstick)."""
+    return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True, reduction="batchmean") * T * T
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_low_precision_error_within_twice_pytorch(backend, dtype):
+    # flash-attention's rule: the error against float64 is at most ~2x PyTorch's own at that dtype.
+    s, t = _logits(4, 1000, dtype=dtype, seed=3)
+    T = 2.0
+    ref = _reference(s, t, temperature=T)
+    s_ = s.detach().clone().requires_grad_(True)
+    eager = _eager_in_dtype(s_, t, T)
+    eager.backward()
+    got = _run(backend, s, t, temperature=T, grad_teacher=False)
+    assert _err(got[0], ref[0]) <= 2 * _err(eager, ref[0]) + 1e-6
+    assert _err(got[1], ref[1]) <= 2 * _err(s_.grad, ref[1]) + 1e-6
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize("grad_teacher", [False, True])
+def test_teacher_gradient_on_off(backend, grad_teacher, reduction):
+    s, t = _logits(3, 4, 50, seed=4)
+    go = torch.randn(3, 4, device=DEVICE) if reduction == "none" else torch.tensor(3.0, device=DEVICE)
+    kw = {"temperature": 2.0, "divergence": "jsd", "beta": 0.3, "reduction": reduction}
+    got = _run(backend, s, t, grad_teacher=grad_teacher, grad_out=go, **kw)
+    ref = _reference(s, t, grad_out=go, **kw)
+    assert (got[2] is not None) == grad_teacher
+    _check(got, ref, torch.float32)
+    # the loss value does not depend on whether the teacher needs a gradient
+    with torch.no_grad():
+        torch.testing.assert_close(fastkd.distill_loss(s, t, backend=backend, **kw), got[0], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_scale_by_t2_and_mixed_teacher_dtype(backend):
+    s, t = _logits(3, 40, seed=5)
+    a = fastkd.distill_loss(s, t, temperature=3.0, backend=backend)
+    b = fastkd.distill_loss(s, t, temperature=3.0, scale_by_t2=False, backend=backend)
+    torch.testing.assert_close(a, b * 9.0)
+    # a teacher of another dtype works (the fused backends cast it to the student's dtype)
+    sb = s.to(torch.bfloat16)
+    got = _run(backend, sb, t, temperature=3.0)
+    assert got[1].dtype == torch.bfloat16 and got[2].dtype == torch.float32
+    ref = _reference(sb, t.to(torch.bfloat16), temperature=3.0)
+    assert _err(got[0], ref[0]) <= 1e-3 and _err(got[1], ref[1]) <= 1e-2 and _err(got[2], ref[2]) <= 1e-2
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes
+# --------------------------------------------------------------------------------------------
+@functools.cache
+def _odd_case():
+    # Liger's awkward shape: 41 x 401 rows of 1271. One float64 reference shared by the backends.
+    s, t = _logits(41, 401, 1271, seed=6)
+    labels = torch.randint(0, 1271, (41, 401), device=DEVICE)
+    labels[::3, ::7] = -100
+    kw = {"temperature": 2.0, "labels": labels}
+    return s, t, kw, _reference(s, t, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_odd_shape_41x401x1271(backend):
+    if backend == "triton" and INTERPRETED:
+        pytest.skip("16441 rows are too slow for the Triton interpreter (test_shapes covers 1271 on it)")
+    s, t, kw, ref = _odd_case()
+    _check(_run(backend, s, t, **kw), ref, torch.float32)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "shape",
+    [(1, 2), (2,), (7,), (2, 3, 1271), (2, 131072), (0, 5), (3, 0, 5)],
+    ids=["1x2", "V=2", "V=7", "2x3x1271", "2x131072", "no-rows", "no-rows-3d"],
+)
+def test_shapes(backend, shape):
+    s, t = _logits(*shape, seed=7)
+    for reduction in ("batchmean", "none"):
+        kw = {"temperature": 1.5, "divergence": "kl", "reduction": reduction}
+        got = _run(backend, s, t, **kw)
+        ref = _reference(s, t, **kw)
+        assert got[0].shape == ref[0].shape == (shape[:-1] if reduction == "none" else ())
+        if s.numel() == 0:  # no rows: loss 0, empty gradients
+            assert (got[0] == 0).all() and got[1].shape == s.shape
+            continue
+        _check(got, ref, torch.float32, f"{shape} {reduction}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_non_contiguous_and_offset_inputs(backend):
+    base_s, base_t = _logits(6, 2 * 131, seed=8)
+    cases = {
+        "strided": (base_s[:, ::2], base_t[:, ::2]),  # last-dim stride 2
+        "transposed": (base_s.view(6, 2, 131).transpose(0, 1), base_t.view(6, 2, 131).transpose(0, 1)),
+        "offset": (base_s.view(-1)[1 : 1 + 5 * 131].view(5, 131), base_t.view(-1)[3 : 3 + 5 * 131].view(5, 131)),
+    }
+    for name, (s, t) in cases.items():
+        kw = {"temperature": 2.0, "divergence": "jsd", "beta": 0.3}
+        _check(_run(backend, s, t, **kw), _reference(s, t, **kw), torch.float32, name)
+
+
+# --------------------------------------------------------------------------------------------
+# inf, NaN, all rows ignored
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("divergence", "beta"), [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_masked_vocabulary_entries(backend, divergence, beta):
+    # A vocabulary entry masked at -inf in both logit sets is a zero probability: it contributes
+    # nothing, its gradients are exactly 0, and nothing else becomes inf or NaN.
+    s, t = _logits(4, 37, seed=9)
+    vocab_mask = torch.zeros(4, 37, dtype=torch.bool, device=DEVICE)
+    vocab_mask[:, 30:] = True
+    vocab_mask[1, ::2] = True
+    s = s.masked_fill(vocab_mask, float("-inf"))
+    t = t.masked_fill(vocab_mask, float("-inf"))
+    kw = {"temperature": 2.0, "divergence": divergence, "beta": beta}
+    got = _run(backend, s, t, **kw)
+    ref = _reference(s, t, **kw)
+    _check(got, ref, torch.float32)
+    assert (got[1][vocab_mask] == 0).all() and (got[2][vocab_mask] == 0).all()
+    # the same as dropping those entries
+    keep = ~vocab_mask[0]
+    torch.testing.assert_close(
+        fastkd.distill_loss(s[:1, keep], t[:1, keep], backend=backend, **kw),
+        fastkd.distill_loss(s[:1], t[:1], backend=backend, **kw),
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_logits(backend):
+    s, t = _logits(3, 20, seed=10)
+    # -inf student logit where the teacher has mass: KL(teacher || student) is +inf; the student
+    # gradient q - p stays finite; reverse KL and JSD stay finite.
+    s1 = s.clone()
+    s1[1, 4] = float("-inf")
+    loss, gs, _ = _run(backend, s1, t, reduction="none", grad_teacher=False)
+    assert math.isinf(loss[1].item()) and loss[1] > 0 and torch.isfinite(loss[[0, 2]]).all()
+    ref = _reference(s1, t, reduction="none")
+    assert torch.isfinite(gs).all() and _err(gs, ref[1]) <= TOL[torch.float32]["grad"]
+    for div in ("reverse_kl", "jsd"):
+        loss = fastkd.distill_loss(s1, t, divergence=div, reduction="none", backend=backend)
+        assert torch.isfinite(loss).all()
+        assert _err(loss, _reference(s1, t, divergence=div, reduction="none")[0]) <= 1e-5
+    # +inf is not a probability: NaN in that row (student or teacher), other rows untouched
+    for which in ("student", "teacher"):
+        s2, t2 = s.clone(), t.clone()
+        (s2 if which == "student" else t2)[2, 3] = float("inf")
+        loss = fastkd.distill_loss(s2, t2, reduction="none", backend=backend)
+        assert torch.isnan(loss[2]) and torch.isfinite(loss[:2]).all(), which
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("divergence", ["kl", "reverse_kl", "jsd"])
+def test_nan_propagates_in_kept_rows_only(backend, divergence):
+    s, t = _logits(4, 33, seed=11)
+    s[1, 5] = float("nan")  # a kept row
+    t[2, 0] = float("nan")  # a kept row, in the teacher
+    s[3, 7] = float("nan")  # an ignored row
+    t[3, 8] = float("nan")
+    labels = torch.tensor([1, 2, 3, -100], device=DEVICE)
+    loss, gs, gt = _run(backend, s, t, reduction="none", labels=labels, divergence=divergence)
+    assert torch.isnan(loss[1]) and torch.isnan(loss[2]), "NaN must propagate, never silently become 0"
+    assert torch.isfinite(loss[0]) and loss[3] == 0
+    assert torch.isnan(gs[1]).any() and torch.isnan(gt[2]).any()
+    assert torch.isfinite(gs[0]).all() and (gs[3] == 0).all() and (gt[3] == 0).all()
+    # reduced: NaN in; with the NaN rows ignored, a finite loss equal to the clean rows'
+    assert torch.isnan(fastkd.distill_loss(s, t, labels=labels, divergence=divergence, backend=backend))
+    clean = torch.tensor([1, -100, -100, -100], device=DEVICE)
+    got = fastkd.distill_loss(s, t, labels=clean, divergence=divergence, reduction="sum", backend=backend)
+    torch.testing.assert_close(got, loss[0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum", "none"])
+def test_all_rows_ignored(backend, reduction):
+    s, t = _logits(2, 3, 17, seed=12)
+    s[0, 0, 0] = float("nan")  # even NaN rows: ignored means not read
+    labels = torch.full((2, 3), -100, device=DEVICE)
+    for kw in ({"labels": labels}, {"mask": torch.zeros(2, 3, dtype=torch.bool, device=DEVICE)}):
+        loss, gs, gt = _run(backend, s, t, reduction=reduction, **kw)
+        assert (loss == 0).all(), f"{reduction}: {loss}"
+        assert (gs == 0).all() and (gt == 0).all()
+
+
+def test_torch_backend_float64_and_output_dtypes():
+    s, t = _logits(3, 50, dtype=torch.float64, seed=13)
+    out = fastkd.distill_loss(s, t, temperature=2.0, divergence="jsd", backend="torch")
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, reference_distill_loss(s, t, temperature=2.0, divergence="jsd"), rtol=0, atol=0)
+    assert fastkd.distill_loss(s.bfloat16(), t.bfloat16(), backend="torch").dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd plumbing: in-place backward, opcheck, gradcheck, compile, module
+# --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", FUSED)
+def test_second_backward_through_the_same_graph_raises(backend):
+    # The fused backward scales the gradient that the forward wrote, in place; a second backward
+    # (retain_graph=True) would scale it twice, so autograd's version check refuses it.
+    s, t = _logits(2, 9, seed=14)
+    s.requires_grad_(True)
+    loss = fastkd.distill_loss(s, t, backend=backend) * 2.0
+    (g1,) = torch.autograd.grad(loss, s, retain_graph=True)
+    assert not g1.requires_grad
+    torch.testing.assert_close(g1, _reference(s, t, grad_out=torch.tensor(2.0))[1].float())
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        torch.autograd.grad(loss, s)
+
+
+def _fused_ops():
+    ops = []
+    if dl._ext.available():
+        ops.append(pytest.param(lambda: torch.ops.fastkd.distill_loss.default, id="fastkd::distill_loss"))
+    ok, reason = OP.usable("triton", torch.device(DEVICE))
+    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
+    ops.append(pytest.param(dl._triton_op, id="fastkd::distill_loss_triton", marks=marks))
+    return ops
+
+
+@pytest.mark.parametrize("get_op", _fused_ops())
+@pytest.mark.parametrize("reduce", [True, False])
+@pytest.mark.parametrize("divergence", [0, 1, 2])
+def test_opcheck_distill_loss(get_op, divergence, reduce):
+    op = get_op()
+    N, V = 4, 9
+    s, t = _logits(N, V, seed=15)
+    rs = torch.tensor([0.5, 0.0, 0.25, 0.25], device=DEVICE)
+    args = (s, t, rs, 2.0, divergence, 0.3, 4.0, reduce)
+    torch.library.opcheck(op, (*args, False, False))
+    # With gradients: the gradient buffers are outputs that backward scales in place, which AOT
+    # autograd cannot express when a caller returns them too (fastkd never does); the compiled path
+    # of the real use is covered by test_compile_fullgraph.
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    torch.library.opcheck(
+        op, (*args, True, True), test_utils=("test_schema", "test_autograd_registration", "test_faketensor")
+    )
+
+
+def _scale_ops():
+    ops = []
+    if dl._ext.available():
+        ops.append(pytest.param(lambda: torch.ops.fastkd.scale_grad_.default, id="fastkd::scale_grad_"))
+    ok, reason = OP.usable("triton", torch.device(DEVICE))
+    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
+    ops.append(pytest.param(lambda: (dl._triton_op(), dl._triton_ops["scale_grad_"])[1], id="triton", marks=marks))
+    return ops
+
+
+@pytest.mark.parametrize("get_op", _scale_ops())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=str)
+def test_scale_grad(get_op, dtype):
+    op = get_op()
+    g = torch.randn(5, 3, 37, device=DEVICE).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    one = torch.tensor(1.0, device=DEVICE, dtype=acc)
+    # Exact, except that the Triton interpreter rounds float32 -> bfloat16 toward zero (compiled
+    # Triton rounds to nearest even): then one bfloat16 ulp.
+    rtol = 2**-7 if INTERPRETED and dtype == torch.bfloat16 and "triton" in str(op) else 0.0
+    x = g.clone()
+    op(x, one)  # upstream gradient 1: unchanged
+    assert torch.equal(x, g)
+    op(x, torch.tensor(-2.5, device=DEVICE, dtype=acc))
+    torch.testing.assert_close(x, (g.to(acc) * -2.5).to(dtype), rtol=rtol, atol=0)
+    per_row = torch.tensor([1.0, 0.0, 3.0, -1.0, 0.5], device=DEVICE, dtype=acc)
+    x = g.clone()
+    op(x, per_row)
+    torch.testing.assert_close(x, (g.to(acc) * per_row[:, None, None]).to(dtype), rtol=rtol, atol=0)
+    torch.library.opcheck(op, (g.clone(), per_row))
+    torch.library.opcheck(op, (g.clone(), torch.tensor(3.0, device=DEVICE, dtype=acc)))
+
+
+class _Recompute(torch.autograd.Function):
+    """fastkd.distill_loss whose backward reruns the fused forward (a fresh graph every time).
+
+    gradcheck calls backward twice on one graph to test re-entrancy, which the fused op refuses
+    on purpose (test_second_backward_through_the_same_graph_raises); rerunning it per backward
+    lets gradcheck compare the op's own gradients with finite differences of its own values.
+    """
+
+    @staticmethod
+    def forward(ctx, s, t, kw):
+        ctx.save_for_backward(s, t)
+        ctx.kw = kw
+        return fastkd.distill_loss(s, t, **kw)
+
+    @staticmethod
+    def backward(ctx, go):
+        s, t = ctx.saved_tensors
+        with torch.enable_grad():
+            s_, t_ = s.detach().requires_grad_(True), t.detach().requires_grad_(True)
+            out = fastkd.distill_loss(s_, t_, **ctx.kw)
+            gs, gt = torch.autograd.grad(out, (s_, t_), go)
+        return gs, gt, None
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["batchmean", "none"])
+@pytest.mark.parametrize(("divergence", "beta"), [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_gradcheck_float64(backend, divergence, beta, reduction):
+    s, t = _logits(2, 5, dtype=torch.float64, scale=1.0, seed=16)
+    s.requires_grad_(True)
+    t.requires_grad_(True)
+    labels = torch.tensor([0, -100], device=DEVICE) if reduction == "none" else None
+    kw = {"temperature": 1.7, "divergence": divergence, "beta": beta, "reduction": reduction, "labels": labels}
+    kw["backend"] = backend
+    if backend == "torch":
+        fn = lambda a, b: fastkd.distill_loss(a, b, **kw)
+    else:
+        fn = lambda a, b: _Recompute.apply(a, b, kw)
+    assert torch.autograd.gradcheck(fn, (s, t), fast_mode=backend == "triton" and INTERPRETED)
+
+
+def _compile_case(backend):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Linear(32, 50)).to(DEVICE)
+    x = torch.randn(3, 4, 16, device=DEVICE)
+    teacher = torch.randn(3, 4, 50, device=DEVICE)
+    labels = torch.randint(0, 50, (3, 4), device=DEVICE)
+    labels[0, :2] = -100
+
+    def step(x, teacher, labels):
+        return fastkd.distill_loss(model(x), teacher, temperature=2.0, labels=labels, backend=backend)
+
+    return model, step, (x, teacher, labels)
+
+
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.values[0] in ("cpu", "cuda", "triton")])
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    model, step, args = _compile_case(backend)
+    eager = step(*args)
+    eager.backward()
+    ref_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    # fullgraph=True: a graph break anywhere (backend choice, validation, the op) fails the test
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager" if backend == "triton" else "inductor")
+    for _ in range(2):  # the second call runs the cached graph
+        model.zero_grad()
+        loss = compiled(*args)
+        loss.backward()
+        torch.testing.assert_close(loss, eager)
+        for p, g in zip(model.parameters(), ref_grads):
+            torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_module(backend):
+    s, t = _logits(2, 3, 21, seed=17)
+    labels = torch.tensor([[1, -100, 2], [3, 4, -100]], device=DEVICE)
+    kw = {"temperature": 2.0, "divergence": "jsd", "beta": 0.3, "reduction": "sum", "ignore_index": -100}
+    mod = fastkd.nn.DistillationLoss(**kw, backend=backend)
+    assert "jsd" in repr(mod) and "temperature=2.0" in repr(mod)
+    got = mod(s, t, labels=labels)
+    torch.testing.assert_close(got, fastkd.distill_loss(s, t, labels=labels, backend=backend, **kw))
+    ref = _reference(s, t, labels=labels, **kw)[0]
+    assert _err(got, ref) <= 1e-5
+    mask = labels != -100
+    torch.testing.assert_close(mod(s, t, mask=mask), got)
+    assert isinstance(mod, torch.nn.Module) and list(mod.parameters()) == []
+
+
+# --------------------------------------------------------------------------------------------
+# Bad input: a ValueError / TypeError that names the argument
+# --------------------------------------------------------------------------------------------
+def _bad_cases():
+    x = torch.randn(2, 3, 5)
+    lab = torch.zeros(2, 3, dtype=torch.long)
+    m = torch.ones(2, 3, dtype=torch.bool)
+    meta = torch.empty(2, 3, 5, device="meta")
+    C = [
+        ("shape", (x, torch.randn(2, 4, 5)), {}, ValueError, "same shape"),
+        ("V", (x, torch.randn(2, 3, 6)), {}, ValueError, "vocabulary size V"),
+        ("V=0", (torch.randn(2, 0), torch.randn(2, 0)), {}, ValueError, "student_logits"),
+        ("0-d", (torch.tensor(1.0), torch.tensor(1.0)), {}, ValueError, "student_logits"),
+        ("int student", (lab.unsqueeze(-1).expand(2, 3, 5), x), {}, TypeError, "student_logits"),
+        ("int teacher", (x, torch.ones(2, 3, 5, dtype=torch.int32)), {}, TypeError, "teacher_logits"),
+        ("not a tensor", (x.tolist(), x), {}, TypeError, "student_logits"),
+        ("device", (x, meta), {}, ValueError, "device"),
+        ("temperature 0", (x, x), {"temperature": 0.0}, ValueError, "temperature"),
+        ("temperature <0", (x, x), {"temperature": -1.0}, ValueError, "temperature"),
+        ("temperature inf", (x, x), {"temperature": math.inf}, ValueError, "temperature"),
+        ("temperature nan", (x, x), {"temperature": math.nan}, ValueError, "temperature"),
+        ("temperature str", (x, x), {"temperature": "2"}, TypeError, "temperature"),
+        ("temperature tensor", (x, x), {"temperature": torch.tensor(2.0)}, TypeError, "temperature"),
+        ("beta <0", (x, x), {"divergence": "jsd", "beta": -0.1}, ValueError, "beta"),
+        ("beta >1", (x, x), {"divergence": "jsd", "beta": 1.5}, ValueError, "beta"),
+        ("beta nan", (x, x), {"divergence": "jsd", "beta": math.nan}, ValueError, "beta"),
+        ("divergence", (x, x), {"divergence": "kld"}, ValueError, "divergence"),
+        ("reduction", (x, x), {"reduction": "avg"}, ValueError, "reduction"),
+        ("labels shape", (x, x), {"labels": torch.zeros(2, 4, dtype=torch.long)}, ValueError, "labels"),
+        ("labels float", (x, x), {"labels": torch.zeros(2, 3)}, TypeError, "labels"),
+        ("labels bool", (x, x), {"labels": m}, TypeError, "labels"),
+        ("labels device", (x, x), {"labels": torch.zeros(2, 3, dtype=torch.long, device="meta")}, ValueError, "labels"),
+        ("mask shape", (x, x), {"mask": torch.ones(2, dtype=torch.bool)}, ValueError, "mask"),
+        ("mask dtype", (x, x), {"mask": torch.ones(2, 3)}, TypeError, "mask"),
+        ("mask device", (x, x), {"mask": torch.ones(2, 3, dtype=torch.bool, device="meta")}, ValueError, "mask"),
+        ("backend", (x, x), {"backend": "tpu"}, ValueError, "backend"),
+    ]
+    return [pytest.param(a, kw, exc, match, id=name) for name, a, kw, exc, match in C]
+
+
+@pytest.mark.parametrize(("args", "kwargs", "exc", "match"), _bad_cases())
+def test_bad_input(args, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        fastkd.distill_loss(*args, **kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [({"temperature": 0}, "temperature"), ({"divergence": "x"}, "divergence"), ({"beta": 2}, "beta"),
+     ({"reduction": "x"}, "reduction")],
+)  # fmt: skip
+def test_module_rejects_bad_options_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        fastkd.nn.DistillationLoss(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# More than 2**31 elements (int64 offsets)
+# --------------------------------------------------------------------------------------------
+def _available_memory_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration):
+        return 0
+
+
+@pytest.mark.slow
+def test_more_than_2_pow_31_elements_cpu_bf16():
+    if not OP.usable("cpu", torch.device("cpu"))[0]:
+        pytest.skip("the compiled cpu backend is unavailable")
+    V = 131072
+    N = 2**31 // V + 2  # the last two rows start past element 2**31
+    need = 3 * N * V * 2 + (2 << 30)  # student, teacher, student gradient (bf16) + headroom
+    if _available_memory_bytes() < need:
+        pytest.skip(f"needs ~{need / 2**30:.0f} GiB of free memory")
+    g = torch.Generator().manual_seed(18)
+    s = torch.empty(N, V, dtype=torch.bfloat16)
+    t = torch.empty(N, V, dtype=torch.bfloat16)
+    for i in range(0, N, 1024):  # fill in chunks: no float32 copy of the whole tensor
+        s[i : i + 1024] = torch.randn(min(1024, N - i), V, generator=g)
+        t[i : i + 1024] = torch.randn(min(1024, N - i), V, generator=g) * 2
+    s.requires_grad_(True)
+    loss = fastkd.distill_loss(s, t, temperature=2.0, reduction="none", backend="cpu")
+    loss.sum().backward()
+    assert torch.isfinite(loss).all()
+    for rows in (slice(0, 2), slice(N - 2, N)):  # rows before and after element 2**31
+        ref = _reference(s[rows], t[rows], temperature=2.0, reduction="none")
+        assert _err(loss[rows], ref[0]) <= 1e-5
+        assert _err(s.grad[rows], ref[1]) <= TOL[torch.bfloat16]["grad"]
