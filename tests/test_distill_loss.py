@@ -9,9 +9,15 @@ float64 with autograd; ``test_reference_matches_torch_kl_div`` ties that oracle 
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import hashlib
 import math
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -590,6 +596,157 @@ def test_bad_input(args, kwargs, exc, match):
 def test_module_rejects_bad_options_at_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         fastkd.nn.DistillationLoss(**kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# The CUDA kernels, run on the host by a small emulation of the CUDA execution model
+# --------------------------------------------------------------------------------------------
+# tests/cuda_emu/ compiles csrc/distill_loss.cuh and csrc/scale_grad.cuh with g++ (each CUDA thread a
+# fiber; __syncthreads, warp shuffles and the dynamic shared memory emulated), so that machines
+# without a GPU test the kernels' logic: row splitting and alignment, the warp-per-row and
+# block-per-row kernels, full / partial / no shared-memory cache, the grid-stride row loop, the
+# reductions, -inf / NaN handling and ignored rows. On a GPU the cuda backend runs the real thing in
+# every test above.
+_EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+@functools.cache
+def _emu_lib():
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is needed to build the CUDA kernel emulation")
+    sources = [_EMU_DIR / "emu_kernels.cpp", _EMU_DIR / "cuda_host_emu.h"] + sorted(_CSRC.glob("*.cuh"))
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + torch.__version__.encode()).hexdigest()[:16]
+    lib_path = Path(tempfile.gettempdir()) / f"fastkd_cuda_emu_{key}.so"
+    if not lib_path.exists():
+        from torch.utils.cpp_extension import include_paths
+
+        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
+        cmd += [f"-I{_CSRC}", f"-I{_EMU_DIR}", *(f"-I{p}" for p in include_paths())]
+        cmd += [str(_EMU_DIR / "emu_kernels.cpp"), "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"building the CUDA emulation failed:\n{r.stderr[-4000:]}"
+        os.replace(tmp, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    vp, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    lib.fastkd_emu_distill_loss.restype = i64
+    lib.fastkd_emu_distill_loss.argtypes = [i32, i32, vp, vp, vp, vp, vp, vp, i64, i64, f64, f64, f64, i64, i64]
+    lib.fastkd_emu_scale_grad.restype = None
+    lib.fastkd_emu_scale_grad.argtypes = [i32, i32, vp, vp, i64, i64, i32, i64]
+    return lib
+
+
+def _emu_distill(s, t, row_scale, *, temperature, div, beta, loss_scale, smem, max_grid, grads=(True, True)):
+    """The op's outputs (per-row loss, grad_student, grad_teacher) and the number of cached vectors."""
+    N, V = s.shape
+    acc = torch.float64 if s.dtype == torch.float64 else torch.float32
+    rows = torch.full((N,), float("nan"), dtype=acc)
+    gs = torch.full_like(s, float("nan")) if grads[0] else None
+    gt = torch.full_like(t, float("nan")) if grads[1] else None
+    rs = row_scale.to(acc).contiguous()  # kept alive through the call
+    ptr = lambda x: None if x is None else x.data_ptr()
+    cached = _emu_lib().fastkd_emu_distill_loss(
+        _DTYPE_CODE[s.dtype], div, ptr(s), ptr(t), ptr(rs), ptr(rows), ptr(gs), ptr(gt),
+        N, V, temperature, beta, loss_scale, smem, max_grid,
+    )  # fmt: skip
+    return rows, gs, gt, cached
+
+
+def _op_reference(s, t, row_scale, *, temperature, div, beta, loss_scale):
+    """float64 (per-row loss, grad_student, grad_teacher) with the op's semantics (c = loss_scale * row_scale)."""
+    keep = (row_scale != 0)[:, None]
+    s64 = torch.where(keep, s.double(), 0.0).requires_grad_(True)
+    t64 = torch.where(keep, t.double(), 0.0).requires_grad_(True)
+    d = dl.divergence_rows(s64, t64, temperature, ("kl", "reverse_kl", "jsd")[div], beta)
+    rows = loss_scale * row_scale.double() * d
+    gs, gt = torch.autograd.grad(rows.sum(), (s64, t64))
+    return rows.detach(), gs, gt
+
+
+@pytest.mark.parametrize("div", [0, 1, 2], ids=["kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize(
+    ("dtype", "V", "smem", "cached"),
+    [
+        (torch.float32, 37, 0, -1),  # short rows: one warp per row
+        (torch.float32, 2053, 1 << 20, 513),  # one block per row, the whole row in shared memory
+        (torch.float32, 2053, 32 * 100, 100),  # part of the row cached, the rest re-read
+        (torch.float32, 2053, 0, 0),  # nothing cached
+        (torch.bfloat16, 37, 0, -1),
+        (torch.bfloat16, 4099, 32 * 200, 200),
+        (torch.float16, 2053, 1 << 20, 256),
+        (torch.float64, 515, 32 * 100, 100),
+    ],
+    ids=["f32-warp", "f32-cache-all", "f32-cache-part", "f32-cache-none", "bf16-warp", "bf16-cache-part",
+         "f16-cache-all", "f64-cache-part"],
+)  # fmt: skip
+def test_cuda_kernel_emulated(dtype, V, smem, cached, div):
+    # rows: plain, ignored (holding NaN: must not be read), masked vocabulary entries, plain x2 weight;
+    # 5 rows on at most 2 blocks so that blocks loop over rows.
+    s, t = (x.cpu() for x in _logits(5, V, dtype=dtype, seed=20 + div))
+    s[1, 3] = t[1, 5] = float("nan")
+    s[2, ::3] = t[2, ::3] = float("-inf")
+    rs = torch.tensor([0.5, 0.0, 0.25, 2.0, 1.0])
+    kw = {"temperature": 1.7, "div": div, "beta": 0.3, "loss_scale": 1.7**2}
+    rows, gs, gt, n_cached = _emu_distill(s, t, rs, smem=smem, max_grid=2, **kw)
+    assert n_cached == cached
+    ref = _op_reference(s, t, rs, **kw)
+    tol = TOL[dtype]
+    assert torch.isfinite(rows).all() and torch.isfinite(gs).all() and torch.isfinite(gt).all()
+    assert _err(rows, ref[0]) <= tol["loss"], _err(rows, ref[0])
+    assert _err(gs, ref[1]) <= tol["grad"] and _err(gt, ref[2]) <= tol["grad"], (_err(gs, ref[1]), _err(gt, ref[2]))
+    assert rows[1] == 0 and (gs[1] == 0).all() and (gt[1] == 0).all()
+    assert (gs[2, ::3] == 0).all() and (gt[2, ::3] == 0).all()
+    # without gradients: the same loss, nothing else written
+    rows2, _, _, _ = _emu_distill(s, t, rs, smem=smem, max_grid=2, grads=(False, False), **kw)
+    assert torch.equal(rows2, rows)
+
+
+@pytest.mark.parametrize("V", [37, 2053], ids=["warp", "block"])
+def test_cuda_kernel_emulated_special_values(V):
+    s, t = (x.cpu() for x in _logits(4, V, seed=30))
+    s_off = torch.empty(4 * V + 1)[1:].view(4, V)  # misaligned student: the element-wise path
+    s_off.copy_(s)
+    s_off[0, 2] = float("-inf")  # -inf student where the teacher has mass
+    s_off[1, 3] = float("nan")
+    t[2, 4] = float("inf")
+    rs = torch.ones(4)
+    kw = {"temperature": 1.0, "beta": 0.3, "loss_scale": 1.0, "smem": 1 << 20, "max_grid": 4}
+    for div in (0, 1, 2):
+        rows, gs, gt, cached = _emu_distill(s_off, t, rs, div=div, **kw)
+        assert cached in (-1, 0)  # no vectors: nothing cached
+        assert torch.isnan(rows[1]) and torch.isnan(rows[2]) and torch.isfinite(rows[3])
+        assert math.isinf(rows[0].item()) if div == 0 else torch.isfinite(rows[0])
+        ref = _op_reference(s_off, t, rs, temperature=1.0, div=div, beta=0.3, loss_scale=1.0)
+        assert _err(rows[3], ref[0][3]) <= TOL[torch.float32]["loss"]
+        assert _err(gs[[0, 3]], ref[1][[0, 3]]) <= TOL[torch.float32]["grad"]
+        assert torch.isnan(gs[1]).any() and torch.isnan(gt[2]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("per_row", [False, True], ids=["scalar", "per-row"])
+def test_cuda_scale_grad_emulated(dtype, per_row):
+    rows, cols = 5, 37
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    base = torch.randn(rows * cols + 3).to(dtype)
+    for offset in (0, 1, 3):  # misaligned starts: scalar heads and tails around the 16-byte vectors
+        g = base[offset : offset + rows * cols].view(rows, cols)
+        for scale in ([1.0] * rows, [-2.5] * rows, [1.0, 0.0, 3.0, -1.0, 0.5]):
+            if not per_row and len(set(scale)) > 1:
+                continue
+            sc = torch.tensor(scale if per_row else scale[0], dtype=acc)
+            x = g.clone() if offset == 0 else g.clone().view(-1)
+            if offset:
+                buf = torch.empty(rows * cols + offset, dtype=dtype)  # keep the misalignment in the copy
+                x = buf[offset:].view(rows, cols)
+                x.copy_(g)
+            _emu_lib().fastkd_emu_scale_grad(
+                _DTYPE_CODE[dtype], int(acc == torch.float64), x.data_ptr(), sc.data_ptr(), rows, cols, int(per_row), 3
+            )
+            expected = (g.to(acc) * (sc[:, None] if per_row else sc)).to(dtype)
+            assert torch.equal(x, expected), (offset, scale)
 
 
 # --------------------------------------------------------------------------------------------

@@ -432,8 +432,17 @@ def distill_loss(
 
     Gradients flow to the student logits and, when ``teacher_logits.requires_grad``, to the
     teacher logits, computed in the forward pass. The loss and all accumulation are float32
-    (float64 for float64 inputs). A ``-inf`` logit is a zero probability and contributes nothing
-    (a ``-inf`` student logit where the teacher has mass gives ``inf``); NaN propagates.
+    (float64 for float64 inputs).
+
+    Non-finite logits: a ``-inf`` logit is a zero probability and contributes nothing, so a
+    vocabulary entry masked at ``-inf`` in both logit sets is legitimate (its gradients are 0). A
+    ``-inf`` student logit where the teacher has mass makes ``"kl"`` infinite (the student gradient
+    stays finite). ``+inf`` is not a probability: that row's loss is NaN. NaN in a kept row
+    propagates to the loss and gradients (never silently 0); excluded rows are not read, so NaN or
+    inf there changes nothing.
+
+    The fused backends compute the gradients in the forward pass and scale them in place in
+    backward, so a second backward through the same graph (``retain_graph=True``) raises.
     """
     _check_inputs(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, mask)
     keep = _keep_rows(labels, mask, ignore_index)
