@@ -223,14 +223,17 @@ def test_dfkd_step(benchmark, case, variant, provider):
             pytest.skip(f"fastkd.{op.name} backend {backend!r}: {reason}")
     require_fit(_need_bytes(case), f"the {case.shape} step")
     step, n_params = make_step(case, variant, backend)
-    run_case(
-        benchmark,
-        op="dfkd_step",
-        variant=variant,
-        provider=provider,
-        mode="full",
-        shape=case.shape,
-        dtype="bfloat16-autocast" if IS_CUDA else "float32",
-        fwd=step,
-        extra={"family": case.head, "params": n_params, "backend": backend},
-    )
+    try:
+        run_case(
+            benchmark,
+            op="dfkd_step",
+            variant=variant,
+            provider=provider,
+            mode="full",
+            shape=case.shape,
+            dtype="bfloat16-autocast" if IS_CUDA else "float32",
+            fwd=step,
+            extra={"family": case.head, "params": n_params, "backend": backend},
+        )
+    except fastkd.BackendUnavailableError as e:  # an op of the step has no such backend here
+        pytest.skip(str(e))

@@ -464,8 +464,8 @@ MEASURED_RATES: dict = {}  # what device_rates measured this session (for the JS
 def device_rates(dtype: torch.dtype | str) -> dict[str, float]:
     """``{"copy_gbps": ..., "matmul_tflops": ...}`` (matmul in ``dtype``), measured once per session."""
     d = dtype if isinstance(dtype, str) else dtype_name(dtype)
-    if d not in ("float32", "float16", "bfloat16", "float64"):
-        d = "float32"
+    # "bfloat16-autocast" and the like: the matmul rate of the dtype named in the label
+    d = next((k for k in ("bfloat16", "float16", "float64") if k in d), "float32")
     rates = {"copy_gbps": round(copy_bandwidth_gbps(), 2), "matmul_tflops": round(matmul_tflops(d), 4)}
     MEASURED_RATES["copy_gbps"] = rates["copy_gbps"]
     MEASURED_RATES.setdefault("matmul_tflops", {})[d] = rates["matmul_tflops"]
@@ -581,6 +581,7 @@ def run_case(
             target(*setup()[0])
         else:
             target()
+        clear()  # the warm-up's gradients must not count as memory held before the measured call
         mem = measure_peak(setup, target, teardown=lambda *a: clear())
     except Exception as e:
         if _is_oom(e):
@@ -592,8 +593,7 @@ def run_case(
     benchmark.extra_info["extra_mem_bytes"] = mem.extra_bytes
     benchmark.extra_info["peak_mem_bytes"] = None if mem.extra_bytes is None else mem.extra_bytes + (input_bytes or 0)
     benchmark.extra_info["mem_method"] = mem.method
-    if floor_bytes or floor_flops:
-        benchmark.extra_info.update(device_rates(dtype_s))
+    benchmark.extra_info.update(device_rates(dtype_s))  # measured once per session
 
     budget = _env_float(ENV_TIME, 0.5 if IS_CUDA else 1.0)
     min_rounds = int(_env_float(ENV_MIN_ROUNDS, 10 if IS_CUDA else 3))
