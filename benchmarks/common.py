@@ -147,9 +147,21 @@ def versions() -> dict[str, str]:
     return {"torch": torch.__version__, "cuda": cuda, "triton": triton_v, "fastkd": fastkd.__version__}
 
 
+@functools.cache
+def load_at_start() -> float | None:
+    """The 1-minute load average when the session started: above the core count, other processes
+    compete for the cores and CPU timings (OpenMP threads especially) are distorted."""
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:
+        return None
+
+
 def session_info() -> dict:
     """What the JSON's ``machine_info['fastkd_bench']`` holds (and each case's defaults)."""
     return {
+        "load_avg": load_at_start(),
+        "cpu_count": os.cpu_count(),
         "device": device_label(),
         "device_slug": device_slug(),
         "device_type": DEVICE.type,

@@ -37,7 +37,17 @@ def pytest_collect_file(file_path, parent):
 
 def pytest_report_header(config):
     info = common.session_info()
-    return [
+    busy = []
+    if (
+        info["load_avg"] is not None
+        and info["device_type"] == "cpu"
+        and info["load_avg"] > 0.5 * (info["cpu_count"] or 1)
+    ):
+        busy = [
+            f"fastkd bench: WARNING: load average {info['load_avg']} on {info['cpu_count']} cores: other processes "
+            "compete for the CPU and distort the timings; run on a quiet machine for results"
+        ]
+    return busy + [
         f"fastkd bench: device {info['device']} (results folder {info['device_slug']}), "
         f"size set {info['sizes']!r} ({common.ENV_SIZES}), threads {info['threads']}",
         f"fastkd bench: torch {info['torch']} (CUDA {info['cuda']}), triton {info['triton']}, fastkd {info['fastkd']}",

@@ -50,13 +50,13 @@ BASELINES = ("eager", "compile", "liger")
 FIELDS = [
     "op", "variant", "provider", "mode", "shape", "dtype", "family",
     "median_ms", "p20_ms", "p80_ms", "quantiles", "rounds", "iterations",
-    "device", "device_slug", "sizes", "torch", "cuda", "triton", "fastkd", "threads",
+    "device", "device_slug", "sizes", "load_avg", "cpu_count", "torch", "cuda", "triton", "fastkd", "threads",
     "floor_bytes", "floor_flops", "copy_gbps", "matmul_tflops",
     "achieved_gbps", "achieved_tflops", "pct_of_floor",
     "input_bytes", "extra_mem_bytes", "peak_mem_bytes", "mem_method", "sweep_x", "sweep_name",
 ]  # fmt: skip
 _NUMERIC = {
-    "median_ms", "p20_ms", "p80_ms", "rounds", "iterations", "threads", "floor_bytes", "floor_flops",
+    "median_ms", "p20_ms", "p80_ms", "rounds", "iterations", "threads", "load_avg", "cpu_count", "floor_bytes", "floor_flops",
     "copy_gbps", "matmul_tflops", "achieved_gbps", "achieved_tflops", "pct_of_floor", "input_bytes",
     "extra_mem_bytes", "peak_mem_bytes", "sweep_x",
 }  # fmt: skip
@@ -150,6 +150,8 @@ def rows_from_json(data: dict) -> list[dict]:
             "device": ei.get("device") or mi.get("device") or "unknown",
             "device_slug": ei.get("device_slug") or mi.get("device_slug") or slugify(ei.get("device") or "unknown"),
             "sizes": mi.get("sizes", ""),
+            "load_avg": mi.get("load_avg"),
+            "cpu_count": mi.get("cpu_count"),
             "torch": ei.get("torch") or mi.get("torch", ""),
             "cuda": ei.get("cuda") or mi.get("cuda", ""),
             "triton": ei.get("triton") or mi.get("triton", ""),
@@ -320,7 +322,8 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
 
 def _meta(rows: list[dict]) -> dict:
     first = rows[0]
-    meta = {k: first.get(k) for k in ("device", "device_slug", "torch", "cuda", "triton", "fastkd", "threads", "sizes")}
+    keys = ("device", "device_slug", "torch", "cuda", "triton", "fastkd", "threads", "sizes", "load_avg", "cpu_count")
+    meta = {k: first.get(k) for k in keys}
     meta["copy_gbps"] = next((r["copy_gbps"] for r in rows if r.get("copy_gbps")), None)
     mm = {}
     for r in rows:
@@ -339,6 +342,12 @@ def meta_lines(rows: list[dict]) -> list[str]:
     ]
     if m["sizes"] == "quick":
         lines.insert(0, "- **smoke run (quick size set, tiny shapes): not benchmark results**")
+    if m.get("load_avg") not in (None, ""):
+        busy = m.get("cpu_count") and m["load_avg"] > 0.5 * m["cpu_count"]
+        lines.append(
+            f"- load average at the start: {m['load_avg']} on {m.get('cpu_count') or '?'} cores"
+            + (" (**busy machine: timings distorted**)" if busy else "")
+        )
     rates = []
     if m["copy_gbps"]:
         rates.append(f"copy bandwidth {m['copy_gbps']:.1f} GB/s")

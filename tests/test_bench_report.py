@@ -179,9 +179,14 @@ def test_main_writes_csv_readme_and_plots(tmp_path):
     assert (d / "README.md").read_text() == text
 
 
-def test_smoke_runs_are_marked(tmp_path):
-    rows = report.rows_from_json(synthetic(sizes="quick"))
-    assert "smoke run" in report.device_readme(rows)
+def test_smoke_runs_and_busy_machines_are_marked():
+    doc = synthetic(sizes="quick")
+    doc["machine_info"]["fastkd_bench"].update(load_avg=7.5, cpu_count=2)
+    text = report.device_readme(report.rows_from_json(doc))
+    assert "smoke run" in text
+    assert "load average at the start: 7.5 on 2 cores (**busy machine" in text
+    doc["machine_info"]["fastkd_bench"].update(load_avg=0.2)
+    assert "busy machine" not in report.device_readme(report.rows_from_json(doc))
 
 
 def test_update_readme_between_markers(tmp_path):
