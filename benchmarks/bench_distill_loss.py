@@ -114,7 +114,8 @@ def eager_jsd(s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 
 def _liger_fn(variant: str):
-    from liger_kernel.transformers import LigerJSD, LigerKLDIVLoss
+    from liger_kernel.transformers.jsd import LigerJSD
+    from liger_kernel.transformers.kl_div import LigerKLDIVLoss
 
     T = TEMPERATURE
     if variant == "kl":

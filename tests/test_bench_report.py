@@ -201,6 +201,7 @@ def test_update_readme_between_markers(tmp_path):
     assert "old table" not in text
     section = text[text.index(report.BEGIN) : text.index(report.END)]
     assert f"### {DEVICE}" in section
+    assert f"[results/{SLUG}/](results/{SLUG}/)" in section  # relative to the README's folder
     assert "| 4096x32000 float32 | full |" in section and "| forward |" in section  # hidden_match: forward only
     assert "4096x32000 float32 | forward" not in section  # distill_loss: only the full mode
     report.update_readme(readme, out, modes=["full"])
