@@ -36,6 +36,10 @@ if ! $PY -c "import fastkd._C" >/dev/null 2>&1; then
   $PY setup.py --quiet build_ext --inplace >/dev/null
 fi
 $PY -m fastkd.info
+read -r LOAD _ < /proc/loadavg 2>/dev/null || LOAD=0
+if awk -v l="$LOAD" -v n="$(nproc 2>/dev/null || echo 1)" 'BEGIN { exit !(l > 0.5 * n) }'; then
+  echo "WARNING: load average $LOAD on $(nproc) cores: other processes distort CPU timings (the report marks the run as busy)" >&2
+fi
 
 JSON=${FASTKD_BENCH_JSON:-$(mktemp -t fastkd-bench-XXXXXX.json)}
 echo "==> pytest benchmarks (sizes: $SIZES) -> $JSON"
