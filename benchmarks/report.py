@@ -48,7 +48,7 @@ PROVIDER_ORDER = ["eager", "compile", "liger", "fastkd-cpu", "fastkd-cuda", "fas
 BASELINES = ("eager", "compile", "liger")
 
 FIELDS = [
-    "op", "variant", "provider", "mode", "shape", "dtype", "family",
+    "op", "variant", "provider", "mode", "shape", "dtype", "family", "group",
     "median_ms", "p20_ms", "p80_ms", "quantiles", "rounds", "iterations",
     "device", "device_slug", "sizes", "load_avg", "cpu_count", "torch", "cuda", "triton", "fastkd", "threads",
     "floor_bytes", "floor_flops", "copy_gbps", "matmul_tflops",
@@ -114,6 +114,12 @@ def _derive(row: dict) -> dict:
     return row
 
 
+def _shape_str(shape) -> str:
+    if isinstance(shape, (list, tuple)):
+        return "x".join(str(d) for d in shape)
+    return str(shape)
+
+
 def rows_from_json(data: dict) -> list[dict]:
     """One CSV row per benchmark of a pytest-benchmark JSON document."""
     mi = (data.get("machine_info") or {}).get("fastkd_bench") or {}
@@ -131,14 +137,17 @@ def rows_from_json(data: dict) -> list[dict]:
         else:
             p20, p80, quant = st.get("q1"), st.get("q3"), "q1/q3"
         matmul = ei.get("matmul_tflops")
+        if matmul is None and ei.get("matmul_flops_per_s"):
+            matmul = ei["matmul_flops_per_s"] / 1e12
         if matmul is None and isinstance(mi.get("matmul_tflops"), dict):
             matmul = mi["matmul_tflops"].get(ei.get("dtype"))
         row = {
             "op": op,
-            "variant": ei.get("variant") or "",
+            "variant": str(ei.get("variant") or ei.get("case") or ""),
+            "group": b.get("group") or "",
             "provider": ei["provider"],
             "mode": ei["mode"],
-            "shape": str(ei.get("shape", "")),
+            "shape": _shape_str(ei.get("shape", "")),
             "dtype": str(ei.get("dtype", "")),
             "family": ei.get("family") or "",
             "median_ms": st["median"] * 1e3,
@@ -147,8 +156,9 @@ def rows_from_json(data: dict) -> list[dict]:
             "quantiles": quant,
             "rounds": st.get("rounds"),
             "iterations": st.get("iterations"),
-            "device": ei.get("device") or mi.get("device") or "unknown",
-            "device_slug": ei.get("device_slug") or mi.get("device_slug") or slugify(ei.get("device") or "unknown"),
+            # The session's description of the machine wins over a case's short "cpu" / "cuda".
+            "device": mi.get("device") or ei.get("device") or "unknown",
+            "device_slug": mi.get("device_slug") or ei.get("device_slug") or slugify(ei.get("device") or "unknown"),
             "sizes": mi.get("sizes", ""),
             "load_avg": mi.get("load_avg"),
             "cpu_count": mi.get("cpu_count"),
@@ -184,7 +194,7 @@ def _fmt_csv(v) -> str:
 
 
 def _key(r: dict) -> tuple:
-    return (r["op"], r.get("variant", ""), r["provider"], r["mode"], r["shape"], r["dtype"])
+    return (r["op"], r.get("group", ""), r.get("variant", ""), r["provider"], r["mode"], r["shape"], r["dtype"])
 
 
 def write_csvs(rows: Iterable[dict], results_dir: Path = RESULTS_DIR) -> list[Path]:
@@ -275,10 +285,10 @@ def best_fastkd(times: dict[str, dict]) -> tuple[str | None, dict | None]:
 
 
 def cases(rows: Iterable[dict]) -> dict[tuple, dict[str, dict]]:
-    """``{(op, variant, dtype, family, shape, mode): {provider: row}}`` in display order."""
+    """``{(op, variant, dtype, family, shape, group, mode): {provider: row}}`` in display order."""
     out: dict[tuple, dict[str, dict]] = {}
     for r in sorted(rows, key=_sort_key):
-        k = (r["op"], r.get("variant", ""), r["dtype"], r.get("family", ""), r["shape"], r["mode"])
+        k = (r["op"], r.get("variant", ""), r["dtype"], r.get("family", ""), r["shape"], r.get("group", ""), r["mode"])
         out.setdefault(k, {})[r["provider"]] = r
     return out
 
@@ -287,8 +297,8 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
     """The Markdown table of one op's cases (times per provider, ratios, % of floor, memory)."""
     cs = cases(rows)
     if modes:
-        shown_cases = {k[:5] for k in cs if k[5] in modes}
-        cs = {k: v for k, v in cs.items() if k[5] in modes or k[:5] not in shown_cases}
+        shown_cases = {k[:-1] for k in cs if k[-1] in modes}
+        cs = {k: v for k, v in cs.items() if k[-1] in modes or k[:-1] not in shown_cases}
     providers = sorted({p for v in cs.values() for p in v}, key=_provider_rank)
     baselines = [b for b in BASELINES if b in providers]
     n_fastkd = sum(p.startswith("fastkd-") for p in providers)
@@ -301,7 +311,7 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
         head.append("% of floor (fastkd)")
     head.append("extra memory: fastkd / eager")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
-    for (_op, variant, dtype, _family, shape, mode), by_p in cs.items():
+    for (_op, variant, dtype, _family, shape, _group, mode), by_p in cs.items():
         name, fk = best_fastkd(by_p)
         case = f"{variant + ' ' if variant else ''}{shape} {dtype}"
         cells = [case, mode]

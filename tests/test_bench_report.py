@@ -239,3 +239,35 @@ def test_cpu_peak_memory_measure_counts_what_a_call_allocates():
     if mem.extra_bytes is None:
         pytest.skip(f"no peak-memory measure on this kernel: {mem.method}")
     assert 2 * 4 * n <= mem.extra_bytes < 2 * 4 * n + 16 * 2**20
+
+
+def test_other_helpers_conventions(tmp_path):
+    """Cases written without benchmarks/common.py: list shapes, a ``case`` name, a bare "cpu" device,
+    the matmul rate in FLOP/s, and no device rates in the case (the session's are used)."""
+    b = []
+    for case in ("target", "momentum"):
+        for provider, t in (("eager", 0.03), ("fastkd-cpu", 0.01)):
+            e = _bench("embedding_ascent_", provider, "forward", [64, 128, 768], [t], floor_bytes=10**8, case=case)
+            e["extra_info"].update(device="cpu", shape=[64, 128, 768])
+            del e["extra_info"]["device_slug"]
+            e["group"] = f"embedding_ascent_ {case} [64, 128, 768] float32"
+            b.append(e)
+    h = _bench("hidden_match", "fastkd-cpu", "full", "L=6 B=16 T=512", [0.5], floor_flops=10**11)
+    h["extra_info"].update(device="cpu", matmul_flops_per_s=4e11)
+    b.append(h)
+    rows = report.rows_from_json(_doc(b))
+    emb = [r for r in rows if r["op"] == "embedding_ascent_"]
+    assert {r["shape"] for r in emb} == {"64x128x768"}
+    assert {r["variant"] for r in emb} == {"target", "momentum"}
+    assert all(r["device"] == DEVICE and r["device_slug"] == SLUG for r in rows)
+    fk = next(r for r in emb if r["provider"] == "fastkd-cpu")
+    assert fk["pct_of_floor"] == pytest.approx(100.0)  # 1e8 B in 10 ms = 10 GB/s of the session's 10 GB/s
+    hm = next(r for r in rows if r["op"] == "hidden_match")
+    assert hm["matmul_tflops"] == pytest.approx(0.4) and hm["pct_of_floor"] == pytest.approx(50.0)
+    # the two embedding cases of the same shape stay apart in the CSV and the table
+    report.write_csvs(rows, tmp_path)
+    back = report.read_csvs(tmp_path / SLUG)
+    assert sum(r["op"] == "embedding_ascent_" for r in back) == 4
+    table = report.op_table([r for r in back if r["op"] == "embedding_ascent_"])
+    assert "| momentum 64x128x768 float32 | forward | 30 ms | 10 ms | 3.00x | 100% |" in table
+    assert "| target 64x128x768 float32 | forward |" in table
