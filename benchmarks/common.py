@@ -27,7 +27,8 @@ whether PyTorch, Inductor's generated code or fastkd's C++ allocated it; memory 
 inside the call is not double counted. This is faithful because the warm-up call (outside the
 measure) has already paid one-time costs (library loading, compilation, oneDNN kernel caches).
 Where ``clear_refs`` cannot be written the peak is reported as missing (None), never estimated.
-``extra_mem_bytes`` is that peak above the inputs; ``peak_mem_bytes`` adds the inputs' bytes.
+``peak_mem_bytes`` is that peak above what was allocated before the call (the inputs, and in
+``backward`` mode what the forward saved); ``input_bytes`` is the inputs' size.
 """
 
 from __future__ import annotations
@@ -602,8 +603,7 @@ def run_case(
                 torch.cuda.empty_cache()
             pytest.skip(f"out of memory on {DEVICE.type} during warm-up: {str(e).splitlines()[0][:200]}")
         raise
-    benchmark.extra_info["extra_mem_bytes"] = mem.extra_bytes
-    benchmark.extra_info["peak_mem_bytes"] = None if mem.extra_bytes is None else mem.extra_bytes + (input_bytes or 0)
+    benchmark.extra_info["peak_mem_bytes"] = mem.extra_bytes  # above the inputs
     benchmark.extra_info["mem_method"] = mem.method
     benchmark.extra_info.update(device_rates(dtype_s))  # measured once per session
 

@@ -22,9 +22,11 @@ For each device (``device_slug``) it writes into ``benchmarks/results/<device>/`
 modes shown there; a case with none of them shows all of its modes).
 
 The report reads the fields of HELPERS.md's convention from each benchmark's ``extra_info``
-(op, provider, mode, shape, dtype, device, floor_bytes, floor_flops, peak_mem_bytes) plus, when
-present, variant, family, input_bytes, extra_mem_bytes, copy_gbps, matmul_tflops, sweep_x and
-sweep_name, so any ``bench_<op>.py`` that follows the convention is handled.
+(op, provider, mode, shape, dtype, device, floor_bytes, floor_flops, peak_mem_bytes: the peak
+memory one call adds above its inputs) plus, when present, variant (or case), family,
+input_bytes, copy_gbps, matmul_tflops (or matmul_flops_per_s), sweep_x and sweep_name, so any
+``bench_<op>.py`` that follows the convention is handled. % of floor is the roofline fraction:
+max(floor_bytes / copy bandwidth, floor_flops / matmul rate) / median time.
 """
 
 from __future__ import annotations
@@ -53,12 +55,12 @@ FIELDS = [
     "device", "device_slug", "sizes", "load_avg", "cpu_count", "torch", "cuda", "triton", "fastkd", "threads",
     "floor_bytes", "floor_flops", "copy_gbps", "matmul_tflops",
     "achieved_gbps", "achieved_tflops", "pct_of_floor",
-    "input_bytes", "extra_mem_bytes", "peak_mem_bytes", "mem_method", "sweep_x", "sweep_name",
+    "input_bytes", "peak_mem_bytes", "mem_method", "floor_bound", "sweep_x", "sweep_name",
 ]  # fmt: skip
 _NUMERIC = {
     "median_ms", "p20_ms", "p80_ms", "rounds", "iterations", "threads", "load_avg", "cpu_count", "floor_bytes", "floor_flops",
     "copy_gbps", "matmul_tflops", "achieved_gbps", "achieved_tflops", "pct_of_floor", "input_bytes",
-    "extra_mem_bytes", "peak_mem_bytes", "sweep_x",
+    "peak_mem_bytes", "sweep_x",
 }  # fmt: skip
 
 
@@ -96,21 +98,26 @@ def _sig(x: float, digits: int = 4) -> float:
 
 
 def _derive(row: dict) -> dict:
-    """Achieved rate and % of floor from the median and the measured device rates."""
+    """Achieved rates and the roofline fraction from the median and the measured device rates: the
+    floor time is max(floor_bytes / copy bandwidth, floor_flops / matmul rate)."""
     med_s = row["median_ms"] / 1e3 if row.get("median_ms") else None
     row["achieved_gbps"] = row["achieved_tflops"] = row["pct_of_floor"] = None
+    row["floor_bound"] = ""
     if not med_s:
         return row
+    bounds = []
     if row.get("floor_bytes"):
-        gbps = row["floor_bytes"] / med_s / 1e9
-        row["achieved_gbps"] = _sig(gbps)
+        row["achieved_gbps"] = _sig(row["floor_bytes"] / med_s / 1e9)
         if row.get("copy_gbps"):
-            row["pct_of_floor"] = _sig(100.0 * gbps / row["copy_gbps"])
-    elif row.get("floor_flops"):
-        tflops = row["floor_flops"] / med_s / 1e12
-        row["achieved_tflops"] = _sig(tflops)
+            bounds.append((row["floor_bytes"] / (row["copy_gbps"] * 1e9), "bytes"))
+    if row.get("floor_flops"):
+        row["achieved_tflops"] = _sig(row["floor_flops"] / med_s / 1e12)
         if row.get("matmul_tflops"):
-            row["pct_of_floor"] = _sig(100.0 * tflops / row["matmul_tflops"])
+            bounds.append((row["floor_flops"] / (row["matmul_tflops"] * 1e12), "flops"))
+    if bounds:
+        floor_s, kind = max(bounds)
+        row["pct_of_floor"] = _sig(100.0 * floor_s / med_s)
+        row["floor_bound"] = kind
     return row
 
 
@@ -172,7 +179,6 @@ def rows_from_json(data: dict) -> list[dict]:
             "copy_gbps": ei.get("copy_gbps") or mi.get("copy_gbps"),
             "matmul_tflops": matmul,
             "input_bytes": ei.get("input_bytes"),
-            "extra_mem_bytes": ei.get("extra_mem_bytes"),
             "peak_mem_bytes": ei.get("peak_mem_bytes"),
             "mem_method": ei.get("mem_method", ""),
             "sweep_x": ei.get("sweep_x"),
@@ -309,7 +315,7 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
     has_floor = any(r.get("floor_bytes") or r.get("floor_flops") for v in cs.values() for r in v.values())
     if has_floor:
         head.append("% of floor (fastkd)")
-    head.append("extra memory: fastkd / eager")
+    head.append("memory above inputs: fastkd / eager")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
     for (_op, variant, dtype, _family, shape, _group, mode), by_p in cs.items():
         name, fk = best_fastkd(by_p)
@@ -327,8 +333,8 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
         pct = fk.get("pct_of_floor") if fk else None
         if has_floor:
             cells.append("–" if pct is None else (f"{pct:.0f}%" if pct >= 10 else f"{pct:.2g}%"))
-        em_f = fk.get("extra_mem_bytes") if fk else None
-        em_e = by_p["eager"].get("extra_mem_bytes") if "eager" in by_p else None
+        em_f = fk.get("peak_mem_bytes") if fk else None
+        em_e = by_p["eager"].get("peak_mem_bytes") if "eager" in by_p else None
         cells.append(f"{fmt_bytes(em_f)} / {fmt_bytes(em_e)}")
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -375,7 +381,7 @@ LEGEND = (
     'Times are medians of the timed rounds (p20/p80 in the CSVs). "fastkd vs X" = X\'s time / the '
     "fastest fastkd backend's time (above 1: fastkd is faster). % of floor = the case's floor (bytes "
     "that must move, or FLOPs) per second against the measured copy bandwidth (or matmul rate). "
-    "Extra memory = peak memory above the inputs during one call."
+    "Memory above inputs = the peak memory one call adds to what was allocated before it."
 )
 
 

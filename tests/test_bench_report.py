@@ -47,11 +47,11 @@ def synthetic(sizes="default") -> dict:
         for mode, f in (("forward", 0.4), ("full", 1.0)):
             kw = {"family": "tok", "floor_bytes": 3 * 4096 * V * 4 if mode == "full" else None}
             b.append(
-                _bench("distill_loss", "eager", mode, shape, [0.030 * scale * f] * 5, extra_mem_bytes=6 * 2**20, **kw)
+                _bench("distill_loss", "eager", mode, shape, [0.030 * scale * f] * 5, peak_mem_bytes=6 * 2**20, **kw)
             )
             b.append(_bench("distill_loss", "compile", mode, shape, [0.020 * scale * f] * 5, **kw))
             b.append(
-                _bench("distill_loss", "fastkd-cpu", mode, shape, [0.010 * scale * f] * 5, extra_mem_bytes=2**20, **kw)
+                _bench("distill_loss", "fastkd-cpu", mode, shape, [0.010 * scale * f] * 5, peak_mem_bytes=2**20, **kw)
             )
     # a second op with a non-numeric shape, a FLOP floor and a forward-only mode
     shape, flops = "L6 BT8192 Hs384 Ht768", 87 * 10**9
@@ -104,7 +104,7 @@ def test_csv_round_trip_and_per_op_replacement(tmp_path):
     assert len(back) == len(rows)
     eager = next(r for r in back if r["provider"] == "eager" and r["shape"] == "4096x32000" and r["mode"] == "full")
     assert eager["median_ms"] == pytest.approx(900.0)
-    assert eager["extra_mem_bytes"] == 6 * 2**20
+    assert eager["peak_mem_bytes"] == 6 * 2**20
     with open(tmp_path / SLUG / "distill_loss.csv", newline="") as f:
         header = next(csv.reader(f))
     for col in ("op", "provider", "mode", "shape", "dtype", "median_ms", "p20_ms", "p80_ms", "device", "torch",
@@ -124,7 +124,7 @@ def test_op_table_ratios_floor_and_memory():
     lines = table.splitlines()
     assert lines[0].split("|")[1:-1] == [
         " case ", " mode ", " eager ", " compile ", " fastkd-cpu ", " fastkd vs eager ", " fastkd vs compile ",
-        " % of floor (fastkd) ", " extra memory: fastkd / eager ",
+        " % of floor (fastkd) ", " memory above inputs: fastkd / eager ",
     ]  # fmt: skip
     full = next(line for line in lines if line.startswith("| 4096x32000 float32 | full"))
     cells = [c.strip() for c in full.split("|")[1:-1]]
@@ -252,7 +252,7 @@ def test_other_helpers_conventions(tmp_path):
             del e["extra_info"]["device_slug"]
             e["group"] = f"embedding_ascent_ {case} [64, 128, 768] float32"
             b.append(e)
-    h = _bench("hidden_match", "fastkd-cpu", "full", "L=6 B=16 T=512", [0.5], floor_flops=10**11)
+    h = _bench("hidden_match", "fastkd-cpu", "full", "L=6 B=16 T=512", [0.5], floor_flops=10**11, floor_bytes=10**9)
     h["extra_info"].update(device="cpu", matmul_flops_per_s=4e11)
     b.append(h)
     rows = report.rows_from_json(_doc(b))
@@ -263,7 +263,9 @@ def test_other_helpers_conventions(tmp_path):
     fk = next(r for r in emb if r["provider"] == "fastkd-cpu")
     assert fk["pct_of_floor"] == pytest.approx(100.0)  # 1e8 B in 10 ms = 10 GB/s of the session's 10 GB/s
     hm = next(r for r in rows if r["op"] == "hidden_match")
+    # roofline: max(1e9 B / 10 GB/s, 1e11 FLOP / 0.4 TFLOP/s) = 0.25 s of the 0.5 s median
     assert hm["matmul_tflops"] == pytest.approx(0.4) and hm["pct_of_floor"] == pytest.approx(50.0)
+    assert hm["floor_bound"] == "flops" and hm["achieved_gbps"] == pytest.approx(2.0)
     # the two embedding cases of the same shape stay apart in the CSV and the table
     report.write_csvs(rows, tmp_path)
     back = report.read_csvs(tmp_path / SLUG)
