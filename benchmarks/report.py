@@ -530,8 +530,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     devices: set[Path] = set()
     for path in args.json:
-        with open(path, encoding="utf-8") as f:
-            rows = rows_from_json(json.load(f))
+        try:
+            with open(path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"report: {path}: cannot read a pytest-benchmark JSON document ({e})") from e
+        rows = rows_from_json(doc)
         if not rows:
             print(f"report: {path}: no fastkd benchmark cases", file=sys.stderr)
         for p in write_csvs(rows, args.results_dir):

@@ -273,3 +273,10 @@ def test_other_helpers_conventions(tmp_path):
     table = report.op_table([r for r in back if r["op"] == "embedding_ascent_"])
     assert "| momentum 64x128x768 float32 | forward | 30 ms | 10 ms | 3.00x | 100% |" in table
     assert "| target 64x128x768 float32 | forward |" in table
+
+
+def test_bad_json_is_a_clear_error(tmp_path):
+    bad = tmp_path / "empty.json"
+    bad.write_text("")
+    with pytest.raises(SystemExit, match="empty.json: cannot read a pytest-benchmark JSON"):
+        report.main([str(bad), "--results-dir", str(tmp_path / "r")])
