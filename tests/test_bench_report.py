@@ -278,5 +278,5 @@ def test_other_helpers_conventions(tmp_path):
 def test_bad_json_is_a_clear_error(tmp_path):
     bad = tmp_path / "empty.json"
     bad.write_text("")
-    with pytest.raises(SystemExit, match="empty.json: cannot read a pytest-benchmark JSON"):
+    with pytest.raises(SystemExit, match=r"empty\.json: cannot read a pytest-benchmark JSON"):
         report.main([str(bad), "--results-dir", str(tmp_path / "r")])
