@@ -188,8 +188,11 @@ def case_param(value, *, id: str, devices: Iterable[str] = ("cpu", "cuda"), size
     devices, sizes = tuple(devices), tuple(sizes)
     marks = []
     if DEVICE.type not in devices:
-        need = "a CUDA device" if devices == ("cuda",) else f"device {' or '.join(devices)}"
-        marks.append(pytest.mark.skip(reason=f"{'GPU' if devices == ('cuda',) else devices} case: needs {need}"))
+        if devices == ("cuda",):
+            reason = "GPU case: needs a CUDA device"
+        else:
+            reason = f"{'/'.join(devices)} case, this run is on {DEVICE.type} ({ENV_DEVICE}={devices[0]} runs it)"
+        marks.append(pytest.mark.skip(reason=reason))
     elif size_set() not in sizes:
         marks.append(
             pytest.mark.skip(
