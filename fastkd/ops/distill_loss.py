@@ -226,11 +226,16 @@ def _setup_context(ctx, inputs, output) -> None:
     # The gradient buffers are results, not functions of the inputs to differentiate through; marking
     # them keeps the gradients that backward hands out free of this op's graph.
     ctx.mark_non_differentiable(gs, gt)
+    # Backward never reads the (unused) upstream gradients of gs and gt: do not let autograd
+    # allocate zero-filled [N, V] tensors for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gs, gt)
 
 
 def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
     def backward(ctx, g_loss, _g_gs, _g_gt):
+        if g_loss is None:  # the loss itself did not reach the output (materialize_grads is off)
+            return (None,) * 10
         gs, gt = ctx.saved_tensors
         scale = g_loss.to(torch.float64 if torch.float64 in (gs.dtype, gt.dtype) else torch.float32)
         scale = scale.contiguous()
