@@ -70,7 +70,7 @@ def add_distill_arguments(p: argparse.ArgumentParser) -> None:
 
     choices = {
         "method": list(METHODS), "schedule": list(SCHEDULES), "divergence": list(DIVERGENCES),
-        "hidden_loss": list(HIDDEN_LOSSES), "student_init": ["auto", "teacher", "random"],
+        "hidden_loss": list(HIDDEN_LOSSES), "student_init": ["auto", "teacher", "embeddings", "random"],
     }  # fmt: skip
     p.add_argument("--config", metavar="FILE", help="read options from a YAML or JSON file (default: none)")
     hints = typing.get_type_hints(DistillConfig)

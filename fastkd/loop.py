@@ -85,7 +85,10 @@ class DistillConfig:
     student_hidden: int | None = _f(None, "student hidden size (default: the teacher's)")
     student_heads: int | None = _f(None, "student attention heads (default: keeps the teacher's head size)")
     student_intermediate: int | None = _f(None, "student feed-forward size (default: the teacher's ratio)")
-    student_init: str = _f("auto", "student initialisation: auto, teacher (copy layers / project embeddings), random")
+    student_init: str = _f(
+        "auto",
+        "student initialisation: auto / teacher (copy kept layers, or project them when narrower), embeddings, random",
+    )
     max_steps: int = _f(1000, "optimizer steps")
     batch_size: int = _f(32, "rows per optimizer step, over all processes and accumulation steps")
     grad_accum: int = _f(1, "micro-batches per optimizer step")
@@ -478,8 +481,8 @@ def check_config(cfg: DistillConfig) -> tuple[type, Any]:
         raise DistillError(f"divergence must be one of {DIVERGENCES}, got {cfg.divergence!r}")
     if cfg.hidden_loss not in HIDDEN_LOSSES:
         raise DistillError(f"hidden_loss must be one of {HIDDEN_LOSSES}, got {cfg.hidden_loss!r}")
-    if cfg.student_init not in ("auto", "teacher", "random"):
-        raise DistillError(f"student_init must be auto, teacher or random, got {cfg.student_init!r}")
+    if cfg.student_init not in ("auto", "teacher", "embeddings", "random"):
+        raise DistillError(f"student_init must be auto, teacher, embeddings or random, got {cfg.student_init!r}")
     if cfg.stop_after is not None and (isinstance(cfg.stop_after, bool) or cfg.stop_after < 0):
         raise DistillError(f"stop_after must be >= 0, got {cfg.stop_after!r}")
     if cfg.resume and cfg.overwrite:
