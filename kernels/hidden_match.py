@@ -355,7 +355,5 @@ def hidden_match_forward(
             _bmm(dp, student, gw_acc, (0, 1, Ht), (0, Hs, 1), 1, Ht, Hs, L * N)
         gW = gw_acc.to(weight.dtype)
     if grad_bias:
-        gb = (dp.sum(dim=1, dtype=acc_dtype) if bias.dim() == 2 else dp.sum(dim=(0, 1), dtype=acc_dtype)).to(
-            bias.dtype
-        )
+        gb = (dp.sum(dim=1, dtype=acc_dtype) if bias.dim() == 2 else dp.sum(dim=(0, 1), dtype=acc_dtype)).to(bias.dtype)
     return out, gS, gW, gb, gT
