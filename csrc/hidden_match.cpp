@@ -10,14 +10,15 @@
 // gradients of that sum: dS_l = dP_l W_l, dW_l = dP_l^T S_l (summed over l when shared),
 // db_l = colsum(dP_l), dT_l, where dP_l is w * dLoss/dP row by row.
 //
-// Schedule: one call handles every layer. For each layer, rows go in tiles of R (~3 MiB of P):
+// Schedule: one call handles every layer. For each layer, rows go in tiles of R (see tile_rows):
 //   P_tile = S_tile W^T           MKL/oneDNN GEMM into one reusable buffer (at::mm_out)
 //   row pass                      at::vec, parallel over rows: loss and dP in place over P_tile, dT
 //   dS_tile = dP_tile W           GEMM straight into the dS output
 //   dW += dP_tile^T S_tile        GEMM accumulating into dW (addmm_)
-//   db += colsum(dP_tile)
-// so the projection exists only one tile at a time (still in L2 for the row pass), never as an
-// [L, N, Ht] tensor, and the gradients are complete when the forward returns (backward is a scale).
+//   db += colsum(dP_tile)         summed per thread inside the row pass
+// so the projection exists only one tile at a time (up to 32 MiB: one whole layer at the issue
+// shape), never as an [L, N, Ht] tensor, and the gradients are complete when the forward returns
+// (backward is a scale).
 // bfloat16/float16 inputs are computed in float32 (tiles converted on the fly), float64 in float64.
 #include "hidden_match.h"
 
@@ -27,6 +28,7 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
+#include <cstdlib>
 #include <vector>
 
 namespace fastkd {
@@ -39,9 +41,11 @@ inline acc_t vsum(const Vectorized<acc_t>& v) {
   return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
 }
 
-// MSE row: d = P + b - T; loss = w/H sum d^2; dP = w 2/H d (may overwrite P); dT = -dP.
+// MSE row: d = P + b - T; loss = w/H sum d^2; dP = w 2/H d (may overwrite P); dT = -dP;
+// cs (the bias gradient's per-thread column sums, or nullptr) += dP.
 template <typename acc_t>
-acc_t row_mse(const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_t* dt, int64_t H, acc_t w) {
+acc_t row_mse(const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_t* dt, acc_t* cs, int64_t H,
+              acc_t w) {
   using Vec = Vectorized<acc_t>;
   const acc_t c = w * acc_t(2) / acc_t(H);
   const Vec vc(c), vnc(-c);
@@ -50,8 +54,10 @@ acc_t row_mse(const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_
   for (; j + Vec::size() <= H; j += Vec::size()) {
     const Vec d = Vec::loadu(p + j) + Vec::loadu(bias + j) - Vec::loadu(t + j);
     acc = at::vec::fmadd(d, d, acc);
-    if (dp) (vc * d).store(dp + j);
+    const Vec g = vc * d;
+    if (dp) g.store(dp + j);
     if (dt) (vnc * d).store(dt + j);
+    if (cs) (Vec::loadu(cs + j) + g).store(cs + j);
   }
   acc_t s = vsum(acc);
   for (; j < H; ++j) {
@@ -59,6 +65,7 @@ acc_t row_mse(const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_
     s += d * d;
     if (dp) dp[j] = c * d;
     if (dt) dt[j] = -c * d;
+    if (cs) cs[j] += c * d;
   }
   return w * s / acc_t(H);
 }
@@ -66,8 +73,8 @@ acc_t row_mse(const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_
 // COSINE / NMSE row: pass 1 sums |P|^2, |T|^2, P.T; pass 2 writes dP (may overwrite P) and dT and,
 // for NMSE, sums (P/nP - T/nT)^2.
 template <typename acc_t>
-acc_t row_norm_loss(int64_t loss, const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_t* dt, int64_t H,
-                    acc_t w, acc_t eps) {
+acc_t row_norm_loss(int64_t loss, const acc_t* p, const acc_t* bias, const acc_t* t, acc_t* dp, acc_t* dt, acc_t* cs,
+                    int64_t H, acc_t w, acc_t eps) {
   using Vec = Vectorized<acc_t>;
   Vec vpp(acc_t(0)), vtt(acc_t(0)), vpt(acc_t(0));
   int64_t j = 0;
@@ -86,7 +93,7 @@ acc_t row_norm_loss(int64_t loss, const acc_t* p, const acc_t* bias, const acc_t
   }
   const RowCoef<acc_t> k = norm_loss_coef<acc_t>(loss, pp, tt, pt, acc_t(H), eps, w);
   const bool nmse = loss == HM_NMSE;
-  if (!dp && !dt && !nmse) return k.loss;
+  if (!dp && !dt && !cs && !nmse) return k.loss;
   const Vec aP(k.aP), bP(k.bP), aT(k.aT), bT(k.bT), ip(k.inv_np), it(k.inv_nt);
   Vec vl(acc_t(0));
   j = 0;
@@ -96,7 +103,11 @@ acc_t row_norm_loss(int64_t loss, const acc_t* p, const acc_t* bias, const acc_t
       const Vec d = x * ip - y * it;
       vl = at::vec::fmadd(d, d, vl);
     }
-    if (dp) at::vec::fmadd(aP, x, bP * y).store(dp + j);
+    if (dp || cs) {
+      const Vec g = at::vec::fmadd(aP, x, bP * y);
+      if (dp) g.store(dp + j);
+      if (cs) (Vec::loadu(cs + j) + g).store(cs + j);
+    }
     if (dt) at::vec::fmadd(aT, y, bT * x).store(dt + j);
   }
   acc_t l = vsum(vl);
@@ -106,16 +117,22 @@ acc_t row_norm_loss(int64_t loss, const acc_t* p, const acc_t* bias, const acc_t
       const acc_t d = x * k.inv_np - y * k.inv_nt;
       l += d * d;
     }
-    if (dp) dp[j] = k.aP * x + k.bP * y;
+    const acc_t g = k.aP * x + k.bP * y;
+    if (dp) dp[j] = g;
+    if (cs) cs[j] += g;
     if (dt) dt[j] = k.aT * y + k.bT * x;
   }
   return nmse ? w * l / acc_t(H) : k.loss;
 }
 
-// Rows per tile: about 3 MiB of P (fits L2 with the tile's dP GEMM operands), at least 64.
+// Rows per tile: up to 32 MiB of P, a multiple of 64 rows (at least 64). Measured on the 2-core CI
+// machine (issue shape, N = 8192, Ht = 768): one tile per layer beat 1024-row tiles (L2-sized) by
+// 10-40% of wall time, because every tile costs five parallel regions (three GEMMs, the row pass, the
+// dW accumulation) and a region waits for its slowest thread; the row pass is a small part of the time.
 int64_t tile_rows(int64_t N, int64_t Ht, size_t elt) {
-  const int64_t target = (int64_t(3) << 20) / std::max<int64_t>(1, Ht * int64_t(elt));
+  const int64_t target = (int64_t(32) << 20) / std::max<int64_t>(1, Ht * int64_t(elt));
   const int64_t r = std::max<int64_t>(64, (target / 64) * 64);
+  if (const char* e = std::getenv("FASTKD_HM_TILE")) return std::max<int64_t>(1, std::min<int64_t>(N, std::atoll(e)));  // TUNING ONLY, remove
   return std::max<int64_t>(1, std::min(N, r));
 }
 
@@ -139,6 +156,9 @@ void run_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
   acc_t* prow = rows.data_ptr<acc_t>();
   const acc_t feps = static_cast<acc_t>(eps);
   const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(Ht, 1));
+  // the bias gradient: column sums of dP, accumulated per thread inside the row pass
+  const int nthreads = at::get_num_threads();
+  std::vector<acc_t> colpart(grad_b ? size_t(nthreads) * Ht : 0);
 
   for (int64_t l = 0; l < L; ++l) {
     const at::Tensor Wl = has_w ? (W.dim() == 3 ? W[l] : W) : at::Tensor();
@@ -167,8 +187,10 @@ void run_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
       const scalar_t* tsrc = teacher.data_ptr<scalar_t>() + (l * N + r0) * Ht;
       scalar_t* tdst = grad_t ? gT.data_ptr<scalar_t>() + (l * N + r0) * Ht : nullptr;
       const acc_t* w = rs + l * N + r0;
+      std::fill(colpart.begin(), colpart.end(), acc_t(0));
       at::parallel_for(0, n, grain, [&](int64_t i0, int64_t i1) {
         std::vector<acc_t> tconv(kLow ? Ht : 0), dtconv(kLow && grad_t ? Ht : 0);
+        acc_t* cs = grad_b ? colpart.data() + size_t(std::min(at::get_thread_num(), nthreads - 1)) * Ht : nullptr;
         for (int64_t i = i0; i < i1; ++i) {
           const int64_t o = i * Ht;
           acc_t* dp = pdp ? pdp + o : nullptr;
@@ -189,8 +211,8 @@ void run_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
             dt = tdst ? tdst + o : nullptr;
           }
           const acc_t* p = psrc + o;
-          prow[l * N + r0 + i] = (loss == HM_MSE) ? row_mse<acc_t>(p, pb, t, dp, dt, Ht, w[i])
-                                                  : row_norm_loss<acc_t>(loss, p, pb, t, dp, dt, Ht, w[i], feps);
+          prow[l * N + r0 + i] = (loss == HM_MSE) ? row_mse<acc_t>(p, pb, t, dp, dt, cs, Ht, w[i])
+                                                  : row_norm_loss<acc_t>(loss, p, pb, t, dp, dt, cs, Ht, w[i], feps);
           if constexpr (kLow) {
             if (tdst)
               for (int64_t j = 0; j < Ht; ++j) tdst[o + j] = static_cast<scalar_t>(dtconv[j]);
@@ -210,8 +232,18 @@ void run_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
           gs_tile.copy_(dpt);
         }
       }
-      if (grad_w) gWl.addmm_(dpt.t(), sx);
-      if (grad_b) gbl.add_(dpt.sum(0));
+      if (grad_w) {
+        if (r0 == 0 && (gW.dim() == 3 || l == 0)) {
+          at::mm_out(gWl, dpt.t(), sx);
+        } else {
+          gWl.addmm_(dpt.t(), sx);
+        }
+      }
+      if (grad_b) {
+        acc_t* g = gbl.data_ptr<acc_t>();
+        for (int th = 0; th < nthreads; ++th)
+          for (int64_t j = 0; j < Ht; ++j) g[j] += colpart[size_t(th) * Ht + j];
+      }
     }
   }
 }
@@ -233,7 +265,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_ma
   // accumulated there too and cast at the end.
   const at::Tensor W = has_w ? weight->to(acc).contiguous() : at::Tensor();
   const at::Tensor b = has_b ? bias->to(acc).contiguous() : at::Tensor();
-  at::Tensor gW = (grad_weight && has_w) ? at::zeros(W.sizes(), acc_opts) : at::Tensor();
+  // every layer's (or, shared, the first layer's) first tile writes dW without reading it
+  at::Tensor gW = (grad_weight && has_w) ? ((L > 0 && N > 0) ? at::empty(W.sizes(), acc_opts) : at::zeros(W.sizes(), acc_opts))
+                                         : at::Tensor();
   at::Tensor gb = (grad_bias && has_b) ? at::zeros(b.sizes(), acc_opts) : at::Tensor();
   if (L > 0 && N > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fastkd_hidden_match_cpu", [&] {

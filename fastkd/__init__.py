@@ -4,6 +4,7 @@ Public API::
 
     import fastkd
     loss = fastkd.distill_loss(student_logits, teacher_logits, temperature=2.0)
+    loss = fastkd.hidden_match(student_states, teacher_states, weight, bias, loss="mse", mask=attention_mask)
 
 Backends (``backend=`` argument, ``FASTKD_BACKEND`` environment variable, or automatic):
 ``cuda``, ``triton``, ``cpu`` (compiled), ``torch`` (reference). ``python -m fastkd.info`` shows
@@ -43,6 +44,7 @@ _alias_source_kernels()
 from fastkd import nn  # noqa: E402
 from fastkd.backends import BACKENDS, BackendUnavailableError, available_backends  # noqa: E402
 from fastkd.ops.distill_loss import distill_loss, reference_distill_loss  # noqa: E402
+from fastkd.ops.hidden_match import hidden_match, reference_hidden_match  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +52,8 @@ __all__ = [
     "__version__",
     "available_backends",
     "distill_loss",
+    "hidden_match",
     "nn",
     "reference_distill_loss",
+    "reference_hidden_match",
 ]

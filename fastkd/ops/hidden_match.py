@@ -96,7 +96,10 @@ def reference_hidden_match(
             p = torch.nn.functional.linear(s, w.to(s.dtype), None if b is None else b.to(s.dtype))
         else:
             p = s if b is None else s + b.to(s.dtype)
-        r = loss_rows(p.to(acc), T[layer].to(acc), loss, eps)
+        t = T[layer].to(acc)
+        if keep is not None:  # padded teacher rows are never read (they may hold anything)
+            t = torch.where(keep[..., None], t, torch.zeros((), dtype=acc, device=t.device))
+        r = loss_rows(p.to(acc), t, loss, eps)
         if keep is not None:
             r = torch.where(keep, r, torch.zeros((), dtype=acc, device=r.device))
         rows.append(r * lw[layer] if lw is not None else r)
@@ -300,15 +303,32 @@ def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
             grads = list(ctx.saved_tensors)
             acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
             scale = g_loss.to(acc).contiguous()
-            out = []
-            # The saved gradients are this op's own outputs, used once: scale them in place. A second
-            # backward through the same graph (retain_graph=True) is refused by autograd's version check.
+            out: list[Tensor | None] = []
+            traced = any(type(g) is not Tensor for g in grads)
+            # On CPU the upstream gradient can be read for free: at exactly 1 (loss.backward()) the
+            # saved gradients are returned untouched, so backward is free and can run again.
+            unit = not traced and scale.device.type == "cpu" and scale.dim() == 0 and float(scale) == 1.0
             for w, g in zip(want, grads):
-                if w:
-                    scale_grad_(g, scale)
+                if not w:
+                    out.append(None)
+                elif traced:
+                    # torch.compile / AOTAutograd tracing (functional or fake tensors): a traced graph
+                    # may not mutate a forward output; the scale is written out of place and the
+                    # compiler plans the buffers itself.
+                    out.append(g * scale.to(g.dtype))
+                elif unit:
                     out.append(g)
                 else:
-                    out.append(None)
+                    # The saved gradients are this op's own outputs: scale them in place (the CUDA and
+                    # Triton kernels skip the work when the upstream gradient is 1, without a host
+                    # sync) and bump their version, so that a second backward through the same graph
+                    # (retain_graph=True) fails autograd's saved-tensor check instead of scaling twice.
+                    # (The Triton custom op bumps it itself.)
+                    ver = g._version
+                    scale_grad_(g, scale)
+                    if g._version == ver:
+                        torch.autograd.graph.increment_version(g)
+                    out.append(g)
             d_s, d_w, d_b, d_t = out
         else:
             student, teacher, weight, bias, row_scale = ctx.saved_tensors
@@ -429,6 +449,13 @@ def _fused(
     return out if reduce else out.reshape(L, *lead)
 
 
+@torch.compiler.assume_constant_result
+def _select(device: torch.device, backend: str | None) -> str:
+    # The choice depends only on the machine and the environment: under torch.compile it is made once,
+    # while tracing, and not traced into (it reads files and caches).
+    return OP.select(device, backend)
+
+
 @OP.register("torch")
 def _torch_impl(S, T, weight, bias, keep, layer_weights, loss, reduction, eps):
     out = reference_hidden_match(
@@ -503,5 +530,5 @@ def hidden_match(
     T = _stack_states(teacher_states, "teacher_states")
     _check_inputs(S, T, weight, bias, loss, mask, layer_weights, reduction, eps)
     keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    name = OP.select(S.device, backend)
+    name = _select(S.device, backend)
     return OP(name, S, T, weight, bias, keep, layer_weights, loss, reduction, eps)
