@@ -28,7 +28,6 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <algorithm>
-#include <cstdlib>
 #include <vector>
 
 namespace fastkd {
@@ -132,7 +131,6 @@ acc_t row_norm_loss(int64_t loss, const acc_t* p, const acc_t* bias, const acc_t
 int64_t tile_rows(int64_t N, int64_t Ht, size_t elt) {
   const int64_t target = (int64_t(32) << 20) / std::max<int64_t>(1, Ht * int64_t(elt));
   const int64_t r = std::max<int64_t>(64, (target / 64) * 64);
-  if (const char* e = std::getenv("FASTKD_HM_TILE")) return std::max<int64_t>(1, std::min<int64_t>(N, std::atoll(e)));  // TUNING ONLY, remove
   return std::max<int64_t>(1, std::min(N, r));
 }
 

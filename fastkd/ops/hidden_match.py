@@ -277,6 +277,10 @@ def _fake(student, teacher, weight, bias, row_scale, loss, eps, reduce, grad_s, 
 def _setup_context(ctx, inputs, output) -> None:
     student, teacher, weight, bias, row_scale, loss, eps, reduce, grad_s, grad_w, grad_b, grad_t = inputs
     _, gs, gw, gb, gt = output
+    # The gradient outputs carry no gradient of their own, and backward must not receive
+    # materialised zero gradients for them (that would allocate a zero copy of every gradient).
+    ctx.mark_non_differentiable(gs, gw, gb, gt)
+    ctx.set_materialize_grads(False)
     ctx.loss, ctx.eps = loss, eps
     computed = (bool(grad_s), bool(grad_w) and weight is not None, bool(grad_b) and bias is not None, bool(grad_t))
     ctx.computed = computed
@@ -292,6 +296,8 @@ def _setup_context(ctx, inputs, output) -> None:
 
 def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
     def backward(ctx, g_loss, _gs, _gw, _gb, _gt):
+        if g_loss is None:  # the loss itself received no gradient
+            return (None,) * 12
         need = ctx.needs_input_grad
         want = (need[0], need[2] and ctx.has_weight, need[3] and ctx.has_bias, need[1])
         if ctx.reduce:
