@@ -107,7 +107,7 @@ def hm_project_kernel(
     w = tl.load(rs_ptr + layer * N + rows, mask=rmask, other=0.0).to(ACC)
     keep = w != 0.0
     part_off = layer * N * n_col_tiles + rows * n_col_tiles + pid_n
-    plane = N * n_col_tiles * tl.num_programs(2).to(tl.int64)  # one [L, N, n_col_tiles] plane
+    plane = tl.num_programs(2).to(tl.int64) * N * n_col_tiles  # one [L, N, n_col_tiles] plane
     if LOSS == 0:
         d = tl.where(tile_mask, acc - t, 0.0)
         tl.store(part_ptr + part_off, tl.sum(d * d, axis=1).to(part_ptr.dtype.element_ty), mask=rmask)
@@ -149,7 +149,7 @@ def hm_rows_kernel(
     layer = tl.program_id(1).to(tl.int64)
     rows = pid * BR + tl.arange(0, BR)
     rmask = rows < N
-    plane = N * n_col_tiles * tl.num_programs(1).to(tl.int64)
+    plane = tl.num_programs(1).to(tl.int64) * N * n_col_tiles
     pc = tl.arange(0, BP)
     poff = layer * N * n_col_tiles + rows[:, None] * n_col_tiles + pc[None, :]
     pmask = rmask[:, None] & (pc[None, :] < n_col_tiles)

@@ -20,6 +20,11 @@ gradient is the scalar 1). Recomputing in backward instead would repeat the proj
 third more matmul FLOPs than this op needs in total (3 GEMMs: P, dS, dW). Without ``reduce``
 (``reduction="none"``) the forward only computes the per-row losses and backward calls the op again
 with ``row_scale`` multiplied by the upstream gradient.
+
+Backward through one graph twice (``retain_graph=True``): with an upstream gradient of exactly 1 on
+CPU the saved gradients are returned untouched, so it works; otherwise the first backward scales
+them in place and bumps their version, and the second one fails autograd's "modified by an inplace
+operation" check (it never scales twice). ``reduction="none"`` recomputes and always works.
 """
 
 from __future__ import annotations
@@ -286,8 +291,8 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.computed = computed
     ctx.reduce = bool(reduce)
     ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
-    # Without reduction, or for an input whose gradient was not computed in the forward, backward
-    # calls the op again: keep the inputs then (references, not copies).
+    # With reduction backward only needs the gradients computed here; without it backward calls the
+    # op again, so it keeps the inputs (references, not copies).
     if ctx.reduce:
         ctx.save_for_backward(gs, gw, gb, gt)
     else:
