@@ -153,7 +153,8 @@ void run_cpu(const at::Tensor& student, const at::Tensor& teacher, const at::Ten
   const acc_t* rs = row_scale.data_ptr<acc_t>();
   acc_t* prow = rows.data_ptr<acc_t>();
   const acc_t feps = static_cast<acc_t>(eps);
-  const int64_t grain = std::max<int64_t>(1, 8192 / std::max<int64_t>(Ht, 1));
+  // ~32k elements per task: tiny inputs stay on one thread (no parallel region to wake up)
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(Ht, 1));
   // the bias gradient: column sums of dP, accumulated per thread inside the row pass
   const int nthreads = at::get_num_threads();
   std::vector<acc_t> colpart(grad_b ? size_t(nthreads) * Ht : 0);

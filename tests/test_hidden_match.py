@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import hashlib
 import itertools
 import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
+from conftest import DEVICE, backend_params
 
 import fastkd
 from fastkd.nn import HiddenStateMatcher
 from fastkd.nn.hidden import uniform_layer_map
 from fastkd.ops import hidden_match as hm_mod
 from fastkd.ops.hidden_match import OP, hidden_match, reference_hidden_match
-from tests.conftest import DEVICE, backend_params
 
 BACKENDS = backend_params(OP)
 LOSSES = ("mse", "cosine", "nmse")
@@ -399,6 +406,118 @@ def test_torch_compile(backend):
     torch.testing.assert_close(out_c, out_e)
     for a, e in zip(leaves_c, leaves_e):
         torch.testing.assert_close(a.grad, e.grad)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA row kernel, run on the host by the emulation of the CUDA execution model (tests/cuda_emu:
+# each CUDA thread a fiber, __syncthreads and warp shuffles emulated), so that machines without a
+# GPU test its logic: strided passes, block reductions, grid-stride rows, bias rows, in-place dP,
+# excluded rows (not read), zero norms. On a GPU the cuda backend runs the real thing above.
+# ---------------------------------------------------------------------------------------------
+_EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
+_CSRC = Path(__file__).resolve().parents[1] / "csrc"
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+
+
+@functools.cache
+def _emu_lib():
+    gxx = shutil.which("g++")
+    if gxx is None:
+        pytest.skip("g++ is needed to build the CUDA kernel emulation")
+    src = _EMU_DIR / "emu_hidden_match.cpp"
+    deps = [src, _EMU_DIR / "cuda_host_emu.h"] + sorted(_CSRC.glob("*.cuh")) + [_CSRC / "hidden_match_math.h"]
+    key = hashlib.sha256(b"".join(p.read_bytes() for p in deps) + torch.__version__.encode()).hexdigest()[:16]
+    lib_path = Path(tempfile.gettempdir()) / f"fastkd_cuda_emu_hidden_{key}.so"
+    if not lib_path.exists():
+        from torch.utils.cpp_extension import include_paths
+
+        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
+        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
+        cmd += [f"-I{_CSRC}", f"-I{_EMU_DIR}", *(f"-I{p}" for p in include_paths()), str(src), "-o", str(tmp)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"building the CUDA emulation failed:\n{r.stderr[-4000:]}"
+        os.replace(tmp, lib_path)
+    lib = ctypes.CDLL(str(lib_path))
+    vp, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
+    lib.fastkd_emu_hidden_rows.restype = None
+    lib.fastkd_emu_hidden_rows.argtypes = [i32, i64, vp, vp, i64, vp, vp, vp, vp, vp, i64, i64, i64, f64, i64]
+    return lib
+
+
+def _emu_rows(loss, p, bias, t, rs, N, *, grads=(True, True), inplace=False, eps=1e-8, max_grid=3):
+    """(loss rows, dP, dT) of the CUDA row kernel on rows p [R, H] (+ bias rows), teacher t [R, H]."""
+    R, H = p.shape
+    acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+    rows = torch.full((R,), float("nan"), dtype=acc)
+    p = p.clone()
+    dp = (p if inplace else torch.full_like(p, float("nan"))) if grads[0] else None
+    dt = torch.full_like(t, float("nan")) if grads[1] else None
+    rs = rs.to(acc).contiguous()
+    stride = 0 if bias is None or bias.dim() == 1 else H
+    ptr = lambda x: None if x is None else x.data_ptr()
+    _emu_lib().fastkd_emu_hidden_rows(
+        _DTYPE_CODE[p.dtype], hm_mod.LOSSES[loss], ptr(p), ptr(bias), stride, ptr(t), ptr(rs), ptr(dp), ptr(dt),
+        ptr(rows), R, N, H, eps, max_grid,
+    )  # fmt: skip
+    return rows, dp, dt
+
+
+def _rows_reference(loss, p, bias, t, rs, N):
+    """float64 (w * loss per row, d/dP, d/dT) with the row kernel's semantics (excluded rows not read)."""
+    R, H = p.shape
+    keep = (rs != 0)[:, None]
+    b = torch.zeros(H, dtype=torch.float64) if bias is None else bias.double()
+    brows = b.expand(R, H) if b.dim() == 1 else b.repeat_interleave(N, dim=0)
+    P = torch.where(keep, p.double() + brows, 0.0).requires_grad_(True)
+    T = torch.where(keep, t.double(), 0.0).requires_grad_(True)
+    rows = rs.double() * hm_mod.loss_rows(P, T, loss)
+    gp, gt = torch.autograd.grad(rows.sum(), (P, T))
+    return rows.detach(), gp, gt
+
+
+def _rel_err(a, r):
+    return ((a.double() - r).abs().max() / r.abs().max().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize(
+    "dtype,H,bias,tol",
+    [
+        (torch.float32, 37, "per_layer", 2e-5),
+        (torch.float32, 300, "shared", 2e-5),
+        (torch.float64, 300, None, 1e-10),
+        (torch.bfloat16, 37, "shared", 8e-3),
+        (torch.float16, 300, "per_layer", 2e-3),
+    ],
+    ids=["f32-H37-bias-per-layer", "f32-H300-bias-shared", "f64-H300", "bf16-H37", "f16-H300"],
+)
+def test_cuda_row_kernel_emulated(loss, dtype, H, bias, tol):
+    g = torch.Generator().manual_seed(71)
+    L, N = 2, 3
+    R = L * N
+    p = torch.randn(R, H, generator=g).to(dtype)
+    t = torch.randn(R, H, generator=g).to(dtype)
+    b = None
+    if bias == "shared":
+        b = (0.3 * torch.randn(H, generator=g)).to(dtype)
+    elif bias == "per_layer":
+        b = (0.3 * torch.randn(L, H, generator=g)).to(dtype)
+    rs = torch.tensor([0.5, 0.0, 1.0, 2.0, 0.25, 1.0])
+    p[1, 3] = t[1, 5] = float("nan")  # excluded row: must not be read
+    if b is None:
+        p[4] = 0.0  # a zero-norm row (cosine / nmse: finite)
+    rows, dp, dt = _emu_rows(loss, p, b, t, rs, N)
+    ref = _rows_reference(loss, p, b, t, rs, N)
+    assert torch.isfinite(rows).all() and torch.isfinite(dp).all() and torch.isfinite(dt).all()
+    assert rows[1] == 0 and (dp[1] == 0).all() and (dt[1] == 0).all()
+    for a, r in zip((rows, dp, dt), ref):
+        assert _rel_err(a, r) <= tol, _rel_err(a, r)
+    # in place over P, without the teacher gradient: the same dP and loss
+    rows2, dp2, dt2 = _emu_rows(loss, p, b, t, rs, N, grads=(True, False), inplace=True)
+    assert dt2 is None and torch.equal(rows2, rows) and torch.equal(dp2, dp)
+    # loss only
+    rows3, _, _ = _emu_rows(loss, p, b, t, rs, N, grads=(False, False), max_grid=1)
+    assert torch.equal(rows3, rows)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from functools import cache
 
 import torch
 from torch import Tensor
@@ -334,7 +333,8 @@ def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
                     # Triton kernels skip the work when the upstream gradient is 1, without a host
                     # sync) and bump their version, so that a second backward through the same graph
                     # (retain_graph=True) fails autograd's saved-tensor check instead of scaling twice.
-                    # (The Triton custom op bumps it itself.)
+                    # (scale_grad_ normally bumps it itself: the Triton custom op, and the C++ op through the
+                    # ADInplaceOrView kernel fastkd.ops.distill_loss registers.)
                     ver = g._version
                     scale_grad_(g, scale)
                     if g._version == ver:
@@ -351,19 +351,6 @@ def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
     return backward
 
 
-@cache
-def _cuda_scale_grad_kernel() -> bool:
-    """Whether ``fastkd::scale_grad_`` has a CUDA kernel in this build (it comes with the CUDA sources)."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::scale_grad_", "CUDA")
-
-
-def _scale_grad_any_device(grad: Tensor, scale: Tensor) -> None:
-    if grad.device.type == "cpu" or _cuda_scale_grad_kernel():
-        torch.ops.fastkd.scale_grad_(grad, scale)
-    else:  # a build without the CUDA scale kernel: one multiply (it cannot skip the scalar 1)
-        grad.mul_(scale.to(grad.dtype))
-
-
 def _register_compiled() -> None:
     if _ext.library() is None:
         return
@@ -372,7 +359,7 @@ def _register_compiled() -> None:
     torch.library.register_fake("fastkd::hidden_match")(_fake)
     torch.library.register_autograd(
         "fastkd::hidden_match",
-        _make_backward(torch.ops.fastkd.hidden_match, _scale_grad_any_device),
+        _make_backward(torch.ops.fastkd.hidden_match, torch.ops.fastkd.scale_grad_),
         setup_context=_setup_context,
     )
 
@@ -461,10 +448,13 @@ def _fused(
 
 
 @torch.compiler.assume_constant_result
-def _select(device: torch.device, backend: str | None) -> str:
-    # The choice depends only on the machine and the environment: under torch.compile it is made once,
-    # while tracing, and not traced into (it reads files and caches).
-    return OP.select(device, backend)
+def _select(device: str, backend: str | None) -> str:
+    # Under torch.compile the choice is made once, at trace time, like any Python-level decision
+    # (the registry reads the environment and the build info, which Dynamo cannot trace).
+    name = OP.select(torch.device(device), backend)
+    if name == "triton":
+        _triton_op()  # define the Triton custom op now, outside the traced code
+    return name
 
 
 @OP.register("torch")
@@ -541,5 +531,5 @@ def hidden_match(
     T = _stack_states(teacher_states, "teacher_states")
     _check_inputs(S, T, weight, bias, loss, mask, layer_weights, reduction, eps)
     keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    name = _select(S.device, backend)
+    name = _select(str(S.device), backend)
     return OP(name, S, T, weight, bias, keep, layer_weights, loss, reduction, eps)
