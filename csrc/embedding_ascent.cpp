@@ -297,36 +297,18 @@ void ascent_impl(const std::vector<at::Tensor>& embeds, const std::vector<at::Te
                  const std::vector<std::optional<at::Tensor>>& masks,
                  const std::vector<std::optional<at::Tensor>>& bufs, double step_size, int64_t norm,
                  std::optional<double> radius, std::optional<double> max_norm, double momentum, bool maximize) {
-  check_scalars(step_size, norm, radius, max_norm, momentum);
-  const int64_t G = static_cast<int64_t>(embeds.size());
-  if (G == 0) return;
-  const bool multi = G > 1;
-  bool has_buf = false;
-  for (int64_t i = 0; i < G; ++i) {
-    check_group(embeds[i], grads[i], origins[i], masks[i], bufs[i], radius.has_value(), multi ? i : -1);
-    FASTKD_CHECK(embeds[i].device().is_cpu(), "embeds must be CPU tensors for the cpu kernel, got ", embeds[i].device());
-    FASTKD_CHECK(embeds[i].scalar_type() == embeds[0].scalar_type(), "embeds[", i, "] must have the dtype of embeds[0] (",
-                 embeds[0].scalar_type(), "), got ", embeds[i].scalar_type());
-    const bool hb = bufs[i].has_value() && bufs[i]->defined();
-    FASTKD_CHECK(i == 0 || hb == has_buf, "momentum_buffers must be given for every tensor or for none");
-    FASTKD_CHECK(!hb || i == 0 || bufs[i]->scalar_type() == bufs[0]->scalar_type(),
-                 "momentum_buffers must share one dtype");
-    has_buf = hb;
-  }
-  std::vector<Group> groups;
-  groups.reserve(G);
-  for (int64_t i = 0; i < G; ++i)
-    groups.push_back(make_group(embeds[i], grads[i], origins[i], masks[i], bufs[i], radius.has_value()));
-  const bool buf_same = !has_buf || bufs[0]->scalar_type() == embeds[0].scalar_type();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, embeds[0].scalar_type(), "fastkd_embedding_ascent_cpu", [&] {
+  Prepared pr =
+      prepare(embeds, grads, origins, masks, bufs, step_size, norm, radius, max_norm, momentum, c10::DeviceType::CPU);
+  if (pr.groups.empty()) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pr.dtype, "fastkd_embedding_ascent_cpu", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    if (buf_same) {
-      run_groups<scalar_t, scalar_t>(groups, step_size, norm, radius, max_norm, momentum, maximize);
+    if (pr.buf_same) {
+      run_groups<scalar_t, scalar_t>(pr.groups, step_size, norm, radius, max_norm, momentum, maximize);
     } else {
-      run_groups<scalar_t, acc_t>(groups, step_size, norm, radius, max_norm, momentum, maximize);
+      run_groups<scalar_t, acc_t>(pr.groups, step_size, norm, radius, max_norm, momentum, maximize);
     }
   });
-  write_back(groups);
+  write_back(pr.groups);
 }
 
 void embedding_ascent_cpu(at::Tensor embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,
@@ -341,23 +323,8 @@ void embedding_ascent_multi_cpu(at::TensorList embeds, at::TensorList grads, at:
                                 const c10::List<std::optional<at::Tensor>>& masks, at::TensorList momentum_buffers,
                                 double step_size, int64_t norm, std::optional<double> radius,
                                 std::optional<double> max_norm, double momentum, bool maximize) {
-  const size_t G = embeds.size();
-  FASTKD_CHECK(grads.size() == G, "grads must have one tensor per embeds tensor (", G, "), got ", grads.size());
-  FASTKD_CHECK(origins.empty() || origins.size() == G, "origins must be empty or have one tensor per embeds tensor (",
-               G, "), got ", origins.size());
-  FASTKD_CHECK(masks.empty() || masks.size() == G, "masks must be empty or have one entry per embeds tensor (", G,
-               "), got ", masks.size());
-  FASTKD_CHECK(momentum_buffers.empty() || momentum_buffers.size() == G,
-               "momentum_buffers must be empty or have one tensor per embeds tensor (", G, "), got ",
-               momentum_buffers.size());
-  std::vector<at::Tensor> e(embeds.begin(), embeds.end()), g(grads.begin(), grads.end());
-  std::vector<std::optional<at::Tensor>> o(G), m(G), b(G);
-  for (size_t i = 0; i < G; ++i) {
-    if (!origins.empty()) o[i] = origins[i];
-    if (!masks.empty()) m[i] = masks.get(i);
-    if (!momentum_buffers.empty()) b[i] = momentum_buffers[i];
-  }
-  ascent_impl(e, g, o, m, b, step_size, norm, radius, max_norm, momentum, maximize);
+  Lists l = unpack_lists(embeds, grads, origins, masks, momentum_buffers);
+  ascent_impl(l.e, l.g, l.o, l.m, l.b, step_size, norm, radius, max_norm, momentum, maximize);
 }
 
 }  // namespace

@@ -150,5 +150,78 @@ inline void write_back(std::vector<Group>& groups) {
   }
 }
 
+// All checks of a (multi-tensor) call, then every tensor as rows. `device_type` is the device the
+// calling kernel runs on.
+struct Prepared {
+  std::vector<Group> groups;
+  bool has_buf = false;
+  bool buf_same = true;  // the buffers have embeds' dtype (else the compute dtype)
+  at::ScalarType dtype = at::kFloat;
+};
+
+inline Prepared prepare(const std::vector<at::Tensor>& embeds, const std::vector<at::Tensor>& grads,
+                        const std::vector<std::optional<at::Tensor>>& origins,
+                        const std::vector<std::optional<at::Tensor>>& masks,
+                        const std::vector<std::optional<at::Tensor>>& bufs, double step_size, int64_t norm,
+                        std::optional<double> radius, std::optional<double> max_norm, double momentum,
+                        c10::DeviceType device_type) {
+  check_scalars(step_size, norm, radius, max_norm, momentum);
+  Prepared out;
+  const int64_t G = static_cast<int64_t>(embeds.size());
+  if (G == 0) return out;
+  const bool multi = G > 1;
+  out.dtype = embeds[0].scalar_type();
+  for (int64_t i = 0; i < G; ++i) {
+    check_group(embeds[i], grads[i], origins[i], masks[i], bufs[i], radius.has_value(), multi ? i : -1);
+    FASTKD_CHECK(embeds[i].device().type() == device_type, "embeds must be ", device_type,
+                 " tensors for this kernel, got ", embeds[i].device());
+    FASTKD_CHECK(embeds[i].device() == embeds[0].device(), "embeds[", i, "] must be on embeds[0]'s device ",
+                 embeds[0].device(), ", got ", embeds[i].device());
+    FASTKD_CHECK(embeds[i].scalar_type() == out.dtype, "embeds[", i, "] must have the dtype of embeds[0] (", out.dtype,
+                 "), got ", embeds[i].scalar_type());
+    const bool hb = bufs[i].has_value() && bufs[i]->defined();
+    FASTKD_CHECK(i == 0 || hb == out.has_buf, "momentum_buffers must be given for every tensor or for none");
+    FASTKD_CHECK(!hb || i == 0 || bufs[i]->scalar_type() == bufs[0]->scalar_type(),
+                 "momentum_buffers must share one dtype");
+    out.has_buf = hb;
+  }
+  out.buf_same = !out.has_buf || bufs[0]->scalar_type() == out.dtype;
+  out.groups.reserve(G);
+  for (int64_t i = 0; i < G; ++i)
+    out.groups.push_back(make_group(embeds[i], grads[i], origins[i], masks[i], bufs[i], radius.has_value()));
+  return out;
+}
+
+// The list form's arguments as per-tensor vectors (origins / momentum_buffers empty = none).
+struct Lists {
+  std::vector<at::Tensor> e, g;
+  std::vector<std::optional<at::Tensor>> o, m, b;
+};
+
+inline Lists unpack_lists(at::TensorList embeds, at::TensorList grads, at::TensorList origins,
+                          const c10::List<std::optional<at::Tensor>>& masks, at::TensorList momentum_buffers) {
+  const size_t G = embeds.size();
+  FASTKD_CHECK(grads.size() == G, "grads must have one tensor per embeds tensor (", G, "), got ", grads.size());
+  FASTKD_CHECK(origins.empty() || origins.size() == G, "origins must be empty or have one tensor per embeds tensor (",
+               G, "), got ", origins.size());
+  FASTKD_CHECK(masks.empty() || masks.size() == G, "masks must be empty or have one entry per embeds tensor (", G,
+               "), got ", masks.size());
+  FASTKD_CHECK(momentum_buffers.empty() || momentum_buffers.size() == G,
+               "momentum_buffers must be empty or have one tensor per embeds tensor (", G, "), got ",
+               momentum_buffers.size());
+  Lists l;
+  l.e.assign(embeds.begin(), embeds.end());
+  l.g.assign(grads.begin(), grads.end());
+  l.o.resize(G);
+  l.m.resize(G);
+  l.b.resize(G);
+  for (size_t i = 0; i < G; ++i) {
+    if (!origins.empty()) l.o[i] = origins[i];
+    if (!masks.empty()) l.m[i] = masks.get(i);
+    if (!momentum_buffers.empty()) l.b[i] = momentum_buffers[i];
+  }
+  return l;
+}
+
 }  // namespace ascent
 }  // namespace fastkd
