@@ -19,7 +19,7 @@
 // that cannot enter the top-k costs one compare. Memory: O(N k) for the results (times the number
 // of vocabulary splits), plus per thread one score tile and, for bfloat16/float16 inputs, the
 // float32 copies of one row tile and one vocabulary tile. The [N, V] score matrix never exists.
-#include "common.h"
+#include "nearest_tokens.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -35,13 +35,10 @@ namespace fastkd {
 namespace {
 
 using at::vec::Vectorized;
-
-enum Metric : int64_t { COSINE = 0, DOT = 1, L2DIST = 2 };
+using namespace fastkd::nearest;
 
 constexpr int64_t kTileN = 256;   // rows per GEMM
 constexpr int64_t kTileV = 1024;  // vocabulary entries per GEMM
-constexpr int64_t kNoId = std::numeric_limits<int64_t>::max();
-constexpr double kEps = 1e-8;
 
 template <typename acc_t>
 inline acc_t rank_value(acc_t v) {
@@ -254,18 +251,8 @@ void run(const at::Tensor& E, const at::Tensor& Wm, int64_t k, int64_t metric, a
 
 std::tuple<at::Tensor, at::Tensor> nearest_tokens_cpu(const at::Tensor& embeds, const at::Tensor& embedding_matrix,
                                                       int64_t k, int64_t metric) {
-  FASTKD_CHECK_DIM(embeds, 2);
-  FASTKD_CHECK_DIM(embedding_matrix, 2);
-  FASTKD_CHECK_FLOATING(embeds);
+  check_inputs(embeds, embedding_matrix, k, metric);
   FASTKD_CHECK(embeds.device().is_cpu(), "embeds must be a CPU tensor for the cpu kernel, got ", embeds.device());
-  FASTKD_CHECK_DEVICE(embedding_matrix, embeds.device());
-  FASTKD_CHECK(embedding_matrix.scalar_type() == embeds.scalar_type(), "embedding_matrix must have the dtype of embeds (",
-               embeds.scalar_type(), "), got ", embedding_matrix.scalar_type());
-  FASTKD_CHECK(embedding_matrix.size(1) == embeds.size(1), "embedding_matrix must be [V, H] with H = ", embeds.size(1),
-               " (embeds' last dimension), got ", embedding_matrix.sizes());
-  const int64_t V = embedding_matrix.size(0);
-  FASTKD_CHECK(k >= 1 && k <= V, "k must be in [1, V] with V = ", V, " (embedding_matrix rows), got ", k);
-  FASTKD_CHECK(metric >= COSINE && metric <= L2DIST, "metric code must be 0 (cosine), 1 (dot) or 2 (l2), got ", metric);
   const at::Tensor E = embeds.contiguous();
   const at::Tensor Wm = embedding_matrix.contiguous();
   const auto acc = embeds.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
