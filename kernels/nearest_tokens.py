@@ -91,7 +91,7 @@ def nearest_tokens_kernel(
             raw = 2.0 * acc - tl.load(colterm_ptr + cols, mask=cmask, other=0.0)[None, :]
         else:
             raw = acc
-        rk = tl.where(cmask[None, :] & (raw == raw), raw, NEG)
+        rk = tl.where(cmask[None, :] & (raw == raw), raw, NEG)  # noqa: PLR0124 (raw != raw only for NaN)
         cid = tl.where(cmask[None, :] & (rows >= 0)[:, None], cols[None, :], NO_ID)
 
         # Merge rounds: at most K, stopping when no row improves.
@@ -151,7 +151,9 @@ def _blocks(N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     return bm, 64, 32, 4
 
 
-def nearest_tokens(embeds: torch.Tensor, matrix: torch.Tensor, k: int, metric: int) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_tokens(
+    embeds: torch.Tensor, matrix: torch.Tensor, k: int, metric: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Host launcher: embeds [N, H], matrix [V, H] of the same dtype -> (ids [N, k] int64, scores [N, k])."""
     N, H = embeds.shape
     V = matrix.shape[0]

@@ -171,7 +171,9 @@ def _check_tensors(
     if not isinstance(embeds, Tensor):
         raise TypeError(f"{n_e} must be a torch.Tensor, got {type(embeds).__name__}")
     if not embeds.is_floating_point():
-        raise TypeError(f"{n_e} must be a floating-point tensor (float32, bfloat16, float16, float64), got {embeds.dtype}")
+        raise TypeError(
+            f"{n_e} must be a floating-point tensor (float32, bfloat16, float16, float64), got {embeds.dtype}"
+        )
     if embeds.dim() < 1:
         raise ValueError(f"{n_e} must have shape [..., H] with at least one dimension, got a 0-d tensor")
     shape = tuple(embeds.shape)
@@ -219,7 +221,9 @@ def _check_tensors(
         same(n_b, momentum_buffer)
         acc = torch.float64 if embeds.dtype == torch.float64 else torch.float32
         if momentum_buffer.dtype not in (embeds.dtype, acc):
-            raise TypeError(f"{n_b} must have the dtype of {n_e} ({embeds.dtype}) or {acc}, got {momentum_buffer.dtype}")
+            raise TypeError(
+                f"{n_b} must have the dtype of {n_e} ({embeds.dtype}) or {acc}, got {momentum_buffer.dtype}"
+            )
         if not _non_overlapping(momentum_buffer):
             raise ValueError(f"{n_b} has elements that share memory (e.g. an expanded tensor): pass a .clone()")
         a0, a1 = _mem_range(embeds)
@@ -244,7 +248,9 @@ def _register_compiled() -> None:
         return None
 
     @torch.library.register_fake("fastkd::embedding_ascent_multi_")
-    def _fake_multi(embeds, grads, origins, masks, momentum_buffers, step_size, norm, radius, max_norm, momentum, maximize):
+    def _fake_multi(
+        embeds, grads, origins, masks, momentum_buffers, step_size, norm, radius, max_norm, momentum, maximize
+    ):
         return None
 
 
@@ -300,7 +306,9 @@ def _triton_op(name: str):
         return None
 
     @embedding_ascent_multi_triton_.register_fake
-    def _fake_multi(embeds, grads, origins, masks, momentum_buffers, step_size, norm, radius, max_norm, momentum, maximize):
+    def _fake_multi(
+        embeds, grads, origins, masks, momentum_buffers, step_size, norm, radius, max_norm, momentum, maximize
+    ):
         return None
 
     _triton_ops["single"] = embedding_ascent_triton_

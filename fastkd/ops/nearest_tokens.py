@@ -71,7 +71,9 @@ def _check_inputs(embeds: Tensor, embedding_matrix: Tensor, k: int, metric: str)
     if not isinstance(embeds, Tensor):
         raise TypeError(f"embeds must be a torch.Tensor, got {type(embeds).__name__}")
     if not embeds.is_floating_point():
-        raise TypeError(f"embeds must be a floating-point tensor (float32, bfloat16, float16, float64), got {embeds.dtype}")
+        raise TypeError(
+            f"embeds must be a floating-point tensor (float32, bfloat16, float16, float64), got {embeds.dtype}"
+        )
     if embeds.dim() < 1:
         raise ValueError("embeds must have shape [..., H] with at least one dimension, got a 0-d tensor")
     if not isinstance(embedding_matrix, Tensor):
