@@ -308,7 +308,7 @@ void ascent_impl(const std::vector<at::Tensor>& embeds, const std::vector<at::Te
       run_groups<scalar_t, acc_t>(pr.groups, step_size, norm, radius, max_norm, momentum, maximize);
     }
   });
-  write_back(pr.groups);
+  write_back(pr.groups, embeds, bufs);
 }
 
 void embedding_ascent_cpu(at::Tensor embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,

@@ -254,7 +254,7 @@ void ascent_impl(const std::vector<at::Tensor>& embeds, const std::vector<at::Te
       run_groups<scalar_t, acc_t>(pr.groups, pr.has_buf, step_size, norm, radius, max_norm, momentum, maximize);
     }
   });
-  write_back(pr.groups);
+  write_back(pr.groups, embeds, bufs);
 }
 
 void embedding_ascent_cuda(at::Tensor embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,

@@ -142,11 +142,24 @@ inline Group make_group(const at::Tensor& embeds, const at::Tensor& grad, const 
   return gr;
 }
 
-// After the kernels ran on copies: write the results into the caller's tensors.
-inline void write_back(std::vector<Group>& groups) {
+// Bump the version counter of a tensor the kernel wrote (ops registered from C++ get no
+// ADInplaceOrView kernel that would do it), so that autograd notices when a tensor it saved for
+// backward was modified. Inference tensors have no counter.
+inline void bump_version(const at::Tensor& t) {
+  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
+}
+
+// After the kernels ran: write the results computed on copies into the caller's tensors, and
+// bump the version counters of the mutated operands.
+inline void write_back(std::vector<Group>& groups, const std::vector<at::Tensor>& embeds,
+                       const std::vector<std::optional<at::Tensor>>& bufs) {
   for (auto& gr : groups) {
     if (gr.e.writeback.defined()) gr.e.writeback.copy_(gr.e.t);
     if (gr.b.writeback.defined()) gr.b.writeback.copy_(gr.b.t);
+  }
+  for (size_t i = 0; i < embeds.size(); ++i) {
+    bump_version(embeds[i]);
+    if (bufs[i].has_value() && bufs[i]->defined()) bump_version(*bufs[i]);
   }
 }
 

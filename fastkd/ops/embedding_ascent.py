@@ -130,6 +130,12 @@ def _mem_range(t: Tensor) -> tuple[int, int]:
     return start, start + (span + 1) * t.element_size()
 
 
+def _overlap(a: Tensor, b: Tensor) -> bool:
+    a0, a1 = _mem_range(a)
+    b0, b1 = _mem_range(b)
+    return a0 < b1 and b0 < a1
+
+
 def _non_overlapping(t: Tensor) -> bool:
     """True when no two elements of ``t`` share memory (checked on the strides: dimensions sorted by
     stride must each step past everything the inner ones span)."""
@@ -190,7 +196,10 @@ def _check_tensors(
             raise ValueError(f"{name} must be on {n_e}'s device {dev}, got {x.device}")
 
     same(n_g, grad)
-    if not _non_overlapping(embeds):
+    # The memory checks read strides and data pointers; under torch.compile (fake tensors) they are
+    # left to the ops themselves (the C++ kernels check overlap with ATen's MemoryOverlap).
+    compiling = torch.compiler.is_compiling()
+    if not compiling and not _non_overlapping(embeds):
         raise ValueError(
             f"{n_e} has elements that share memory (e.g. an expanded tensor); the in-place update needs one "
             "memory location per element: pass a .clone()"
@@ -224,11 +233,9 @@ def _check_tensors(
             raise TypeError(
                 f"{n_b} must have the dtype of {n_e} ({embeds.dtype}) or {acc}, got {momentum_buffer.dtype}"
             )
-        if not _non_overlapping(momentum_buffer):
+        if not compiling and not _non_overlapping(momentum_buffer):
             raise ValueError(f"{n_b} has elements that share memory (e.g. an expanded tensor): pass a .clone()")
-        a0, a1 = _mem_range(embeds)
-        b0, b1 = _mem_range(momentum_buffer)
-        if a0 < b1 and b0 < a1:
+        if not compiling and _overlap(embeds, momentum_buffer):
             raise ValueError(f"{n_b} must not share memory with {n_e}")
 
 
@@ -319,6 +326,19 @@ def _triton_op(name: str):
 # --------------------------------------------------------------------------------------------
 # Backends and the public functions.
 # --------------------------------------------------------------------------------------------
+# Backend choice reads files and environment variables (fastkd._ext, backends.py); under
+# torch.compile it is evaluated once while tracing and its result kept as a constant, so the
+# compiled graph has no break.
+@torch.compiler.assume_constant_result
+def _select(device: torch.device, backend: str | None) -> str:
+    return OP.select(device, backend)
+
+
+@torch.compiler.assume_constant_result
+def _select_multi(device: torch.device, backend: str | None) -> str:
+    return MULTI_OP.select(device, backend)
+
+
 # Backend arguments: (embeds, grad, origin, mask, momentum_buffer, step_size, norm, radius, max_norm,
 # momentum, maximize), with norm as its name, grad and origin already in embeds' dtype.
 @OP.register("torch")
@@ -442,7 +462,7 @@ def embedding_ascent_(
     _check_tensors(embeds, grad, origin, mask, momentum_buffer, radius, momentum)
     grad = _cast(grad, embeds.dtype)
     origin = _cast(origin, embeds.dtype)
-    name = OP.select(embeds.device, backend)
+    name = _select(embeds.device, backend)
     if embeds.numel() == 0:
         return embeds
     with torch.no_grad():
@@ -512,19 +532,18 @@ def embedding_ascent_multi_(
             )
     if n == 0:
         return []
-    for i in range(n):
-        for j in range(i):
-            a0, a1 = _mem_range(embeds[i])
-            b0, b1 = _mem_range(embeds[j])
-            if a0 < b1 and b0 < a1:
-                raise ValueError(f"embeds[{i}] and embeds[{j}] share memory; each tensor must be updated once")
+    if not torch.compiler.is_compiling():
+        for i in range(n):
+            for j in range(i):
+                if _overlap(embeds[i], embeds[j]):
+                    raise ValueError(f"embeds[{i}] and embeds[{j}] share memory; each tensor must be updated once")
     dtype = embeds[0].dtype
     e_list = list(embeds)
     g_list = [_cast(g, dtype) for g in grads]
     o_list = [_cast(o, dtype) for o in origins] if origins is not None else []
     m_list = list(masks) if masks is not None else []
     b_list = list(momentum_buffers) if momentum_buffers is not None else []
-    name = MULTI_OP.select(embeds[0].device, backend)
+    name = _select_multi(embeds[0].device, backend)
     with torch.no_grad():
         MULTI_OP(name, e_list, g_list, o_list, m_list, b_list, step_size, norm, radius, max_norm, momentum, maximize)
     return e_list

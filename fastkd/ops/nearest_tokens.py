@@ -164,6 +164,12 @@ def _triton_impl(e2, matrix, k, metric):
     return _triton_op()(e2, matrix, k, METRICS[metric])
 
 
+@torch.compiler.assume_constant_result
+def _select(device: torch.device, backend: str | None) -> str:
+    # evaluated once while tracing under torch.compile (it reads files and the environment)
+    return OP.select(device, backend)
+
+
 def nearest_tokens(
     embeds: Tensor,
     embedding_matrix: Tensor,
@@ -204,7 +210,7 @@ def nearest_tokens(
     if e2.dtype != dtype:
         e2 = e2.to(dtype)
     matrix = embedding_matrix if embedding_matrix.dtype == dtype else embedding_matrix.to(dtype)
-    name = OP.select(embeds.device, backend)
+    name = _select(embeds.device, backend)
     with torch.no_grad():
         ids, scores = OP(name, e2, matrix, k, metric)
     return ids.reshape(*lead, k), scores.reshape(*lead, k)
