@@ -220,9 +220,17 @@ std::tuple<at::Tensor, at::Tensor> nearest_tokens_cuda(const at::Tensor& embeds,
 
   const at::Tensor E = embeds.to(acc).contiguous();  // float32 copy for 16-bit inputs, else a no-op
   const at::Tensor Wm = embedding_matrix.contiguous();
+  // |w|^2 as a plain sum of squares (through a norm and a square it would round, and two vocabulary
+  // rows at equal distance would no longer tie), in chunks: no full float32 copy of 16-bit inputs.
   at::Tensor colterm;
-  if (metric == COSINE) colterm = at::linalg_vector_norm(Wm, 2, {1}, false, acc).clamp_min(kEps).reciprocal();
-  if (metric == L2DIST) colterm = at::linalg_vector_norm(Wm, 2, {1}, false, acc).square();
+  if (metric != DOT) {
+    colterm = at::empty({V}, acc_opts);
+    for (int64_t v0 = 0; v0 < V; v0 += 4096) {
+      const int64_t vn = std::min<int64_t>(4096, V - v0);
+      colterm.narrow(0, v0, vn).copy_(Wm.narrow(0, v0, vn).to(acc).square().sum(1));
+    }
+    if (metric == COSINE) colterm = colterm.sqrt().clamp_min(kEps).reciprocal();
+  }
   at::Tensor bv = at::full({N, k}, -std::numeric_limits<double>::infinity(), acc_opts);
   at::Tensor braw = at::zeros({N, k}, acc_opts);
   at::Tensor bi = at::full({N, k}, kNoId, embeds.options().dtype(at::kLong));

@@ -143,6 +143,16 @@ def nearest_tokens_kernel(
         tl.store(sc_ptr + rows * K + q, score.to(sc_ptr.dtype.element_ty), mask=rmask)
 
 
+def row_sq_norms(x: torch.Tensor, acc: torch.dtype, chunk: int = 4096) -> torch.Tensor:
+    """Sum of squares of each row of x in the compute type, as a plain sum (|w|^2 through a norm and a
+    square would round, and two vocabulary rows at equal distance would no longer tie), in chunks so
+    that 16-bit inputs never get a full-size float32 copy."""
+    out = torch.empty(x.shape[0], dtype=acc, device=x.device)
+    for i in range(0, x.shape[0], chunk):
+        out[i : i + chunk] = x[i : i + chunk].to(acc).square().sum(1)
+    return out
+
+
 def _blocks(N: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps)."""
     bm = min(64, max(16, triton.next_power_of_2(N)))
@@ -165,10 +175,10 @@ def nearest_tokens(
     e = embeds if (embeds.stride(-1) == 1 or H <= 1) else embeds.contiguous()
     w = matrix if (matrix.stride(-1) == 1 or H <= 1) else matrix.contiguous()
     if metric == COSINE:
-        colterm = 1.0 / torch.linalg.vector_norm(w, dim=1, dtype=acc).clamp_min(EPS)
-        rowf = 1.0 / torch.linalg.vector_norm(e, dim=1, dtype=acc).clamp_min(EPS)
+        colterm = 1.0 / row_sq_norms(w, acc).sqrt().clamp_min(EPS)
+        rowf = 1.0 / row_sq_norms(e, acc).sqrt().clamp_min(EPS)
     elif metric == L2:
-        colterm = torch.linalg.vector_norm(w, dim=1, dtype=acc).square()
+        colterm = row_sq_norms(w, acc)
         rowf = colterm
     else:
         colterm = rowf = scores
