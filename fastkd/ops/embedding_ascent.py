@@ -46,6 +46,64 @@ MULTI_OP = Op("embedding_ascent_multi_")
 # --------------------------------------------------------------------------------------------
 # Reference (pure PyTorch): the fallback backend, the test oracle and the benchmark baseline.
 # --------------------------------------------------------------------------------------------
+def reference_ascent_values(
+    embeds: Tensor,
+    grad: Tensor,
+    *,
+    step_size: float,
+    norm: str = "l2",
+    radius: float | None = None,
+    origin: Tensor | None = None,
+    max_norm: float | None = None,
+    mask: Tensor | None = None,
+    momentum: float = 0.0,
+    momentum_buffer: Tensor | None = None,
+    maximize: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """The math of :func:`reference_embedding_ascent_` without the writes: returns the new
+    embeddings (in the compute type: float32, float64 for float64 embeds) and the new momentum
+    buffer (in its dtype, or None)."""
+    acc = torch.float64 if embeds.dtype == torch.float64 else torch.float32
+    e = embeds.to(acc)
+    g = grad.to(acc)
+    sgn = 1.0 if maximize else -1.0
+    new_buf = None
+    if momentum_buffer is not None:
+        l1 = g.abs().sum(-1, keepdim=True)
+        g = g * torch.where(l1 == 0, 0.0, sgn / l1)
+        new_buf = (momentum * momentum_buffer.to(acc) + g).to(momentum_buffer.dtype)
+        g = new_buf.to(acc)  # the step uses exactly the stored momentum
+        c = step_size
+    else:
+        c = step_size * sgn
+    sq = (g * g).sum(-1, keepdim=True)
+    moving = sq != 0  # a zero gradient row is not stepped (NaN steps, so it propagates)
+    if NORMS[norm] == 0:
+        d = g * (c / sq.sqrt())
+    elif NORMS[norm] == 1:
+        d = c * torch.where(g.isnan(), g, g.sign())  # torch.sign(NaN) is 0; NaN must propagate
+    else:
+        d = c * g
+    x = torch.where(moving, e + d, e)
+    if radius is not None:
+        o = origin.to(acc)
+        delta = x - o
+        if NORMS[norm] == 1:
+            x = torch.where(delta.abs() > radius, o + radius * delta.sign(), x)
+        else:
+            dn = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
+            x = torch.where(dn > radius, o + delta * (radius / dn), x)
+    if max_norm is not None:
+        xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        x = torch.where(xn > max_norm, x * (max_norm / xn), x)
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        x = torch.where(keep, x, e)
+        if new_buf is not None:
+            new_buf = torch.where(keep, new_buf, momentum_buffer)
+    return x, new_buf
+
+
 def reference_embedding_ascent_(
     embeds: Tensor,
     grad: Tensor,
@@ -66,44 +124,10 @@ def reference_embedding_ascent_(
     ``momentum_buffer``) in place; returns ``embeds``.
     """
     with torch.no_grad():
-        acc = torch.float64 if embeds.dtype == torch.float64 else torch.float32
-        e = embeds.to(acc)
-        g = grad.to(acc)
-        sgn = 1.0 if maximize else -1.0
-        new_buf = None
-        if momentum_buffer is not None:
-            l1 = g.abs().sum(-1, keepdim=True)
-            g = g * torch.where(l1 == 0, 0.0, sgn / l1)
-            new_buf = (momentum * momentum_buffer.to(acc) + g).to(momentum_buffer.dtype)
-            g = new_buf.to(acc)
-            c = step_size
-        else:
-            c = step_size * sgn
-        sq = (g * g).sum(-1, keepdim=True)
-        moving = sq != 0
-        if NORMS[norm] == 0:
-            d = g * (c / sq.sqrt())
-        elif NORMS[norm] == 1:
-            d = c * torch.where(g.isnan(), g, g.sign())  # torch.sign(NaN) is 0; NaN must propagate
-        else:
-            d = c * g
-        x = torch.where(moving, e + d, e)
-        if radius is not None:
-            o = origin.to(acc)
-            delta = x - o
-            if NORMS[norm] == 1:
-                x = torch.where(delta.abs() > radius, o + radius * delta.sign(), x)
-            else:
-                dn = torch.linalg.vector_norm(delta, dim=-1, keepdim=True)
-                x = torch.where(dn > radius, o + delta * (radius / dn), x)
-        if max_norm is not None:
-            xn = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
-            x = torch.where(xn > max_norm, x * (max_norm / xn), x)
-        if mask is not None:
-            keep = mask.unsqueeze(-1)
-            x = torch.where(keep, x, e)
-            if new_buf is not None:
-                new_buf = torch.where(keep, new_buf, momentum_buffer)
+        x, new_buf = reference_ascent_values(
+            embeds, grad, step_size=step_size, norm=norm, radius=radius, origin=origin, max_norm=max_norm,
+            mask=mask, momentum=momentum, momentum_buffer=momentum_buffer, maximize=maximize,
+        )  # fmt: skip
         embeds.copy_(x)
         if new_buf is not None:
             momentum_buffer.copy_(new_buf)
