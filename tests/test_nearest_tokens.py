@@ -186,6 +186,72 @@ def test_snap_perturbed_embeddings_back_to_their_tokens():
         assert torch.equal(ids[..., 0], tokens), metric
 
 
+# ---------------------------------------------------------------------------------------------
+# The CPU kernel's int8 path (N >= 32, V >= 512, k <= 48): candidates from an int8 GEMM with a
+# proven error bound, then exact scores. Hard inputs for the bound and for the candidate lists.
+# ---------------------------------------------------------------------------------------------
+def _cpu_only():
+    if DEVICE != "cpu" or not hasattr(torch.ops.fastkd, "nearest_tokens"):
+        pytest.skip("the CPU kernel")
+
+
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize(("N", "V", "H", "k"), [(32, 512, 8, 1), (300, 5000, 97, 7), (64, 1500, 384, 48)], ids=str)
+@pytest.mark.parametrize("kind", ["gaussian", "spiky", "near-duplicates"])
+def test_cpu_int8_path_exact(metric, N, V, H, k, kind):
+    _cpu_only()
+    g = torch.Generator().manual_seed(N + V + k)
+    e = torch.randn(N, H, generator=g, dtype=torch.float64)
+    w = torch.randn(V, H, generator=g, dtype=torch.float64) * (
+        0.2 + 2 * torch.rand(V, 1, generator=g, dtype=torch.float64)
+    )
+    if kind == "spiky":
+        # one huge coordinate per row: coarse int8 steps for every other coordinate
+        e[torch.arange(N), torch.randint(0, H, (N,), generator=g)] = 300.0
+        w[torch.arange(V), torch.randint(0, H, (V,), generator=g)] = -200.0
+    elif kind == "near-duplicates":
+        # many vocabulary rows within 1e-6 of each other and of the embeddings
+        base = torch.randn(H, generator=g, dtype=torch.float64)
+        w[: V // 2] = base + 1e-6 * torch.randn(V // 2, H, generator=g, dtype=torch.float64)
+        e[: N // 2] = base + 1e-6 * torch.randn(N // 2, H, generator=g, dtype=torch.float64)
+    ids, scores = fastkd.nearest_tokens(e, w, k=k, metric=metric, backend="cpu")
+    rids, rsc = reference_nearest_tokens(e, w, k, metric)
+    if kind == "near-duplicates" and metric == "cosine":
+        # cosines within 1e-16 of each other: the order is decided by rounding, in both
+        _check_against_reference(ids, scores, e, w, k, metric, atol=1e-12)
+    else:
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(scores, rsc, atol=1e-9, rtol=1e-12)
+    # float32: a valid top-k of the float64 scores of the rounded inputs
+    ids32, sc32 = fastkd.nearest_tokens(e.float(), w.float(), k=k, metric=metric, backend="cpu")
+    scale = 1.0 if metric == "cosine" else float(w.abs().max() * e.abs().max() * H)
+    _check_against_reference(ids32, sc32, e.float().double(), w.float().double(), k, metric, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("metric", METRICS)
+def test_cpu_int8_path_hands_back_rows_with_thousands_of_ties(metric):
+    # 3000 identical vocabulary rows and zero embeddings: far too many candidates to keep, so those
+    # rows go to the float path; the answer is still the lowest ids first.
+    _cpu_only()
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-3, 4, (12000, 16), generator=g).float()
+    w[1000:4000] = w[999]
+    e = torch.randint(-3, 4, (64, 16), generator=g).float()
+    e[:8] = w[999]
+    e[8:12] = 0.0
+    ids, scores = fastkd.nearest_tokens(e, w, k=5, metric=metric, backend="cpu")
+    rids, _ = reference_nearest_tokens(e, w, 5, metric)
+    if metric == "cosine":
+        assert torch.equal(ids[:12], rids[:12])
+        _check_against_reference(ids, scores, e, w, 5, metric, atol=1e-6)
+    else:
+        assert torch.equal(ids, rids)
+    if metric != "dot":
+        assert ids[:8].tolist() == [[999, 1000, 1001, 1002, 1003]] * 8
+    if metric == "cosine":
+        assert ids[8:12].tolist() == [[0, 1, 2, 3, 4]] * 4 and (scores[8:12] == 0).all()
+
+
 @pytest.mark.skipif(DEVICE != "cpu" or not os.path.exists("/proc/self/clear_refs"), reason="Linux CPU memory check")
 def test_cpu_memory_is_not_n_by_v():
     # Peak resident memory of one call, measured in a fresh process (VmHWM after resetting it),
