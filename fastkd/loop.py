@@ -662,7 +662,7 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
             )
             teacher_metrics = classification_metrics(teacher_logits_eval.argmax(-1), [r["label"] for r in eval_rows])
 
-        def run_eval(at: int) -> dict[str, float]:
+        def run_eval() -> dict[str, float]:
             logits = predict_logits(
                 student, tokenizer, eval_rows, batch_size=cfg.eval_batch_size, max_length=cfg.max_length, device=device
             )
@@ -706,12 +706,16 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
             total=cfg.max_steps, initial=step, desc=f"distill {cfg.method}", dynamic_ncols=True,
             disable=not (cfg.progress and rank == 0), unit="step",
         )  # fmt: skip
-        window: list[float] = []
+        window: list[float] = []  # losses since the last log line
+        window_parts: dict[str, float] = {}  # their parts (KD per view, hidden, ...), summed
+        method_logs: dict[str, float] = {}  # what the method reported (generator divergence, ...)
         t_window = time.perf_counter()
         with _GracefulStop() as stop:
             while step < stop_at:
                 _seed_step(cfg.seed, step, rank)
-                logs = method.before_step(step, torch.Generator().manual_seed(fdata.mix_seed(cfg.seed, step, rank, 1)))
+                method_logs.update(
+                    method.before_step(step, torch.Generator().manual_seed(fdata.mix_seed(cfg.seed, step, rank, 1)))
+                )
                 if uses_embeds:
                     ctx.bridge.refit()
                 lr = lr_at(step, cfg)
@@ -761,8 +765,13 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                last_loss = float(total)  # host sync: once per step, for the progress bar and the log
+                # host sync: once per step, for the progress bar and the log
+                keys = list(parts)
+                values = torch.stack([total, *(parts[k] for k in keys)]).tolist()
+                last_loss = values[0]
                 window.append(last_loss)
+                for k, v in zip(keys, values[1:]):
+                    window_parts[k] = window_parts.get(k, 0.0) + v
 
                 # ---- 5. log, evaluate, checkpoint ------------------------------------------------
                 if rank == 0:
@@ -772,13 +781,13 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
                     bar.update(1)
                     if cfg.log_every and (step % cfg.log_every == 0 or step == cfg.max_steps):
                         rec = {"step": step, "loss": sum(window) / len(window), "lr": lr, "rows_per_s": rate}
-                        rec.update({k: round(float(v), 6) for k, v in parts.items()})
-                        rec.update(logs)
+                        rec.update({k: round(v / len(window), 6) for k, v in window_parts.items()})
+                        rec.update(method_logs)  # the method's own numbers since the last line
                         rec["wall_s"] = wall_before + time.perf_counter() - t_run
                         log_line(rec)
-                        window, t_window = [], time.perf_counter()
+                        window, window_parts, method_logs, t_window = [], {}, {}, time.perf_counter()
                     if eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
-                        m_eval = run_eval(step)
+                        m_eval = run_eval()
                         rec = {"step": step, "loss": last_loss, **m_eval}
                         rec["wall_s"] = wall_before + time.perf_counter() - t_run
                         history.append(rec)
@@ -799,7 +808,7 @@ def distill(config: DistillConfig, *, teacher: nn.Module | None = None, tokenize
         student_dir = None
         if rank == 0:
             if eval_rows:
-                final = run_eval(step)
+                final = run_eval()
                 if not history or history[-1]["step"] != step:
                     rec = {"step": step, "loss": last_loss, **final, "wall_s": wall}
                     history.append(rec)

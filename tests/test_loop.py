@@ -133,6 +133,9 @@ def test_checkpoint_is_safetensors_and_json(tmp_path):
     state = json.loads((ckpt / "state.json").read_text())
     assert state["step"] == 2 and state["config"]["method"] == "zskd"
     assert "generator" in json.dumps(state["trainer"]["method"])  # the generator's weights and optimizer
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as f:
+        logged = [json.loads(line) for line in f]
+    assert all(r["gen_divergence"] > -1e-6 for r in logged if not r.get("eval"))  # the generator's own numbers
 
 
 def test_flatten_round_trip():
