@@ -4,6 +4,9 @@ Reference: Xinyin Ma, Yongliang Shen, Gongfan Fang, Chen Chen, Chenghao Jia, Wei
 "Adversarial Self-Supervised Data-Free Distillation for Text Classification." EMNLP 2020
 (arXiv:2010.04883).
 
+Sources used here: the paper's abstract and the method summary in fastkd's issue; the full text was
+not at hand while writing this, so everything below the first list is our reading, not a transcription.
+
 What follows the paper
     * No text at all: the student learns on *pseudo embeddings* crafted from the teacher
       ("Plug & Play Embedding Guessing"). Trainable vectors in the teacher's word-embedding space

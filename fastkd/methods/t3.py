@@ -3,6 +3,9 @@
 Reference: Zheyuan Bai, Xinduo Liu, Hailin Hu, Tianyu Guo, Qinghua Zhang, Yunhe Wang. "Data-Free
 Distillation of Language Model by Text-to-Text Transfer." arXiv:2311.01689 (2023).
 
+Sources used here: the paper's abstract and the method summary in fastkd's issue; the full text was
+not at hand while writing this, so the second list records our reading and our choices.
+
 What follows the paper
     * A pretrained generative LM is the data generator: it transforms general-domain (OOD) text
       into task-like text, and the student is distilled on the transformed text.

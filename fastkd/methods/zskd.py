@@ -5,6 +5,9 @@ Knowledge Distillation for Natural Language Processing." EMNLP 2021 (arXiv:2012.
 generator follows the same authors' MATE-KD: Rashid, Lioutas, Rezagholizadeh, "MATE-KD: Masked
 Adversarial TExt, a Companion to Knowledge Distillation", ACL 2021 (arXiv:2105.05912).
 
+Sources used here: the papers' abstracts and the method summary in fastkd's issue; the full texts were
+not at hand while writing this, so the second list records our choices where they are silent.
+
 What follows the papers
     * The student learns from the teacher's soft outputs only, on out-of-domain (OOD) text and on
       adversarial examples derived from it; no task data is read.
