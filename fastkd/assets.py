@@ -526,26 +526,42 @@ def prepare(
 # ------------------------------------------------------------------------------------------------
 
 
-def _source_loaders(assets: Assets) -> dict[str, Callable[..., list]]:
-    loaders: dict[str, Callable[..., list]] = {}
-    if assets.movie_reviews_dir is not None:
-        for split in SPLITS:
-            path = assets.split_path(split)
-            loaders[f"movie_reviews:{split}"] = lambda p=path, **_: load_rows(p)
-        train = assets.split_path("train")
-        loaders["movie_reviews"] = lambda p=train, **_: load_rows(p)
-    if assets.wordnet_path is not None:
-        wn = assets.wordnet_path
-        loaders["wordnet"] = lambda p=wn, limit=None, **_: load_sentences(p, limit)
+def _source_loaders(assets: Assets | None) -> dict[str, Callable[[str | None], list]]:
+    """Loaders ``loader(split)`` of the named sources; with ``assets=None`` they prepare on first use."""
+
+    def movie_reviews(split: str | None = None) -> list[dict]:
+        got = (
+            assets
+            if assets is not None and assets.movie_reviews_dir
+            else prepare(assets=["movie_reviews"], register=False)
+        )
+        return load_rows(got.split_path(split or "train"))
+
+    def wordnet(split: str | None = None) -> list[str]:
+        if split:
+            raise ValueError(f"the wordnet source has no splits, got {split!r}")
+        got = assets if assets is not None and assets.wordnet_path else prepare(assets=["wordnet"], register=False)
+        assert got.wordnet_path is not None
+        return load_sentences(got.wordnet_path)
+
+    loaders: dict[str, Callable[[str | None], list]] = {}
+    if assets is None or assets.movie_reviews_dir is not None:
+        loaders["movie_reviews"] = movie_reviews
+    if assets is None or assets.wordnet_path is not None:
+        loaders["wordnet"] = wordnet
     return loaders
 
 
-def register_sources(assets: Assets) -> list[str]:
-    """Register the prepared corpora as named sources of ``fastkd.data`` (when that module exists).
+def register_sources(assets: Assets | None = None) -> list[str]:
+    """Register the corpora as named sources of ``fastkd.data`` (when that module exists).
 
-    ``movie_reviews`` (the train split), ``movie_reviews:train|dev|test`` give labeled rows;
-    ``wordnet`` gives sentences. Returns the names registered (empty without ``fastkd.data``).
+    ``movie_reviews`` gives labeled rows (``movie_reviews:train``, ``:dev``, ``:test``; the train
+    split without a suffix); ``wordnet`` gives sentences. With prepared ``assets`` the loaders read
+    those files; with ``None`` (what importing this module does) they prepare the assets in the
+    default cache on first use. Returns the names registered (empty without ``fastkd.data``).
     """
+    if importlib.util.find_spec("fastkd.data") is None:
+        return []
     try:
         from fastkd import data as fdata
     except ImportError:
@@ -592,6 +608,8 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     print(json.dumps(asdict(result), indent=1))
     return 0
 
+
+register_sources()  # fastkd.data imports this module to find its built-in named sources
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -236,7 +236,7 @@ def test_unknown_asset_and_bad_split():
         A.Assets(cache_dir="/x", movie_reviews_dir="/x").split_path("validation")
 
 
-def test_register_sources_with_fastkd_data(fake, tmp_path, monkeypatch):
+def _fake_data_module(monkeypatch):
     registered = {}
     fake_data = types.ModuleType("fastkd.data")
     fake_data.register_source = registered.__setitem__
@@ -244,16 +244,29 @@ def test_register_sources_with_fastkd_data(fake, tmp_path, monkeypatch):
     import fastkd
 
     monkeypatch.setattr(fastkd, "data", fake_data, raising=False)
+    monkeypatch.setattr(A.importlib.util, "find_spec", lambda name: True)
+    return registered
+
+
+def test_register_sources_with_prepared_assets(fake, tmp_path, monkeypatch):
+    registered = _fake_data_module(monkeypatch)
     got = A.prepare(tmp_path / "c", assets=["movie_reviews", "wordnet"], progress=False)
-    assert set(registered) == {
-        "movie_reviews",
-        "movie_reviews:train",
-        "movie_reviews:dev",
-        "movie_reviews:test",
-        "wordnet",
-    }
-    assert registered["movie_reviews:test"]() == A.load_rows(got.split_path("test"))
-    assert registered["wordnet"](limit=2) == A.load_sentences(got.wordnet_path)[:2]
+    assert set(registered) == {"movie_reviews", "wordnet"}
+    assert registered["movie_reviews"]("test") == A.load_rows(got.split_path("test"))
+    assert registered["movie_reviews"](None) == A.load_rows(got.split_path("train"))
+    assert registered["wordnet"](None) == A.load_sentences(got.wordnet_path)
+    with pytest.raises(ValueError, match="no splits"):
+        registered["wordnet"]("train")
+
+
+def test_registered_on_import_prepare_lazily(fake, tmp_path, monkeypatch):
+    registered = _fake_data_module(monkeypatch)
+    monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "lazy"))
+    assert A.register_sources() == ["movie_reviews", "wordnet"]
+    assert fake.calls == []  # nothing prepared until a loader is called
+    rows = registered["movie_reviews"]("dev")
+    assert rows == A.load_rows(tmp_path / "lazy" / "data" / "movie_reviews" / "dev.jsonl")
+    assert registered["wordnet"](None)[0] == "feline mammal usually having thick soft fur"
 
 
 def test_load_rows_rejects_unlabeled(tmp_path):
