@@ -235,3 +235,70 @@ def test_demo_all_methods_with_tiny_generator(patched, tmp_path):
     failed = {m: d["error"] for m, d in summary["methods"].items() if "error" in d}
     assert failed == {}
     assert all(r["accuracy"] is not None for r in summary["rows"])
+
+
+def _quality_module():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quality.py"
+    spec = importlib.util.spec_from_file_location("fastkd_quality_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_report_from_a_demo_run(patched, tmp_path):
+    out = tmp_path / "demo"
+    argv = ["--quick", "--methods", "random", "ood", "zskd", "-o", str(out), "--cache", str(tmp_path / "cache"), *TINY]
+    assert D.main(argv) == 0
+    Q = _quality_module()
+    results = tmp_path / "results"
+    assert (
+        Q.main(
+            [
+                "--from-demo",
+                str(out),
+                "--results",
+                str(results),
+                "--probe-batches",
+                "2",
+                "--cache",
+                str(tmp_path / "cache"),
+            ]
+        )
+        == 0
+    )
+    report = (results / "quality.md").read_text()
+    assert "## Goals (issue 7)" in report and "random < ood < each seed method" in report
+    data = json.loads((results / "quality.json").read_text())
+    for m in ("random", "ood", "zskd"):
+        ev = data["evidence"][m]
+        assert "error" not in ev, ev
+        assert ev["rows"] == 2 * 8 or m == "zskd"  # zskd adds adversarial views to each batch
+        assert sum(ev["pseudo_label_balance"]) == pytest.approx(1.0, abs=1e-3)
+        assert 0.5 <= ev["teacher_confidence_mean"] <= 1.0
+    assert (results / "divergence.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_goals_logic():
+    Q = _quality_module()
+
+    def row(acc, pct):
+        return {"accuracy": acc, "pct_of_teacher": pct}
+
+    rows = {
+        "random": row(0.5, 60),
+        "ood": row(0.7, 80),
+        "zskd": row(0.8, 93),
+        "asdfd": row(0.75, 88),
+        "t3": row(0.6, 70),
+    }
+    got = {g: met for g, met, _ in Q.goals(rows)}
+    assert got == {
+        "best data-free method >= 92% of the teacher": True,
+        "every data-free seed method (zskd, asdfd, t3) >= 75% of the teacher": False,  # t3 at 70%
+        "random < ood < each seed method": False,  # t3 below ood
+    }
+    got = {g: met for g, met, _ in Q.goals({"random": row(0.5, 60)})}
+    assert set(got.values()) == {None}
