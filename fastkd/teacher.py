@@ -384,7 +384,8 @@ def default_output(cache: str | os.PathLike | None, model: str, train_fp: str, s
     from fastkd.assets import cache_dir
 
     digest = hashlib.sha256(json.dumps([model, train_fp, settings], sort_keys=True).encode()).hexdigest()[:10]
-    name = Path(model.rstrip("/")).name or "model"
+    parts = [p for p in Path(model.rstrip("/")).parts if p not in ("/", "model", "models", "snapshots")]
+    name = parts[-1] if parts else "model"
     return cache_dir(cache) / "teachers" / f"{name}-{digest}"
 
 
