@@ -9,7 +9,7 @@ What it does (``python -m fastkd.demo`` is the same command):
    or reuses the one cached in ``<cache>/teachers/`` (:mod:`fastkd.teacher`);
 3. distils it with each data-free method (``zskd``, ``asdfd``, ``t3``) and the ``random`` and
    ``ood`` baselines (:func:`fastkd.loop.distill`) into a student of 2 layers, hidden 128, 4 heads,
-   feed-forward 512 (~4.3 M parameters, 5.2x smaller: the teacher's vocabulary of 30,522 word
+   feed-forward 512 (4.39 M parameters, 5.2x smaller: the teacher's vocabulary of 30,522 word
    pieces is kept, so the word embeddings dominate a small student and only a narrower hidden
    size makes it small; its embeddings start as the teacher's projected onto their top 128
    principal directions); no method sees the training split: the dev split is evaluated during
@@ -314,6 +314,53 @@ def run_demo(
     teacher_time = _time_inference(t_model, tokenizer, test_rows, dev, budget.max_length)
     _log(f"teacher test accuracy {teacher_test['accuracy']:.4f} ({_fmt_params(teacher_params)} parameters)")
 
+    def report(done: bool) -> tuple[str, dict[str, Any], bool]:
+        """Write results.md/.csv/.json and the plot (after every method, so a stopped run keeps its results)."""
+        table = render_table(rows)
+        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores" + (
+            f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
+        )
+        total = time.perf_counter() - t_start
+        header = (
+            f"fastkd demo, budget `{budget.name}` ({budget.steps} steps x {budget.batch_size} rows per method), seed {seed}, "
+            f"device {dev} ({machine}), torch {torch.__version__}; total {_fmt_time(total)}.\n"
+            + ("" if done else f"Partial results: {len(rows) - 1} of {len(budget.methods)} methods done.\n")
+            + f"Teacher: MiniLM-L6-H384 fine-tuned on the movie-review training split ({teacher_info['source']}). "
+            f"Student: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, feed-forward {shape['intermediate']}. "
+            f"Accuracy on the held-out test split ({len(test_rows):,} sentences); speed-up = teacher / student time to classify it on this device.\n\n"
+        )
+        (out / "results.md").write_text(header + table)
+        write_csv(out / "results.csv", rows)
+        plotted = plot_curves(
+            out / "accuracy.png",
+            curves,
+            teacher_dev,
+            f"fastkd demo ({budget.name} budget): dev accuracy during distillation",
+        )
+        summary = {
+            "budget": asdict(budget),
+            "device": str(dev),
+            "machine": machine,
+            "torch": torch.__version__,
+            "seed": seed,
+            "student": shape,
+            "ood": ood_source,
+            "teacher": {
+                **teacher_info,
+                "test": teacher_test,
+                "parameters": teacher_params,
+                "inference_s": teacher_time,
+            },
+            "student_inference_s": student_time,
+            "rows": rows,
+            "methods": details,
+            "total_time_s": total,
+            "plot": str(out / "accuracy.png") if plotted else None,
+            "command": " ".join(sys.argv),
+        }
+        (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+        return header + table, summary, plotted
+
     # 3. distillation --------------------------------------------------------------------------
     shape = {**STUDENT, **(student or {})}
     rows: list[dict[str, Any]] = [
@@ -380,6 +427,7 @@ def run_demo(
                 }
             )
             details[method] = {"error": f"{exc.__class__.__name__}: {exc}"}
+            report(False)
             continue
         teacher_dev = result.teacher_metrics.get("accuracy", teacher_dev)
         s_model, s_tok = load_classifier(result.student_dir, dev)
@@ -410,46 +458,11 @@ def run_demo(
         _log(
             f"{method}: test accuracy {test['accuracy']:.4f} ({rows[-1]['pct_of_teacher']:.1f}% of the teacher) in {_fmt_time(result.wall_time_s)}"
         )
+        report(False)
 
-    # 4. report --------------------------------------------------------------------------------
-    table = render_table(rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores" + (
-        f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
-    )
-    total = time.perf_counter() - t_start
-    header = (
-        f"fastkd demo, budget `{budget.name}` ({budget.steps} steps x {budget.batch_size} rows per method), seed {seed}, "
-        f"device {dev} ({machine}), torch {torch.__version__}; total {_fmt_time(total)}.\n"
-        f"Teacher: MiniLM-L6-H384 fine-tuned on the movie-review training split ({teacher_info['source']}). "
-        f"Student: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, feed-forward {shape['intermediate']}. "
-        f"Accuracy on the held-out test split ({len(test_rows):,} sentences); speed-up = teacher / student time to classify it on this device.\n\n"
-    )
-    (out / "results.md").write_text(header + table)
-    write_csv(out / "results.csv", rows)
-    plotted = plot_curves(
-        out / "accuracy.png",
-        curves,
-        teacher_dev,
-        f"fastkd demo ({budget.name} budget): dev accuracy during distillation",
-    )
-    summary = {
-        "budget": asdict(budget),
-        "device": str(dev),
-        "machine": machine,
-        "torch": torch.__version__,
-        "seed": seed,
-        "student": shape,
-        "ood": ood_source,
-        "teacher": {**teacher_info, "test": teacher_test, "parameters": teacher_params, "inference_s": teacher_time},
-        "student_inference_s": student_time,
-        "rows": rows,
-        "methods": details,
-        "total_time_s": total,
-        "plot": str(out / "accuracy.png") if plotted else None,
-        "command": " ".join(sys.argv),
-    }
-    (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-    print(header + table)
+    # 4. report (after every method) --------------------------------------------------------
+    text, summary, plotted = report(True)
+    print(text)
     print(
         f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}"
         + (f", {out / 'accuracy.png'}" if plotted else "")
