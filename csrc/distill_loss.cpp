@@ -332,7 +332,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor
     acc_t* prow = rows.data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
     // A row is ~10 V flops and 2 V exponentials: parallelise over rows, one row per task.
-    at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
+    // Grain: ~32k elements per task, so tiny inputs (a classification batch) stay on one thread.
+    at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
       RowScratch<acc_t> w(V);
       for (int64_t i = r0; i < r1; ++i) {
         const int64_t off = i * V;  // int64 offsets throughout

@@ -4,6 +4,9 @@ Public API::
 
     import fastkd
     loss = fastkd.distill_loss(student_logits, teacher_logits, temperature=2.0)
+    loss = fastkd.hidden_match(student_states, teacher_states, weight, bias, loss="mse", mask=attention_mask)
+    fastkd.embedding_ascent_(embeds, embeds.grad, step_size=0.1, radius=1.0, origin=start)  # in place
+    ids, scores = fastkd.nearest_tokens(embeds, model.get_input_embeddings().weight, k=1)
 
 Backends (``backend=`` argument, ``FASTKD_BACKEND`` environment variable, or automatic):
 ``cuda``, ``triton``, ``cpu`` (compiled), ``torch`` (reference). ``python -m fastkd.info`` shows
@@ -43,6 +46,13 @@ _alias_source_kernels()
 from fastkd import nn  # noqa: E402
 from fastkd.backends import BACKENDS, BackendUnavailableError, available_backends  # noqa: E402
 from fastkd.ops.distill_loss import distill_loss, reference_distill_loss  # noqa: E402
+from fastkd.ops.embedding_ascent import (  # noqa: E402
+    embedding_ascent_,
+    embedding_ascent_multi_,
+    reference_embedding_ascent_,
+)
+from fastkd.ops.hidden_match import hidden_match, reference_hidden_match  # noqa: E402
+from fastkd.ops.nearest_tokens import nearest_tokens, reference_nearest_tokens  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -50,6 +60,13 @@ __all__ = [
     "__version__",
     "available_backends",
     "distill_loss",
+    "embedding_ascent_",
+    "embedding_ascent_multi_",
+    "hidden_match",
+    "nearest_tokens",
     "nn",
     "reference_distill_loss",
+    "reference_embedding_ascent_",
+    "reference_hidden_match",
+    "reference_nearest_tokens",
 ]

@@ -20,6 +20,9 @@ Row offsets are int64, so tensors of more than 2**31 elements are addressed corr
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -67,9 +70,12 @@ def distill_loss_kernel(
     V,  # vocabulary size
     stride_s,
     stride_t,
-    inv_t,  # 1 / temperature
-    loss_scale,  # T**2 when scale_by_t2, else 1
-    beta,  # JSD weight
+    inv_t_hi,  # 1 / temperature, as an fp32 pair hi + lo (Triton passes Python floats as fp32; the
+    inv_t_lo,  #   pair keeps ~48 bits for the float64 path, see _f32_pair)
+    loss_scale_hi,  # T**2 when scale_by_t2, else 1 (fp32 pair)
+    loss_scale_lo,
+    beta_hi,  # JSD weight (fp32 pair)
+    beta_lo,
     DIV: tl.constexpr,  # 0 KL(p||q), 1 KL(q||p), 2 JSD(beta)
     WRITE_GS: tl.constexpr,
     WRITE_GT: tl.constexpr,
@@ -77,6 +83,9 @@ def distill_loss_kernel(
     ACC: tl.constexpr,  # compute dtype: tl.float32, or tl.float64 for float64 logits
 ):
     row = tl.program_id(0).to(tl.int64)
+    inv_t = tl.cast(inv_t_hi, ACC) + tl.cast(inv_t_lo, ACC)
+    loss_scale = tl.cast(loss_scale_hi, ACC) + tl.cast(loss_scale_lo, ACC)
+    beta = tl.cast(beta_hi, ACC) + tl.cast(beta_lo, ACC)
     c = tl.load(rs_ptr + row).to(ACC) * loss_scale
     s_row = s_ptr + row * stride_s
     t_row = t_ptr + row * stride_t
@@ -194,6 +203,13 @@ def scale_grad_kernel(
         tl.store(g_ptr + row * M + idx, (g * sc.to(ACC)).to(g_ptr.dtype.element_ty), mask=msk)
 
 
+def _f32_pair(x: float) -> tuple[float, float]:
+    """x as hi + lo, both float32-representable: hi = fp32(x), lo = fp32(x - hi)."""
+    hi = float(np.float32(x))
+    lo = float(np.float32(x - hi)) if math.isfinite(hi) else 0.0
+    return hi, lo
+
+
 def _block_for(V: int, dtype: torch.dtype) -> tuple[int, int]:
     """(BLOCK, num_warps): 16-byte loads per thread, at most 4096 elements per step."""
     block = min(4096 if dtype == torch.float32 else 8192, triton.next_power_of_2(max(V, 16)))
@@ -225,7 +241,7 @@ def distill_loss_forward(
         block, warps = _block_for(V, student.dtype)
         distill_loss_kernel[(N,)](
             student, teacher, row_scale, rows, gs, gt, V, student.stride(0), teacher.stride(0),
-            1.0 / temperature, loss_scale, beta,
+            *_f32_pair(1.0 / temperature), *_f32_pair(loss_scale), *_f32_pair(beta),
             DIV=divergence, WRITE_GS=grad_student, WRITE_GT=grad_teacher, BLOCK=block, ACC=tl.float64 if acc == torch.float64 else tl.float32, num_warps=warps,
         )  # fmt: skip
     loss = rows.sum() if reduce else rows

@@ -7,6 +7,8 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=$(mktemp -d)/venv
 $PY -m venv --system-site-packages "$VENV"
+# the venv's own bundled setuptools may predate bdist_wheel support: bring a current one
+"$VENV/bin/python" -m pip install --quiet --upgrade "setuptools>=70" wheel
 "$VENV/bin/python" -m pip install --quiet --no-build-isolation --no-deps . 2>&1 | grep -vE "warning|^\s*$" | tail -n 5 || true
 cd "$(mktemp -d)"
 "$VENV/bin/python" - <<'PY'

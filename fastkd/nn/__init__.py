@@ -1,5 +1,6 @@
 """``torch.nn`` modules over fastkd's fused ops (one file per op)."""
 
 from fastkd.nn.distillation import DistillationLoss
+from fastkd.nn.hidden import HiddenStateMatcher
 
-__all__ = ["DistillationLoss"]
+__all__ = ["DistillationLoss", "HiddenStateMatcher"]

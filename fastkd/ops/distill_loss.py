@@ -59,7 +59,10 @@ def divergence_rows(
     if divergence == "reverse_kl":
         return _xlogy_diff(ls.exp(), ls, lt).sum(-1)
     p, q = lt.exp(), ls.exp()
-    lm = torch.log(beta * p + (1.0 - beta) * q)
+    mix = beta * p + (1.0 - beta) * q
+    # Where m = 0 (p = q = 0, e.g. a vocabulary entry masked at -inf in both) both terms are 0; log(1)
+    # keeps log's infinite derivative at 0 out of the backward (0 * inf would be NaN).
+    lm = torch.log(torch.where(mix > 0, mix, torch.ones((), dtype=mix.dtype, device=mix.device)))
     return beta * _xlogy_diff(p, lt, lm).sum(-1) + (1.0 - beta) * _xlogy_diff(q, ls, lm).sum(-1)
 
 
@@ -79,6 +82,12 @@ def reference_distill_loss(
     ``keep``: optional boolean ``[...]`` (the logits' leading shape); False rows are excluded.
     Computes in float32, or float64 for float64 inputs.
     """
+    if keep is not None:
+        # Excluded rows are not read (as in the fused kernels): NaN or inf there reaches neither the
+        # loss nor the gradients (0 * NaN would be NaN in the backward of the masked sum).
+        k = keep.unsqueeze(-1)
+        student_logits = torch.where(k, student_logits, student_logits.new_zeros(()))
+        teacher_logits = torch.where(k, teacher_logits, teacher_logits.new_zeros(()))
     d = divergence_rows(student_logits, teacher_logits, temperature, divergence, beta)
     if scale_by_t2:
         d = d * (temperature * temperature)
@@ -214,17 +223,26 @@ def _fake(student, teacher, row_scale, temperature, divergence, beta, loss_scale
 def _setup_context(ctx, inputs, output) -> None:
     _, gs, gt = output
     ctx.grad_student, ctx.grad_teacher = bool(inputs[8]), bool(inputs[9])
+    # The gradient buffers are results, not functions of the inputs to differentiate through; marking
+    # them keeps the gradients that backward hands out free of this op's graph.
+    ctx.mark_non_differentiable(gs, gt)
+    # Backward never reads the (unused) upstream gradients of gs and gt: do not let autograd
+    # allocate zero-filled [N, V] tensors for them.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(gs, gt)
 
 
 def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
     def backward(ctx, g_loss, _g_gs, _g_gt):
+        if g_loss is None:  # the loss itself did not reach the output (materialize_grads is off)
+            return (None,) * 10
         gs, gt = ctx.saved_tensors
         scale = g_loss.to(torch.float64 if torch.float64 in (gs.dtype, gt.dtype) else torch.float32)
         scale = scale.contiguous()
         d_s = d_t = None
         # The saved gradients are this op's own outputs, used once: scale them in place. A second
-        # backward through the same graph (retain_graph=True) is refused by autograd's version check.
+        # backward through the same graph (retain_graph=True) is refused by autograd's version check:
+        # the in-place scale bumps the buffers' version counters (see _register_compiled).
         if ctx.grad_student:
             scale_grad_(gs, scale)
             d_s = gs
@@ -236,7 +254,11 @@ def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
     return backward
 
 
+_impl_lib: torch.library.Library | None = None
+
+
 def _register_compiled() -> None:
+    global _impl_lib
     if _ext.library() is None:
         return
     torch.library.register_fake("fastkd::distill_loss")(_fake)
@@ -244,6 +266,19 @@ def _register_compiled() -> None:
     @torch.library.register_fake("fastkd::scale_grad_")
     def _scale_fake(grad, scale):
         return None
+
+    # A C++ op that mutates an argument does not bump its version counter by itself (torch.library
+    # custom_op does it in an ADInplaceOrView kernel; this is the same kernel for the C++ op), so
+    # without it a second backward would silently scale the saved gradient twice.
+    op = torch.ops.fastkd.scale_grad_.default
+    after = torch._C._after_ADInplaceOrView_keyset
+
+    def _scale_grad_inplace_or_view(keyset, grad, scale):
+        torch.autograd.graph.increment_version(grad)
+        return op.redispatch(keyset & after, grad, scale)
+
+    _impl_lib = torch.library.Library("fastkd", "IMPL")  # kept alive: it owns the registration
+    _impl_lib.impl("scale_grad_", _scale_grad_inplace_or_view, "ADInplaceOrView", with_keyset=True)
 
     torch.library.register_autograd(
         "fastkd::distill_loss", _make_backward(torch.ops.fastkd.scale_grad_), setup_context=_setup_context
@@ -354,6 +389,16 @@ def _triton_impl(*args):
     return _fused(_triton_op(), *args)
 
 
+@torch.compiler.assume_constant_result
+def _select(device: str, backend: str | None) -> str:
+    # Under torch.compile the choice is made once, at trace time, like any Python-level decision
+    # (the registry reads the environment and the build info, which Dynamo cannot trace).
+    name = OP.select(torch.device(device), backend)
+    if name == "triton":
+        _triton_op()  # define the Triton custom ops now, outside the traced code
+    return name
+
+
 def distill_loss(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -392,10 +437,19 @@ def distill_loss(
 
     Gradients flow to the student logits and, when ``teacher_logits.requires_grad``, to the
     teacher logits, computed in the forward pass. The loss and all accumulation are float32
-    (float64 for float64 inputs). A ``-inf`` logit is a zero probability and contributes nothing
-    (a ``-inf`` student logit where the teacher has mass gives ``inf``); NaN propagates.
+    (float64 for float64 inputs).
+
+    Non-finite logits: a ``-inf`` logit is a zero probability and contributes nothing, so a
+    vocabulary entry masked at ``-inf`` in both logit sets is legitimate (its gradients are 0). A
+    ``-inf`` student logit where the teacher has mass makes ``"kl"`` infinite (the student gradient
+    stays finite). ``+inf`` is not a probability: that row's loss is NaN. NaN in a kept row
+    propagates to the loss and gradients (never silently 0); excluded rows are not read, so NaN or
+    inf there changes nothing.
+
+    The fused backends compute the gradients in the forward pass and scale them in place in
+    backward, so a second backward through the same graph (``retain_graph=True``) raises.
     """
     _check_inputs(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, mask)
     keep = _keep_rows(labels, mask, ignore_index)
-    name = OP.select(student_logits.device, backend)
+    name = _select(str(student_logits.device), backend)
     return OP(name, student_logits, teacher_logits, keep, temperature, divergence, beta, reduction, scale_by_t2)
