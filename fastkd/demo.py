@@ -194,6 +194,12 @@ def _fmt_time(s: float | None) -> str:
     return f"{s / 60:.1f} min" if s >= 60 else f"{s:.0f} s"
 
 
+def _command_line() -> str:
+    argv0 = os.path.basename(sys.argv[0]) if sys.argv else ""
+    prog = "python -m fastkd.demo" if argv0 == "demo.py" else "fastkd"
+    return " ".join([prog, *sys.argv[1:]])
+
+
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
     head = "| method | test accuracy | % of teacher | parameters | compression | speed-up | wall time |\n"
@@ -358,7 +364,7 @@ def run_demo(
             "methods": details,
             "total_time_s": total,
             "plot": str(out / "accuracy.png") if plotted else None,
-            "command": " ".join(sys.argv),
+            "command": _command_line(),
         }
         (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
         return header + table, summary, plotted
