@@ -278,6 +278,46 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     assert ddp_result["final"]["accuracy"] == pytest.approx(single.final["accuracy"])
 
 
+def _generator_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
+    from fastkd.methods import zskd
+
+    captured = {}
+    original = zskd.ZeroShotKD.setup
+
+    def setup(self):
+        original(self)
+        captured["method"] = self
+
+    zskd.ZeroShotKD.setup = setup
+    _ddp_worker(rank, world, port, cfg_dict)
+    gen = captured["method"].gen_params
+    torch.save([p.detach().clone() for p in gen], os.path.join(out, f"gen{rank}.pt"))
+
+
+def test_adversarial_generator_is_trained_in_sync_across_processes(tmp_path):
+    """zskd's generator updates average their gradients over the ranks: both ranks end with the same
+    generator (and the run does not deadlock)."""
+    import torch.multiprocessing as mp
+
+    cfg = _tiny.config(
+        "zskd", tmp_path / "ddp", max_steps=3, batch_size=8, method_options={"gen_every": 1, "gen_steps": 2}
+    )
+    ctx = mp.start_processes(_generator_worker, args=(2, _free_port(), cfg.to_dict(), str(tmp_path)), nprocs=2,
+                             join=False, start_method="spawn")  # fmt: skip
+    import time
+
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):  # True once every process has exited (an error in one re-raises here)
+        if time.monotonic() > deadline:  # pragma: no cover - a deadlock
+            for proc in ctx.processes:
+                proc.kill()
+            pytest.fail("the two processes did not finish within 300 s")
+    g0 = torch.load(tmp_path / "gen0.pt")
+    g1 = torch.load(tmp_path / "gen1.pt")
+    assert len(g0) == len(g1) > 0
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g0, g1))
+
+
 # --------------------------------------------------------------------------------------------
 # bad input: clear errors before any work
 # --------------------------------------------------------------------------------------------
