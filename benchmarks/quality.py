@@ -123,7 +123,7 @@ def probe_method(
     if ckpt.is_dir():
         trainer, _info = load_checkpoint(str(ckpt), student)
         m.load_state_dict(trainer["method"])
-        state = "final (from the run's checkpoint)"
+        state = "final"
     g = torch.Generator().manual_seed(seed)
     if state == "initial":  # fills generated pools, runs the first generator updates
         m.before_step(0, g)

@@ -226,7 +226,6 @@ def test_render_table():
     assert "| t3 | failed |  |" in table
 
 
-@pytest.mark.slow
 def test_demo_all_methods_with_tiny_generator(patched, tmp_path):
     out = tmp_path / "all"
     argv = ["--budget", "cpu", "-o", str(out), "--cache", str(tmp_path / "cache"), *TINY]
