@@ -99,12 +99,11 @@ def probe_method(
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Draw ``batches`` training batches from ``method`` (final state when a checkpoint exists) and score them."""
+    from fastkd import data as fdata
     from fastkd.loop import CHECKPOINT, load_checkpoint, load_classifier
     from fastkd.methods import get_method
     from fastkd.methods.base import MethodContext, StepInfo
     from fastkd.student import EmbeddingBridge
-
-    from fastkd import data as fdata
 
     teacher, tok = load_classifier(teacher_dir, device)
     teacher.eval().requires_grad_(False)

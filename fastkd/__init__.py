@@ -57,11 +57,14 @@ from fastkd.ops.nearest_tokens import nearest_tokens, reference_nearest_tokens  
 __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
+    "DistillConfig",
     "__version__",
     "available_backends",
+    "distill",
     "distill_loss",
     "embedding_ascent_",
     "embedding_ascent_multi_",
+    "evaluate",
     "hidden_match",
     "nearest_tokens",
     "nn",
@@ -70,3 +73,19 @@ __all__ = [
     "reference_hidden_match",
     "reference_nearest_tokens",
 ]
+
+# The distillation loop imports transformers: load it on first use, not with `import fastkd`.
+_LAZY = {
+    "distill": "fastkd.loop",
+    "DistillConfig": "fastkd.loop",
+    "DistillResult": "fastkd.loop",
+    "evaluate": "fastkd.loop",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fastkd' has no attribute {name!r}")

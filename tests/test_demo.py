@@ -187,8 +187,9 @@ def test_budgets_and_overrides():
 
 def test_default_student_is_5x_smaller_than_minilm():
     """The default student shape against the real MiniLM config (built, not downloaded)."""
-    from fastkd.student import build_student, count_parameters
     from transformers import BertConfig, BertForSequenceClassification
+
+    from fastkd.student import build_student, count_parameters
 
     cfg = BertConfig(
         vocab_size=30522,

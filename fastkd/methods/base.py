@@ -1,0 +1,322 @@
+"""The small interface every distillation method implements, and what the loop gives it.
+
+A method turns "what should the student see next?" into :class:`View` objects: inputs that both
+the teacher and the student receive. The loop (:mod:`fastkd.loop`) owns the teacher, the student,
+the optimizer and the KD loss; a method only
+
+* ``setup()`` — builds its generators (called once, before a checkpoint is loaded);
+* ``before_step(step, generator)`` — optional work before a student step (generator updates);
+* ``batch(info)`` — the views for one micro-batch of this rank;
+* ``student_loss(view, student_out, teacher_out)`` — an optional extra loss term for the student;
+* ``student_parameters()`` — extra trainable modules updated with the student (e.g. a head);
+* ``state_dict()`` / ``load_state_dict()`` — everything needed for an exact resume (tensors and
+  JSON-able values; no pickle).
+
+All randomness comes from the ``torch.Generator`` the loop passes in, seeded from (seed, step,
+micro-batch, rank), and the global RNG is reseeded the same way at each step, so a resumed run
+repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+import fastkd
+from fastkd.data import ShuffledStream, encode
+
+
+class OptionError(ValueError):
+    """An unknown or invalid method option."""
+
+
+@dataclass
+class View:
+    """One batch of inputs, fed to the teacher and the student alike.
+
+    Token inputs: ``input_ids`` ``[B, T]`` (each model looks up its own embeddings; the tokenizer
+    is shared). Embedding inputs: ``teacher_embeds`` ``[B, T, Ht]`` in the teacher's word-embedding
+    space, used where ``embeds_mask`` ``[B, T]`` is True (everywhere when it is None and there are
+    no ``input_ids``); the student receives them through :class:`fastkd.student.EmbeddingBridge`.
+    Position and segment embeddings are added by the models themselves.
+    """
+
+    attention_mask: Tensor
+    input_ids: Tensor | None = None
+    teacher_embeds: Tensor | None = None
+    embeds_mask: Tensor | None = None
+    token_type_ids: Tensor | None = None
+    labels: Tensor | None = None
+    weight: float = 1.0
+    name: str = "data"
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.attention_mask.shape[0])
+
+
+@dataclass
+class StepInfo:
+    """Where a micro-batch sits: the optimizer step, micro-batch and rank, its rows and its RNG."""
+
+    step: int
+    micro: int
+    rank: int
+    world: int
+    batch_size: int  # rows of this micro-batch on this rank
+    offset: int  # position of its first row in the global sample stream
+    generator: torch.Generator
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - exotic forward
+        return True
+
+
+@dataclass
+class MethodContext:
+    """What the loop lends a method. Teacher: frozen, eval mode. Student: trained by the loop."""
+
+    teacher: nn.Module
+    student: nn.Module
+    tokenizer: Any
+    device: torch.device
+    num_labels: int
+    pair_task: bool
+    max_length: int
+    temperature: float
+    divergence: str
+    seed: int
+    micro_batch_size: int = 8
+    rank: int = 0
+    world: int = 1
+    ood_texts: list[str] | None = None
+    train_rows: list[dict] | None = None
+    bridge: Any = None
+    autocast: Callable[[], AbstractContextManager] = nullcontext
+    all_reduce: Callable[[Sequence[Tensor]], None] | None = None
+    progress: bool = True
+
+    # ---- forward passes -------------------------------------------------------------------
+    def model_inputs(self, model: nn.Module, view: View, side: str) -> dict[str, Tensor]:
+        """Keyword arguments for ``model(**kw)`` from a view; ``side`` is "teacher" or "student"."""
+        kw: dict[str, Tensor] = {"attention_mask": view.attention_mask}
+        if view.token_type_ids is not None and _accepts(model, "token_type_ids"):
+            kw["token_type_ids"] = view.token_type_ids
+        if view.teacher_embeds is None:
+            if view.input_ids is None:
+                raise ValueError("a View needs input_ids or teacher_embeds")
+            kw["input_ids"] = view.input_ids
+            return kw
+        emb = view.teacher_embeds
+        if side == "student":
+            if self.bridge is None:
+                raise RuntimeError("embedding views need MethodContext.bridge")
+            emb = self.bridge(emb)
+        if view.input_ids is not None:
+            own = model.get_input_embeddings()(view.input_ids.clamp_min(0))
+            mask = view.embeds_mask if view.embeds_mask is not None else torch.ones_like(view.attention_mask)
+            emb = torch.where(mask.bool().unsqueeze(-1), emb.to(own.dtype), own)
+        kw["inputs_embeds"] = emb
+        return kw
+
+    def forward(self, model: nn.Module, view: View, side: str, *, hidden: bool = False):
+        """Run one model on a view (under the loop's autocast); returns the transformers output."""
+        with self.autocast():
+            return model(**self.model_inputs(model, view, side), output_hidden_states=hidden)
+
+    def kd(self, student_logits: Tensor, teacher_logits: Tensor, **kw: Any) -> Tensor:
+        """The run's KD divergence (``fastkd.distill_loss`` with its temperature and divergence)."""
+        kw.setdefault("temperature", self.temperature)
+        kw.setdefault("divergence", self.divergence)
+        return fastkd.distill_loss(student_logits.float(), teacher_logits.float(), **kw)
+
+    # ---- helpers for text-based methods ---------------------------------------------------
+    def encode_texts(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> View:
+        enc = encode(self.tokenizer, texts, pairs, max_length=self.max_length, device=self.device)
+        return View(
+            attention_mask=enc["attention_mask"], input_ids=enc["input_ids"], token_type_ids=enc.get("token_type_ids")
+        )
+
+    def word_embeddings(self, model: nn.Module) -> Tensor:
+        return model.get_input_embeddings().weight
+
+    def special_ids(self) -> list[int]:
+        return sorted({int(i) for i in (self.tokenizer.all_special_ids or []) if i is not None})
+
+    def content_mask(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """True at real (non-special, non-padding) tokens."""
+        special = torch.tensor(self.special_ids(), device=input_ids.device, dtype=input_ids.dtype)
+        return attention_mask.bool() & ~torch.isin(input_ids, special)
+
+    def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
+        """Average the gradients of a method's own modules across ranks (no-op on one process)."""
+        if self.all_reduce is not None and self.world > 1:
+            self.all_reduce([p.grad for p in params if p.grad is not None])
+
+
+class Method:
+    """Base class of the distillation methods (see the module docstring for the protocol)."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    data_free: ClassVar[bool] = True  # False only for the supervised upper bound
+    needs_ood: ClassVar[bool] = False  # reads the out-of-domain text source
+    default_hidden_weight: ClassVar[float] = 0.0
+    uses_embeddings: bool = False  # views carry teacher-space embeddings (the loop refits the bridge)
+
+    @dataclass
+    class Options:
+        pass
+
+    def __init__(self, ctx: MethodContext, options: Any = None) -> None:
+        self.ctx = ctx
+        self.opt = options if options is not None else self.Options()
+
+    def setup(self) -> None:
+        return None
+
+    def before_step(self, step: int, generator: torch.Generator) -> dict[str, float]:
+        return {}
+
+    def batch(self, info: StepInfo) -> list[View]:
+        raise NotImplementedError
+
+    def student_loss(self, view: View, student_out: Any, teacher_out: Any) -> Tensor | None:
+        return None
+
+    def student_parameters(self) -> list[nn.Parameter]:
+        return []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        return None
+
+    # ---- options --------------------------------------------------------------------------
+    @classmethod
+    def option_help(cls) -> list[tuple[str, Any, str]]:
+        """``(name, default, help)`` for each option of this method."""
+        out = []
+        for f in dataclasses.fields(cls.Options):
+            default = f.default if f.default is not dataclasses.MISSING else None
+            out.append((f.name, default, f.metadata.get("help", "")))
+        return out
+
+    @classmethod
+    def parse_options(cls, values: dict[str, Any] | None) -> Any:
+        """Build the Options dataclass from a dict (strings are converted to the field types)."""
+        values = dict(values or {})
+        fields = {f.name: f for f in dataclasses.fields(cls.Options)}
+        hints = typing.get_type_hints(cls.Options)
+        kwargs = {}
+        for key, raw in values.items():
+            k = key.replace("-", "_")
+            if k not in fields:
+                raise OptionError(
+                    f"unknown option {key!r} for method {cls.name!r}; valid options: "
+                    f"{', '.join(sorted(fields)) or '(none)'}"
+                )
+            kwargs[k] = _convert(raw, hints[k], f"method option {key!r}")
+        opt = cls.Options(**kwargs)
+        check = getattr(opt, "check", None)
+        if check is not None:
+            try:
+                check()
+            except ValueError as e:
+                raise OptionError(f"method {cls.name!r}: {e}") from None
+        return opt
+
+
+def _convert(raw: Any, hint: Any, what: str) -> Any:
+    """Convert a (string) option value to the annotated type: bool, int, float, str, or X | None."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    if raw is None or (optional and isinstance(raw, str) and raw.lower() in ("none", "null", "")):
+        if optional:
+            return None
+        raise OptionError(f"{what} cannot be None")
+    try:
+        if base is bool:
+            if isinstance(raw, bool):
+                return raw
+            s = str(raw).strip().lower()
+            if s in ("1", "true", "yes", "on"):
+                return True
+            if s in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if base is int:
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError(raw)
+            return int(raw)
+        if base is float:
+            return float(raw)
+        if base is str:
+            return str(raw)
+    except (TypeError, ValueError):
+        raise OptionError(f"{what} must be {getattr(base, '__name__', base)}, got {raw!r}") from None
+    return raw
+
+
+def opt(default: Any, help: str) -> Any:
+    """A dataclass field with a help text (shown by ``fastkd distill --help``)."""
+    return field(default=default, metadata={"help": help})
+
+
+# --------------------------------------------------------------------------------------------
+# Shared pieces: sampling OOD text (and pairs built from it) deterministically.
+# --------------------------------------------------------------------------------------------
+class TextSampler:
+    """Rows of a text corpus by stream position; for pair tasks, pairs built from the corpus.
+
+    Pairs (Zero-shot KD uses OOD pairs for pair tasks; how it builds them is not specified): half
+    the rows pair a sentence with another random sentence (unrelated pairs), half with a copy of
+    itself with words dropped and shuffled locally (related, overlapping pairs), so the teacher sees
+    both kinds. Which half a row falls in, and the partner, come from the row's own seeded RNG.
+    """
+
+    def __init__(self, texts: Sequence[str], seed: int, pair_task: bool) -> None:
+        self.texts = list(texts)
+        self.stream = ShuffledStream(len(self.texts), seed)
+        self.pair_task = pair_task
+        self.seed = seed
+
+    def rows(self, offset: int, count: int) -> tuple[list[str], list[str | None] | None]:
+        idx = self.stream.indices(offset, count)
+        texts = [self.texts[i] for i in idx]
+        if not self.pair_task:
+            return texts, None
+        from fastkd.data import mix_seed
+
+        pairs: list[str | None] = []
+        for pos, t in zip(range(offset, offset + count), texts):
+            g = torch.Generator().manual_seed(mix_seed(self.seed, 7, pos))
+            if torch.rand((), generator=g).item() < 0.5:
+                pairs.append(self.texts[int(torch.randint(len(self.texts), (), generator=g))])
+            else:
+                words = t.split()
+                keep = [w for w in words if torch.rand((), generator=g).item() > 0.2] or words[:1]
+                pairs.append(" ".join(keep))
+        return texts, pairs
+
+    def random_rows(self, count: int, generator: torch.Generator) -> tuple[list[str], list[str | None] | None]:
+        idx = torch.randint(len(self.texts), (count,), generator=generator).tolist()
+        texts = [self.texts[i] for i in idx]
+        if not self.pair_task:
+            return texts, None
+        partner = torch.randint(len(self.texts), (count,), generator=generator).tolist()
+        return texts, [self.texts[j] for j in partner]

@@ -1,0 +1,404 @@
+"""``t3`` — DFKD-T3: data-free distillation by text-to-text transfer.
+
+Reference: Zheyuan Bai, Xinduo Liu, Hailin Hu, Tianyu Guo, Qinghua Zhang, Yunhe Wang. "Data-Free
+Distillation of Language Model by Text-to-Text Transfer." arXiv:2311.01689 (2023).
+
+What follows the paper
+    * A pretrained generative LM is the data generator: it transforms general-domain (OOD) text
+      into task-like text, and the student is distilled on the transformed text.
+    * The generator is tuned for *specificity* (the generated text is clearly of the task: the
+      teacher is confident of the intended label) and *diversity* (no collapse onto a few texts or
+      one class).
+    * Generated data can be written to disk and reused to distil other students
+      (``fastkd generate`` writes JSONL; ``fastkd distill --method ood --ood generated.jsonl``, or
+      ``-O pool_file=generated.jsonl`` here, reads it back).
+
+What is reconstruction
+    * Text crosses between the generator's and the teacher's tokenizers as text (they differ in
+      general), so no gradient flows from the teacher into the generator. We tune the generator with
+      REINFORCE (policy gradient, batch-mean baseline, normalised advantages): the reward of a
+      sampled rewrite is ``spec_weight * p_teacher(intended label | text) + div_weight * (1 - max
+      word-bigram Jaccard similarity to the other samples of the batch)``. The paper describes an
+      end-to-end learnable framework; with a different tokenizer on each side a score-function
+      estimator is the faithful way to optimise the same two objectives.
+    * Control: each rewrite is conditioned on an intended label through the prompt ("Rewrite the
+      following text as a {label} {task}"), labels drawn uniformly, so the class balance of the
+      generated data is set by construction and specificity is measured against the intended label.
+      Label words come from ``label_words`` or the teacher's ``id2label``.
+    * Cost control: only the top ``tune_layers`` blocks of the generator are tuned (all when 0); the
+      student trains on a pool of generated texts (``pool_size``), of which ``refresh_fraction`` is
+      regenerated every ``refresh_every`` steps after ``tune_steps`` generator updates; at step 0 the
+      generator is tuned, then the pool filled.
+    * For pair tasks the rewritten sentence is paired with a second OOD sentence.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from fastkd.data import encode, load_text
+from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
+
+DEFAULT_PROMPT = "Rewrite the following text as a {label} {task}, in one sentence.\n\nText: {text}"
+
+
+@dataclass
+class T3Options:
+    generator: str | None = opt(None, "causal LM that rewrites text: folder, hub id, or a .gguf file (required)")
+    gguf_file: str | None = opt(None, "GGUF file name inside the generator folder")
+    task: str = opt("text", "what the task's texts are, for the prompt (e.g. 'movie review')")
+    label_words: str | None = opt(None, "comma-separated words for the classes (default: the teacher's id2label)")
+    prompt: str = opt(DEFAULT_PROMPT, "rewrite instruction with {label}, {task} and {text}")
+    chat: str = opt("auto", "wrap the prompt in the generator's chat template: auto, yes, no")
+    max_new_tokens: int = opt(32, "tokens generated per rewrite")
+    top_p: float = opt(0.95, "nucleus sampling threshold")
+    gen_temperature: float = opt(1.0, "sampling temperature of the generator")
+    gen_batch: int = opt(16, "rewrites per generate() call")
+    source_max_words: int = opt(40, "OOD source text is cut to this many words in the prompt")
+    pool_size: int = opt(256, "generated texts the student trains on")
+    pool_file: str | None = opt(None, "start from texts generated earlier (JSONL from `fastkd generate`)")
+    refresh_every: int = opt(100, "student steps between generator tuning + pool refresh (0: never)")
+    refresh_fraction: float = opt(0.25, "fraction of the pool regenerated at each refresh")
+    tune_steps: int = opt(4, "REINFORCE updates of the generator per refresh (and at the start)")
+    tune_batch: int = opt(8, "rewrites per REINFORCE update")
+    tune_lr: float = opt(1e-5, "generator learning rate (Adam)")
+    tune_layers: int = opt(2, "tune only the top N generator blocks (0: all parameters)")
+    spec_weight: float = opt(1.0, "reward weight of specificity (teacher confidence in the intended label)")
+    div_weight: float = opt(0.5, "reward weight of diversity (1 - max bigram Jaccard within the batch)")
+
+    def check(self) -> None:
+        if self.chat not in ("auto", "yes", "no"):
+            raise ValueError(f"chat must be auto, yes or no, got {self.chat!r}")
+        for name in ("max_new_tokens", "gen_batch", "tune_batch", "source_max_words"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.pool_size < 1 and not self.pool_file:
+            raise ValueError("pool_size must be >= 1")
+        if min(self.refresh_every, self.tune_steps, self.tune_layers) < 0:
+            raise ValueError("refresh_every, tune_steps and tune_layers must be >= 0")
+        if not 0.0 < self.top_p <= 1.0 or self.gen_temperature <= 0 or self.tune_lr <= 0:
+            raise ValueError("top_p must be in (0, 1]; gen_temperature and tune_lr positive")
+        if not 0.0 <= self.refresh_fraction <= 1.0:
+            raise ValueError("refresh_fraction must be in [0, 1]")
+        for key in ("{label}", "{text}"):
+            if key not in self.prompt:
+                raise ValueError(f"prompt must contain {key}")
+
+
+def bigram_diversity(texts: Sequence[str]) -> list[float]:
+    """``1 - max_j Jaccard(bigrams_i, bigrams_j)`` for each text (1.0 = shares no bigram)."""
+    grams = []
+    for t in texts:
+        w = t.lower().split()
+        grams.append({tuple(w[i : i + 2]) for i in range(max(1, len(w) - 1))} if w else set())
+    out = []
+    for i, a in enumerate(grams):
+        best = 0.0
+        for j, b in enumerate(grams):
+            if i != j and (a or b):
+                best = max(best, len(a & b) / max(1, len(a | b)))
+        out.append(1.0 - best)
+    return out
+
+
+def _clean(text: str) -> str:
+    for raw in text.splitlines():
+        line = raw.strip().strip('"').strip("'").strip()
+        if line:
+            return line
+    return ""
+
+
+def _layers(model: nn.Module) -> nn.ModuleList | None:
+    best = None
+    for mod in model.modules():
+        if isinstance(mod, nn.ModuleList) and (best is None or len(mod) > len(best)):
+            best = mod
+    return best
+
+
+class Rewriter:
+    """The T3 generator: prompts a causal LM to rewrite OOD text into labelled task text, scores the
+    rewrites with the teacher and tunes the LM with REINFORCE. Used by :class:`T3` and by
+    ``fastkd generate``."""
+
+    def __init__(
+        self, teacher: nn.Module, tokenizer: Any, options: T3Options, *, device: torch.device, max_length: int,
+        autocast: Callable[[], AbstractContextManager] = nullcontext, progress: bool = False,
+    ) -> None:  # fmt: skip
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.teacher, self.tokenizer, self.opt = teacher, tokenizer, options
+        self.device, self.max_length, self.autocast, self.progress = device, max_length, autocast, progress
+        if not options.generator:
+            raise ValueError("t3 needs a causal LM to rewrite text: -O generator=PATH (folder, hub id or .gguf file)")
+        path, gguf = options.generator, options.gguf_file
+        if path.lower().endswith(".gguf") and os.path.isfile(path):
+            path, gguf = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+        kw = {"gguf_file": gguf} if gguf else {}
+        try:
+            self.lm_tok = AutoTokenizer.from_pretrained(path, **kw)
+            self.lm = AutoModelForCausalLM.from_pretrained(path, **kw)
+        except Exception as e:
+            raise ValueError(
+                f"cannot load the t3 generator {options.generator!r}: {e.__class__.__name__}: {e}"
+            ) from None
+        self.lm_tok.padding_side = "left"
+        if self.lm_tok.pad_token is None:
+            self.lm_tok.pad_token = self.lm_tok.eos_token
+        self.lm.to(device).eval()  # eval: no dropout; sampling is the randomness
+        self.lm.requires_grad_(False)
+        blocks = _layers(self.lm)
+        if options.tune_layers == 0 or blocks is None:
+            self.lm.requires_grad_(True)
+            self.lm.get_input_embeddings().weight.requires_grad_(False)
+        else:
+            for block in list(blocks)[-options.tune_layers :]:
+                block.requires_grad_(True)
+        self.params = [p for p in self.lm.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.Adam(self.params, lr=options.tune_lr)
+        self.num_labels = int(teacher.config.num_labels)
+        self.label_words = self._label_words()
+        self.use_chat = options.chat == "yes" or (
+            options.chat == "auto" and bool(getattr(self.lm_tok, "chat_template", None))
+        )
+
+    def _label_words(self) -> list[str]:
+        if self.opt.label_words:
+            words = [w.strip() for w in self.opt.label_words.split(",")]
+            if len(words) != self.num_labels:
+                raise ValueError(f"label_words has {len(words)} entries but the teacher has {self.num_labels} classes")
+            return words
+        id2label = getattr(self.teacher.config, "id2label", None) or {}
+        words = [str(id2label.get(i, id2label.get(str(i), f"class {i}"))) for i in range(self.num_labels)]
+        return [f"class {i}" if w.upper().startswith("LABEL_") else w for i, w in enumerate(words)]
+
+    # ---- prompting and sampling --------------------------------------------------------------------
+    def prompt(self, source: str, label: int) -> str:
+        src = " ".join(source.split()[: self.opt.source_max_words])
+        text = self.opt.prompt.format(label=self.label_words[label], task=self.opt.task, text=src)
+        if self.use_chat:
+            return self.lm_tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        return text + "\nRewritten:"
+
+    @torch.no_grad()
+    def sample(self, sources: Sequence[str], labels: Sequence[int]) -> tuple[list[str], Tensor, Tensor, int]:
+        """Rewrites plus (sequences, attention mask, prompt length) for computing their log-probs."""
+        enc = self.lm_tok([self.prompt(s, y) for s, y in zip(sources, labels)], return_tensors="pt", padding=True)
+        enc = {k: v.to(self.device) for k, v in enc.items()}
+        with self.autocast():
+            out = self.lm.generate(
+                **enc, do_sample=True, top_p=self.opt.top_p, temperature=self.opt.gen_temperature,
+                max_new_tokens=self.opt.max_new_tokens, pad_token_id=self.lm_tok.pad_token_id,
+            )  # fmt: skip
+        p_len = enc["input_ids"].shape[1]
+        new = out[:, p_len:]
+        # generated tokens up to and including the first end-of-sequence token
+        eos = self.lm_tok.eos_token_id
+        is_eos = new == eos if eos is not None else torch.zeros_like(new, dtype=torch.bool)
+        after = (is_eos.cumsum(1) - is_eos.long()) > 0
+        gen_mask = (~after).long()
+        mask = torch.cat([enc["attention_mask"], gen_mask], dim=1)
+        lengths = gen_mask.sum(1).tolist()
+        decoded = self.lm_tok.batch_decode([row[:n] for row, n in zip(new.tolist(), lengths)], skip_special_tokens=True)
+        texts = [_clean(t) for t in decoded]
+        texts = [t if t else s for t, s in zip(texts, sources)]
+        return texts, out, mask, p_len
+
+    @torch.no_grad()
+    def teacher_probs(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> Tensor:
+        enc = encode(self.tokenizer, texts, pairs, max_length=self.max_length, device=self.device)
+        with self.autocast():
+            return self.teacher(**enc).logits.float().softmax(-1)
+
+    def token_logprobs(self, seq: Tensor, mask: Tensor, p_len: int) -> tuple[Tensor, Tensor]:
+        """Log-probabilities ``[B, G]`` of the generated tokens under the current LM, and their mask."""
+        kw: dict[str, Tensor] = {"input_ids": seq, "attention_mask": mask}
+        if _accepts(self.lm, "position_ids"):  # left padding: positions as generate() counted them
+            kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
+        with self.autocast():
+            logits = self.lm(**kw).logits[:, p_len - 1 : -1].float()
+        gen = seq[:, p_len:]
+        lp = torch.log_softmax(logits, -1).gather(2, gen.unsqueeze(-1)).squeeze(-1)
+        return lp, mask[:, p_len:].float()
+
+    def tune_step(
+        self, sources: Sequence[str], labels: Sequence[int], reduce: Callable[[list], None] | None = None
+    ) -> dict[str, float]:
+        """One REINFORCE update; returns the batch's mean specificity, diversity and reward."""
+        texts, seq, mask, p_len = self.sample(sources, labels)
+        y = torch.tensor(list(labels), device=self.device)
+        spec = self.teacher_probs(texts).gather(1, y[:, None]).squeeze(1)
+        div = torch.tensor(bigram_diversity(texts), device=self.device)
+        reward = self.opt.spec_weight * spec + self.opt.div_weight * div
+        adv = reward - reward.mean()
+        if len(texts) > 1:
+            adv = adv / (reward.std() + 1e-6)
+        lp, gmask = self.token_logprobs(seq, mask, p_len)
+        seq_lp = (lp * gmask).sum(1) / gmask.sum(1).clamp_min(1.0)
+        loss = -(adv.detach() * seq_lp).mean()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if reduce is not None:
+            reduce([p for p in self.params if p.grad is not None])
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return {
+            "t3_specificity": float(spec.mean()),
+            "t3_diversity": float(div.mean()),
+            "t3_reward": float(reward.mean()),
+        }
+
+    def generate(
+        self, sources: Sequence[str], labels: Sequence[int], pairs: Sequence[str | None] | None = None
+    ) -> list[dict]:
+        """Rewrite each source with its intended label; rows carry the teacher's label and confidence."""
+        from tqdm.auto import tqdm
+
+        rows: list[dict] = []
+        bs = self.opt.gen_batch
+        with tqdm(total=len(sources), desc="t3 generate", leave=False, disable=not self.progress) as bar:
+            for i in range(0, len(sources), bs):
+                src, lab = list(sources[i : i + bs]), list(labels[i : i + bs])
+                texts, *_ = self.sample(src, lab)
+                pr = pairs[i : i + bs] if pairs is not None else None
+                probs = self.teacher_probs(texts, pr)
+                for j, t in enumerate(texts):
+                    rows.append(
+                        {
+                            "text": t, "text_pair": pr[j] if pr is not None else None,
+                            "label": int(probs[j].argmax()), "intended_label": int(lab[j]),
+                            "teacher_confidence": float(probs[j, lab[j]]), "source": src[j],
+                        }
+                    )  # fmt: skip
+                bar.update(len(src))
+        return rows
+
+    def trainable_state(self) -> dict[str, Tensor]:
+        names = {id(p): n for n, p in self.lm.named_parameters()}
+        return {names[id(p)]: p.detach() for p in self.params}
+
+    def load_trainable_state(self, state: dict[str, Tensor]) -> None:
+        params = dict(self.lm.named_parameters())
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+
+class T3(Method):
+    name = "t3"
+    summary = "DFKD-T3 (Bai et al. 2023): an LM tuned to rewrite OOD text into task-like text"
+    needs_ood = True
+    Options = T3Options
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        assert ctx.ood_texts is not None
+        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
+        self.rewriter = Rewriter(
+            ctx.teacher, ctx.tokenizer, self.opt, device=ctx.device, max_length=ctx.max_length,
+            autocast=ctx.autocast, progress=ctx.progress,
+        )  # fmt: skip
+        self.pool: list[dict] = []
+        self.pool_next = 0
+        if self.opt.pool_file:
+            rows = [r for r in _read_pool(self.opt.pool_file)]
+            self.pool = rows[: self.opt.pool_size] if self.opt.pool_size else rows
+
+    def _draw(self, n: int, generator: torch.Generator) -> tuple[list[str], list[int], list[str | None] | None]:
+        sources, pairs = self.sampler.random_rows(n, generator)
+        labels = torch.randint(self.ctx.num_labels, (n,), generator=generator).tolist()
+        return sources, labels, pairs
+
+    def _tune(self, generator: torch.Generator) -> dict[str, float]:
+        stats: dict[str, float] = {}
+        for _ in range(self.opt.tune_steps):
+            sources, labels, _ = self._draw(self.opt.tune_batch, generator)
+            for k, v in self.rewriter.tune_step(
+                sources, labels, self.ctx.reduce_grads if self.ctx.world > 1 else None
+            ).items():
+                stats[k] = stats.get(k, 0.0) + v / self.opt.tune_steps
+        return stats
+
+    def before_step(self, step: int, generator: torch.Generator) -> dict[str, float]:
+        if self.pool and not (self.opt.refresh_every and step > 0 and step % self.opt.refresh_every == 0):
+            return {}
+        stats = self._tune(generator)
+        size = self.opt.pool_size
+        n = size if not self.pool else max(1, round(size * self.opt.refresh_fraction))
+        if self.pool and self.opt.refresh_fraction == 0:
+            return stats
+        sources, labels, pairs = self._draw(n, generator)
+        rows = self.rewriter.generate(sources, labels, pairs)
+        for r in rows:
+            if len(self.pool) < size:
+                self.pool.append(r)
+            else:
+                self.pool[self.pool_next] = r
+                self.pool_next = (self.pool_next + 1) % size
+        stats["t3_pool_confidence"] = sum(r["teacher_confidence"] for r in rows) / len(rows)
+        return stats
+
+    def batch(self, info: StepInfo) -> list[View]:
+        idx = torch.randint(len(self.pool), (info.batch_size,), generator=info.generator).tolist()
+        rows = [self.pool[i] for i in idx]
+        pairs = [r.get("text_pair") for r in rows] if self.ctx.pair_task else None
+        view = self.ctx.encode_texts([r["text"] for r in rows], pairs)
+        view.name = "generated"
+        return [view]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "generator": self.rewriter.trainable_state(),
+            "generator_optimizer": self.rewriter.optimizer.state_dict(),
+            "pool": [{k: r.get(k) for k in ("text", "text_pair", "intended_label")} for r in self.pool],
+            "pool_next": self.pool_next,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        self.rewriter.load_trainable_state(state["generator"])
+        self.rewriter.optimizer.load_state_dict(state["generator_optimizer"])
+        self.pool = [dict(r) for r in state["pool"]]
+        self.pool_next = int(state["pool_next"])
+
+
+def _read_pool(path: str) -> list[dict]:
+    texts = load_text(path)
+    return [{"text": t, "text_pair": None, "intended_label": None} for t in texts]
+
+
+def generate_dataset(
+    teacher: nn.Module, tokenizer: Any, ood_texts: Sequence[str], options: T3Options, *, num_rows: int,
+    device: torch.device, max_length: int = 64, seed: int = 0, pair_task: bool = False, progress: bool = True,
+) -> list[dict]:  # fmt: skip
+    """Tune a T3 rewriter (``options.tune_steps`` updates) and generate ``num_rows`` labelled rows.
+
+    Rows: ``{"text", "text_pair", "label" (the teacher's), "intended_label", "teacher_confidence",
+    "source"}`` — usable as OOD text (``--ood``) or, with the teacher's labels, as labeled data.
+    """
+    teacher.to(device).eval().requires_grad_(False)
+    rewriter = Rewriter(teacher, tokenizer, options, device=device, max_length=max_length, progress=progress)
+    sampler = TextSampler(ood_texts, seed, pair_task)
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(options.tune_steps), desc="t3 tune", disable=not progress, leave=False):
+        sources, _ = sampler.random_rows(options.tune_batch, g)
+        labels = torch.randint(rewriter.num_labels, (len(sources),), generator=g).tolist()
+        rewriter.tune_step(sources, labels)
+    sources, pairs = sampler.random_rows(num_rows, g)
+    labels = torch.randint(rewriter.num_labels, (num_rows,), generator=g).tolist()
+    return rewriter.generate(sources, labels, pairs)

@@ -1,0 +1,344 @@
+"""``zskd`` — Zero-shot Knowledge Distillation for NLP.
+
+Reference: Ahmad Rashid, Vasileios Lioutas, Abbas Ghaddar, Mehdi Rezagholizadeh. "Towards Zero-Shot
+Knowledge Distillation for Natural Language Processing." EMNLP 2021 (arXiv:2012.15495). The token
+generator follows the same authors' MATE-KD: Rashid, Lioutas, Rezagholizadeh, "MATE-KD: Masked
+Adversarial TExt, a Companion to Knowledge Distillation", ACL 2021 (arXiv:2105.05912).
+
+What follows the papers
+    * The student learns from the teacher's soft outputs only, on out-of-domain (OOD) text and on
+      adversarial examples derived from it; no task data is read.
+    * Adversarial examples maximise the divergence KL(teacher || student) — the same divergence the
+      student minimises — so they probe where the student disagrees with the teacher.
+    * Token-level generator (``generator=mlm``, MATE-KD): a fraction (default 0.3) of the OOD
+      tokens is masked, a masked-LM generator fills the masks, its output goes through a
+      straight-through Gumbel-softmax, and teacher and student receive ``relaxed_one_hot @
+      word_embeddings`` at the filled positions, each with its own embedding matrix (the tokenizer
+      is shared). The generator is trained to maximise the divergence; generator and student steps
+      alternate (default: 10 generator steps at the start of every 100 student steps, MATE-KD's
+      n_G / n_S). The student minimises KD on the OOD batch plus KD on its adversarial version.
+    * For pair tasks the student sees pairs built from OOD sentences.
+
+What is reconstruction (the papers leave it open, or our setting differs)
+    * Generator: MATE-KD uses a pretrained masked LM of the teacher's vocabulary. No such model ships
+      offline, so by default the generator is built from the teacher itself: its embeddings and its
+      bottom ``generator_layers`` blocks, with a masked-LM head whose decoder is tied to the (frozen)
+      teacher word embeddings and whose transform starts as the identity — at start it proposes
+      tokens whose embeddings are close to the contextual state at the masked position. A real
+      masked LM with the teacher's vocabulary can be passed as ``generator_path``.
+    * The straight-through estimator: the forward pass uses the hard Gumbel sample (a plain
+      embedding lookup, cheaper than the dense ``one_hot @ E``); the backward pass routes the
+      gradient through the soft sample (``grad @ E^T``), which is what the straight-through
+      Gumbel-softmax computes.
+    * The student's adversarial batch uses a hard (sampled) fill: its forward pass is the same as the
+      straight-through one, and it does not need the generator's gradient.
+    * Embedding-space generator (``generator=embedding``): the paper's adversarial stage perturbs
+      inputs by gradient ascent on the divergence; here each OOD batch gets ``embed_steps`` ascent
+      steps on its word embeddings with :func:`fastkd.embedding_ascent_` (per-token L2-normalised
+      steps, projected back into an L2 ball of ``embed_radius`` times the mean word-embedding norm
+      around the clean embeddings; [CLS]/[SEP]/padding untouched). The gradient is that of
+      :func:`fastkd.distill_loss` with respect to the input embeddings, through the teacher's logits
+      (and the student's). The student reads teacher-space embeddings through
+      :class:`fastkd.student.EmbeddingBridge`; the steps are projected onto the directions that map
+      passes to a narrower student.
+    * During generator updates and the ascent the student runs in eval mode (no dropout noise in
+      the adversary's signal); its weights get no gradient there.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+import fastkd
+from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
+
+
+class _StraightThroughEmbed(torch.autograd.Function):
+    """Forward: ``E[index]`` (the hard one-hot times E). Backward: gradient to the soft sample
+    ``y_soft`` as ``grad @ E^T`` — the straight-through Gumbel-softmax estimator without a dense
+    ``[N, V] @ [V, H]`` forward product."""
+
+    @staticmethod
+    def forward(ctx, y_soft: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+        ctx.save_for_backward(weight)
+        return weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (weight,) = ctx.saved_tensors
+        return grad @ weight.to(grad.dtype).T, None, None
+
+
+def gumbel_softmax_st(logits: Tensor, tau: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """``(y_soft, index)``: the relaxed sample and its argmax, with Gumbel noise from ``generator``."""
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
+    u = u.clamp(1e-10, 1.0 - 1e-7)
+    gumbel = -torch.log(-torch.log(u))
+    y = (logits.float() + gumbel) / tau
+    return torch.softmax(y, dim=-1), y.argmax(-1)
+
+
+def _mlm_head(model: nn.Module) -> nn.Module | None:
+    for name in ("cls", "lm_head"):
+        head = getattr(model, name, None)
+        if isinstance(head, nn.Module):
+            return head
+    return None
+
+
+def build_mlm_generator(teacher: nn.Module, layers: int) -> nn.Module:
+    """A masked LM made of the teacher's embeddings and bottom ``layers`` blocks (see module doc)."""
+    from transformers import AutoModelForMaskedLM
+
+    from fastkd.student import _remap_layer_key
+
+    cfg = copy.deepcopy(teacher.config)
+    n_t = int(cfg.num_hidden_layers)
+    layers = max(1, min(layers, n_t))
+    cfg.num_hidden_layers = layers
+    cfg.tie_word_embeddings = True
+    if hasattr(cfg, "is_decoder"):
+        cfg.is_decoder = False
+    try:
+        gen = AutoModelForMaskedLM.from_config(cfg)
+    except ValueError as e:
+        raise ValueError(
+            f"cannot build a masked-LM generator for a {type(teacher).__name__} teacher ({e}); pass one with "
+            "-O generator_path=... or use -O generator=embedding"
+        ) from None
+    mapping = list(range(layers))
+    t_state = teacher.base_model.state_dict()
+    with torch.no_grad():
+        for key, value in gen.base_model.state_dict().items():
+            tkey = _remap_layer_key(key, mapping)
+            if tkey is not None and tkey in t_state and t_state[tkey].shape == value.shape:
+                value.copy_(t_state[tkey])
+        head = _mlm_head(gen)
+        if head is not None:
+            for mod in head.modules():
+                if isinstance(mod, nn.Linear) and mod.weight.shape[0] == mod.weight.shape[1]:
+                    mod.weight.copy_(torch.eye(mod.weight.shape[0]))
+                    if mod.bias is not None:
+                        mod.bias.zero_()
+                    break
+    gen.tie_weights()
+    return gen
+
+
+class ZeroShotKD(Method):
+    name = "zskd"
+    summary = "Zero-shot KD (Rashid et al. 2021): OOD text + adversarial examples maximising KL(teacher||student)"
+    needs_ood = True
+
+    @dataclass
+    class Options:
+        generator: str = opt("mlm", "adversarial generator: 'mlm' (token level, MATE-KD) or 'embedding' (ascent)")
+        mask_prob: float = opt(0.3, "fraction of OOD tokens the masked-LM generator refills")
+        gen_steps: int = opt(10, "generator updates at the start of each cycle (mlm)")
+        gen_every: int = opt(100, "student steps per cycle (mlm); 0 never updates the generator")
+        gen_lr: float = opt(1e-4, "generator learning rate (Adam)")
+        gen_batch: int = opt(0, "rows per generator update; 0 = the student's micro-batch")
+        gumbel_tau: float = opt(1.0, "Gumbel-softmax temperature")
+        generator_layers: int = opt(2, "teacher blocks the default masked-LM generator is built from")
+        generator_path: str | None = opt(None, "a masked LM with the teacher's vocabulary (path or hub id)")
+        embed_steps: int = opt(1, "gradient-ascent steps per batch (embedding)")
+        embed_radius: float = opt(0.15, "L2 ball radius around the clean embeddings, x mean word-embedding norm")
+        embed_step_size: float = opt(0.0, "ascent step, x mean word-embedding norm; 0 = 1.25 * radius / steps")
+        embed_norm: str = opt("l2", "step normalisation of embedding_ascent_: l2, linf, sign, none")
+        ood_weight: float = opt(1.0, "weight of the KD loss on the clean OOD batch")
+        adv_weight: float = opt(1.0, "weight of the KD loss on the adversarial batch")
+
+        def check(self) -> None:
+            if self.generator not in ("mlm", "embedding"):
+                raise ValueError(f"zskd generator must be 'mlm' or 'embedding', got {self.generator!r}")
+            if not 0.0 < self.mask_prob <= 1.0:
+                raise ValueError(f"mask_prob must be in (0, 1], got {self.mask_prob}")
+            if self.gumbel_tau <= 0 or self.gen_lr <= 0 or self.embed_radius <= 0:
+                raise ValueError("gumbel_tau, gen_lr and embed_radius must be positive")
+            if min(self.gen_steps, self.gen_every, self.gen_batch, self.embed_steps) < 0:
+                raise ValueError("gen_steps, gen_every, gen_batch and embed_steps must be >= 0")
+
+    def setup(self) -> None:
+        ctx = self.ctx
+        assert ctx.ood_texts is not None
+        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
+        self.uses_embeddings = self.opt.generator == "embedding"
+        self.mask_id = ctx.tokenizer.mask_token_id
+        self.generator: nn.Module | None = None
+        if self.opt.generator == "mlm":
+            if self.mask_id is None:
+                raise ValueError("zskd generator=mlm needs a tokenizer with a mask token; use -O generator=embedding")
+            if self.opt.generator_path:
+                from transformers import AutoModelForMaskedLM
+
+                gen = AutoModelForMaskedLM.from_pretrained(self.opt.generator_path)
+                if gen.get_input_embeddings().weight.shape[0] != ctx.teacher.get_input_embeddings().weight.shape[0]:
+                    raise ValueError("generator_path: the masked LM's vocabulary differs from the teacher's tokenizer")
+            else:
+                gen = build_mlm_generator(ctx.teacher, self.opt.generator_layers)
+            gen.get_input_embeddings().weight.requires_grad_(False)
+            out_emb = gen.get_output_embeddings()
+            if out_emb is not None:
+                out_emb.weight.requires_grad_(False)
+            gen.to(ctx.device).eval()  # no dropout: the generator's randomness is the Gumbel noise
+            self.generator = gen
+            self.gen_params = [p for p in gen.parameters() if p.requires_grad]
+            self.gen_opt = torch.optim.Adam(self.gen_params, lr=self.opt.gen_lr)
+        mean_norm = ctx.teacher.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
+        self.radius = self.opt.embed_radius * mean_norm
+        step = self.opt.embed_step_size * mean_norm
+        self.step_size = step if step > 0 else 1.25 * self.radius / max(1, self.opt.embed_steps)
+
+    # ---- token-level (MATE-KD) generator ------------------------------------------------------
+    def _mask(self, view: View, generator: torch.Generator) -> Tensor:
+        """Positions to refill: a ``mask_prob`` fraction of the real tokens (at least one per row)."""
+        content = self.ctx.content_mask(view.input_ids, view.attention_mask)
+        u = torch.rand(content.shape, generator=generator).to(content.device)
+        pick = content & (u < self.opt.mask_prob)
+        # rows where nothing was picked: take their first real token
+        empty = ~pick.any(1) & content.any(1)
+        if empty.any():
+            first = content.float().argmax(1)
+            pick[empty, first[empty]] = True
+        return pick
+
+    def _fill_logits(self, view: View, pick: Tensor) -> Tensor:
+        """Generator logits ``[N, V]`` at the picked positions (inputs there replaced by [MASK])."""
+        assert self.generator is not None
+        ids = view.input_ids.masked_fill(pick, self.mask_id)
+        kw: dict[str, Tensor] = {"input_ids": ids, "attention_mask": view.attention_mask}
+        if view.token_type_ids is not None and _accepts(self.generator, "token_type_ids"):
+            kw["token_type_ids"] = view.token_type_ids
+        head = _mlm_head(self.generator)
+        with self.ctx.autocast():
+            if head is not None:
+                hidden = self.generator.base_model(**kw).last_hidden_state
+                return head(hidden[pick]).float()
+            return self.generator(**kw).logits[pick].float()
+
+    def _embeds(self, model: nn.Module, view: View, pick: Tensor, y_soft: Tensor, index: Tensor) -> Tensor:
+        weight = model.get_input_embeddings().weight
+        base = weight.index_select(0, view.input_ids.reshape(-1)).reshape(*view.input_ids.shape, -1)
+        filled = _StraightThroughEmbed.apply(y_soft, index, weight)
+        out = base.clone()
+        out[pick] = filled.to(out.dtype)
+        return out
+
+    def _forward_embeds(self, model: nn.Module, view: View, embeds: Tensor):
+        kw: dict[str, Any] = {"inputs_embeds": embeds, "attention_mask": view.attention_mask}
+        if view.token_type_ids is not None and _accepts(model, "token_type_ids"):
+            kw["token_type_ids"] = view.token_type_ids
+        with self.ctx.autocast():
+            return model(**kw).logits
+
+    def _generator_update(self, generator: torch.Generator, rows: int) -> float:
+        ctx = self.ctx
+        texts, pairs = self.sampler.random_rows(rows, generator)
+        view = ctx.encode_texts(texts, pairs)
+        pick = self._mask(view, generator)
+        logits = self._fill_logits(view, pick)
+        y_soft, index = gumbel_softmax_st(logits, self.opt.gumbel_tau, generator)
+        t_logits = self._forward_embeds(ctx.teacher, view, self._embeds(ctx.teacher, view, pick, y_soft, index))
+        s_logits = self._forward_embeds(ctx.student, view, self._embeds(ctx.student, view, pick, y_soft, index))
+        divergence = ctx.kd(s_logits, t_logits)
+        grads = torch.autograd.grad(-divergence, self.gen_params, allow_unused=True)
+        for p, g in zip(self.gen_params, grads):
+            p.grad = g
+        ctx.reduce_grads(self.gen_params)
+        self.gen_opt.step()
+        self.gen_opt.zero_grad(set_to_none=True)
+        return float(divergence.detach())
+
+    def before_step(self, step: int, generator: torch.Generator) -> dict[str, float]:
+        if self.generator is None or self.opt.gen_every == 0 or step % self.opt.gen_every != 0:
+            return {}
+        rows = self.opt.gen_batch or self.ctx.micro_batch_size
+        student = self.ctx.student
+        was_training = student.training
+        student.eval()
+        try:
+            divs = [self._generator_update(generator, rows) for _ in range(self.opt.gen_steps)]
+        finally:
+            student.train(was_training)
+        return {"gen_divergence": sum(divs) / len(divs)} if divs else {}
+
+    @torch.no_grad()
+    def _token_adversary(self, view: View, generator: torch.Generator) -> View:
+        pick = self._mask(view, generator)
+        logits = self._fill_logits(view, pick)
+        _, index = gumbel_softmax_st(logits, self.opt.gumbel_tau, generator)
+        ids = view.input_ids.clone()
+        ids[pick] = index.to(ids.dtype)
+        return View(
+            attention_mask=view.attention_mask, input_ids=ids, token_type_ids=view.token_type_ids,
+            weight=self.opt.adv_weight, name="adversarial",
+        )  # fmt: skip
+
+    # ---- embedding-space generator ---------------------------------------------------------------
+    def _embedding_adversary(self, view: View) -> View:
+        ctx = self.ctx
+        ascent = getattr(fastkd, "embedding_ascent_", None)
+        if ascent is None:
+            raise RuntimeError("zskd generator=embedding needs fastkd.embedding_ascent_ (not in this fastkd build)")
+        weight = ctx.teacher.get_input_embeddings().weight.detach()
+        origin = weight.index_select(0, view.input_ids.reshape(-1)).reshape(*view.input_ids.shape, -1)
+        x = origin.clone()
+        content = ctx.content_mask(view.input_ids, view.attention_mask)
+        adv = View(
+            attention_mask=view.attention_mask, input_ids=view.input_ids, teacher_embeds=x, embeds_mask=content,
+            token_type_ids=view.token_type_ids, weight=self.opt.adv_weight, name="adversarial",
+        )  # fmt: skip
+        student = ctx.student
+        was_training = student.training
+        student.eval()
+        try:
+            for _ in range(self.opt.embed_steps):
+                x.requires_grad_(True)
+                t_logits = ctx.forward(ctx.teacher, adv, "teacher").logits
+                s_logits = ctx.forward(student, adv, "student").logits
+                (grad,) = torch.autograd.grad(ctx.kd(s_logits, t_logits), x)
+                grad = ctx.bridge.visible(grad)  # perturb only what a narrower student receives
+                x = x.detach()
+                ascent(
+                    x, grad, step_size=self.step_size, norm=self.opt.embed_norm, radius=self.radius, origin=origin,
+                    mask=content, maximize=True,
+                )  # fmt: skip
+                adv.teacher_embeds = x
+        finally:
+            student.train(was_training)
+        adv.teacher_embeds = x.detach()
+        return adv
+
+    # ---- the student's batch ----------------------------------------------------------------------
+    def batch(self, info: StepInfo) -> list[View]:
+        texts, pairs = self.sampler.rows(info.offset, info.batch_size)
+        clean = self.ctx.encode_texts(texts, pairs)
+        clean.name, clean.weight = "ood", self.opt.ood_weight
+        if self.opt.generator == "mlm":
+            adv = self._token_adversary(clean, info.generator)
+        else:
+            adv = self._embedding_adversary(clean)
+        return [clean, adv]
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.generator is None:
+            return {}
+        names = {id(p): n for n, p in self.generator.named_parameters()}
+        return {
+            "generator": {names[id(p)]: p.detach() for p in self.gen_params},
+            "generator_optimizer": self.gen_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.generator is None or not state:
+            return
+        params = dict(self.generator.named_parameters())
+        with torch.no_grad():
+            for name, value in state["generator"].items():
+                params[name].copy_(value)
+        self.gen_opt.load_state_dict(state["generator_optimizer"])

@@ -1,0 +1,164 @@
+"""The ``fastkd`` command line: distill (with --config), eval, generate, help, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import _tiny
+import pytest
+
+from fastkd.cli import OPTIONAL_COMMANDS, build_parser, main
+from fastkd.data import load_labeled, load_text
+from fastkd.loop import DistillConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _common(out_dir) -> list[str]:
+    files = _tiny.data_files()
+    return [
+        "--teacher", _tiny.teacher_dir(), "--ood", files["ood"], "--eval", files["eval"], "--out-dir", str(out_dir),
+        "--max-length", "24", "--batch-size", "8", "--threads", "1", "--no-progress", "--student-layers", "1",
+    ]  # fmt: skip
+
+
+def _last_json(text: str) -> dict:
+    start = text.rindex("\n{") + 1 if "\n{" in text else text.index("{")
+    return json.loads(text[start:])
+
+
+def test_distill_then_eval(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["distill", *_common(out), "--method", "ood", "--max-steps", "4", "--eval-every", "2", "--lr", "5e-3"])
+    assert code == 0
+    summary = _last_json(capsys.readouterr().out)
+    assert summary["steps"] == 4 and summary["student_dir"] == str(out / "student")
+    assert set(summary["final"]) >= {"accuracy", "macro_f1", "mcc"}
+    assert summary["student_params"] < summary["teacher_params"]
+    code = main(["eval", "--model", str(out / "student"), "--data", _tiny.data_files()["eval"], "--device", "cpu"])
+    assert code == 0
+    scored = _last_json(capsys.readouterr().out)
+    assert scored["accuracy"] == pytest.approx(summary["final"]["accuracy"])
+    assert scored["rows"] == 96 and scored["parameters"] == summary["student_params"]
+
+
+def test_method_options_and_config_file(tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(
+        "method: zskd\nmax_steps: 3\nlr: 0.001\nmethod_options:\n  gen_every: 2\n  gen_steps: 1\n  mask_prob: 0.5\n",
+        encoding="utf-8",
+    )
+    out = tmp_path / "run"
+    # the command line overrides the file: 2 steps, mask_prob 0.4; gen_every stays from the file
+    code = main(["distill", "--config", str(cfg), *_common(out), "--max-steps", "2", "-O", "mask_prob=0.4"])
+    assert code == 0
+    saved = json.loads((out / "result.json").read_text())["config"]
+    assert saved["max_steps"] == 2 and saved["lr"] == 0.001 and saved["method"] == "zskd"
+    assert saved["method_options"] == {"gen_every": 2, "gen_steps": 1, "mask_prob": "0.4"}
+    jcfg = tmp_path / "run.json"
+    jcfg.write_text(json.dumps({"method": "random", "max-steps": 1}), encoding="utf-8")
+    assert main(["distill", "--config", str(jcfg), *_common(tmp_path / "j")]) == 0
+    assert json.loads((tmp_path / "j" / "result.json").read_text())["steps"] == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "ood", "-O", "nokey"], "must look like KEY=VALUE"),
+        (["--method", "ood", "-O", "foo=1"], "unknown option 'foo' for method 'ood'"),
+        (["--method", "zskd", "-O", "mask_prob=2"], "mask_prob must be in"),
+        (["--method", "ood", "--student-layers", "4", "--student-hidden", "64"], "not smaller than the teacher"),
+    ],
+)
+def test_distill_errors_exit_2_with_a_message(tmp_path, capsys, argv, message):
+    code = main(["distill", *_common(tmp_path / "x"), *argv])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "fastkd distill: error:" in err and message in err
+    assert not (tmp_path / "x").exists()
+
+
+def test_unknown_config_key_and_missing_teacher(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("teacher: x\nlearning_rate: 1\n", encoding="utf-8")
+    assert main(["distill", "--config", str(bad)]) == 2
+    assert "unknown option(s) ['learning_rate']" in capsys.readouterr().err
+    assert main(["distill", "--method", "random"]) == 2
+    assert "no teacher given" in capsys.readouterr().err
+    assert main(["eval", "--model", str(tmp_path / "none"), "--data", _tiny.data_files()["eval"]]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_argparse_rejects_unknown_method_and_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["distill", "--method", "magic"])
+    assert e.value.code == 2 and "invalid choice: 'magic'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["distill", "--no-such-flag"])
+
+
+def test_generate_writes_reusable_jsonl(tmp_path, capsys):
+    out = tmp_path / "gen.jsonl"
+    argv = [
+        "generate", "--teacher", _tiny.teacher_dir(), "--ood", _tiny.data_files()["ood"], "--generator",
+        _tiny.causal_lm_dir(), "--out", str(out), "--num-rows", "12", "--no-progress", "--device", "cpu",
+        "-O", "tune_steps=1", "-O", "tune_batch=4", "-O", "max_new_tokens=8",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    info = _last_json(capsys.readouterr().out)
+    assert info["rows"] == 12 and sum(info["teacher_label_counts"]) == 12
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 12 and all(r["text"] for r in rows)
+    assert len(load_text(str(out))) == 12 and len(load_labeled(str(out))) == 12  # OOD text or labeled data
+    # reuse: distil another student on the generated text with the plain OOD method
+    code = main(["distill", *_common(tmp_path / "reuse"), "--method", "ood", "--ood", str(out), "--max-steps", "2"])
+    assert code == 0
+    # and as T3's starting pool
+    code = main(
+        ["distill", *_common(tmp_path / "pool"), "--method", "t3", "--max-steps", "2", "-O",
+         f"generator={_tiny.causal_lm_dir()}", "-O", f"pool_file={out}", "-O", "refresh_every=0"]
+    )  # fmt: skip
+    assert code == 0
+    assert main(["generate", "--teacher", _tiny.teacher_dir(), "--ood", "x", "--out", str(out)]) == 2
+    assert "--generator" in capsys.readouterr().err
+
+
+def test_help_explains_every_option_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["distill", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(DistillConfig):
+        if f.name == "method_options":
+            assert "--method-option KEY=VALUE" in text
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in text, flag
+    assert text.count("(default") >= len(dataclasses.fields(DistillConfig)) - 2  # teacher is required
+    for method_option in ("mask_prob = 0.3", "construct_steps = 5", "tune_steps = 4", "min_tokens = 4"):
+        assert method_option in text
+    for sub in ("eval", "generate"):
+        with pytest.raises(SystemExit):
+            main([sub, "--help"])
+        sub_text = capsys.readouterr().out
+        assert "(default" in sub_text and "--device" in sub_text
+
+
+def test_optional_subcommands_follow_their_modules():
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, module in OPTIONAL_COMMANDS.items():
+        assert (name in sub.choices) == (importlib.util.find_spec(module) is not None)
+    assert {"distill", "eval", "generate"} <= set(sub.choices)
+
+
+def test_python_dash_m_fastkd():
+    env = {**os.environ, "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    res = subprocess.run([sys.executable, "-m", "fastkd", "--help"], capture_output=True, text=True, env=env, cwd=ROOT,
+                         timeout=300)  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "distill" in res.stdout and "generate" in res.stdout and "eval" in res.stdout
