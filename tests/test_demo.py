@@ -13,8 +13,6 @@ from fastkd import assets as A
 from fastkd import demo as D
 from fastkd import teacher as T
 
-pytest.importorskip("fastkd.loop", reason="the distillation loop (issue 6) is not merged yet")
-
 POS = ["good", "great", "fine", "superb", "lovely"]
 NEG = ["bad", "awful", "dull", "poor", "boring"]
 FILLER = ["the", "movie", "film", "was", "plot", "acting", "really", "quite", "a", "story"]
