@@ -1,20 +1,27 @@
-"""Benchmarks of fastkd.embedding_ascent_: one in-place step on [64, 128, 768] token embeddings.
-
-Providers: ``eager`` (``reference_embedding_ascent_``: the step as eager PyTorch writes it, 6-10
-kernels over the same memory), ``compile`` (``torch.compile`` of its math,
-``reference_ascent_values``, with the two in-place copies run eagerly: inductor's CPU backend
-crashes compiling the copy_ into embeds together with the three chained row reductions, KeyError
-'bufN' in outer-loop fusion, pytorch issues #188228 / #196570), ``fastkd-cpu`` (CPU float32, 2
-threads); on a GPU (bfloat16) ``eager``, ``compile``, ``fastkd-cuda``, ``fastkd-triton``.
-Mode ``forward``: the update has no backward.
+"""Benchmarks of ``fastkd.embedding_ascent_`` (issue 5): one in-place gradient step on token embeddings.
 
 Run: ``python -m pytest benchmarks/bench_embedding_ascent.py --benchmark-only -q``
-(``-k small`` for a quick run on [8, 128, 768]).
+(``FASTKD_BENCH_SIZES=quick|default|full``; ``bash benchmarks/run.sh`` runs the suite and the report).
 
-extra_info: ``floor_bytes`` is the memory floor of one step (read embeds, grad, origin, the mask and
-the momentum buffer, write embeds and the buffer, each once); ``floor_flops`` None (memory-bound,
-~10 flops per element); ``peak_mem_bytes`` as in ``benchmarks/_peak_memory.py`` (CPU: peak
-resident memory one call adds, measured in a fresh process; CUDA: peak allocated during the call).
+Cases: embeddings ``[B, T, H]`` float32 on CPU (2 threads; issue 5's target is [64, 128, 768]),
+bfloat16 on GPU. Two step variants: ``l2`` (L2-normalised step, projection onto an L2 ball of
+radius 0.5 around the origin, max_norm 10, a token mask: the adversarial stage) and ``sign-momentum``
+(MI-FGSM: momentum 0.9 with its buffer, sign step, L-inf box of radius 0.05, the mask).
+
+Providers:
+
+* ``eager``   — ``fastkd.reference_embedding_ascent_``: the step as eager PyTorch writes it (6-10
+  kernels over the same memory, then the in-place copies).
+* ``compile`` — ``torch.compile(fullgraph=True)`` of its math (``reference_ascent_values``) with the
+  two in-place copies run eagerly: Inductor's CPU backend crashes compiling the ``copy_`` into the
+  embeddings together with the three chained row reductions (``KeyError: 'bufN'`` in outer-loop
+  fusion, pytorch issues #188228 / #196570).
+* ``fastkd-cpu`` / ``fastkd-cuda`` / ``fastkd-triton`` — ``fastkd.embedding_ascent_(..., backend=...)``.
+
+Mode ``forward`` only: the step is an optimiser-style update with no backward.
+
+Floor (bytes that must move): read embeds, grad, origin and the mask, write embeds; with momentum
+also read and write the buffer. ``floor_flops``: None (memory-bound, about 10 flops per element).
 """
 
 from __future__ import annotations
@@ -23,102 +30,104 @@ import pytest
 import torch
 
 import fastkd
-from benchmarks._peak_memory import cpu_peak_bytes, cuda_peak_bytes
-from fastkd.ops.embedding_ascent import reference_ascent_values, reference_embedding_ascent_
+from benchmarks.common import (
+    DEVICE,
+    backend_of,
+    case_param,
+    compiled,
+    dtype_name,
+    provider_params,
+    require_fit,
+    run_case,
+)
+from fastkd.ops.embedding_ascent import OP, reference_ascent_values, reference_embedding_ascent_
 
-HAS_CUDA = torch.cuda.is_available()
-CASES = {
-    "l2-radius-maxnorm-mask": {"norm": "l2", "radius": 0.5, "max_norm": 10.0, "momentum": 0.0},
-    "sign-momentum-radius-mask": {"norm": "sign", "radius": 0.05, "max_norm": None, "momentum": 0.9},
+CPU, GPU = ("cpu",), ("cuda",)
+QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
+f32, bf16 = torch.float32, torch.bfloat16
+
+VARIANTS = {
+    "l2": {"norm": "l2", "radius": 0.5, "max_norm": 10.0, "momentum": 0.0},
+    "sign-momentum": {"norm": "sign", "radius": 0.05, "max_norm": None, "momentum": 0.9},
 }
-SHAPES = {"target": (64, 128, 768), "small": (8, 128, 768)}
-# (device, provider): CPU float32 with 2 threads; GPU bfloat16.
-PROVIDERS = [
-    ("cpu", "eager"),
-    ("cpu", "compile"),
-    ("cpu", "fastkd-cpu"),
-    ("cuda", "eager"),
-    ("cuda", "compile"),
-    ("cuda", "fastkd-cuda"),
-    ("cuda", "fastkd-triton"),
+
+# (variant, B, T, H, dtype, devices, size sets)
+_CASES = [
+    ("l2", 4, 32, 768, f32, CPU, QUICK),
+    ("sign-momentum", 4, 32, 768, f32, CPU, QUICK),
+    ("l2", 64, 128, 768, f32, CPU, DEFAULT_FULL),  # issue 5's CPU target case
+    ("sign-momentum", 64, 128, 768, f32, CPU, DEFAULT_FULL),
+    ("l2", 64, 128, 384, f32, CPU, FULL),
+    ("l2", 256, 128, 1024, f32, CPU, FULL),
+    ("l2", 4, 32, 768, bf16, GPU, QUICK),
+    ("l2", 64, 128, 768, bf16, GPU, DEFAULT_FULL),
+    ("sign-momentum", 64, 128, 768, bf16, GPU, DEFAULT_FULL),
+    ("l2", 256, 512, 4096, bf16, GPU, DEFAULT_FULL),
+    ("sign-momentum", 256, 512, 4096, bf16, GPU, FULL),
 ]
 
 
-def _dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if device == "cuda" else torch.float32
+def _case_id(c) -> str:
+    variant, B, T, H, dtype, devices, _ = c
+    return f"{variant}-{B}x{T}x{H}-{dtype_name(dtype)}-{devices[0]}"
 
 
-def _inputs(shape, device, momentum):
-    g = torch.Generator(device="cpu").manual_seed(0)
-    dtype = _dtype(device)
-    e = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
-    grad = torch.randn(shape, generator=g).to(device=device, dtype=dtype)
+CASES = [case_param(c, id=_case_id(c), devices=c[5], sizes=c[6]) for c in _CASES]
+
+
+def _inputs(B: int, T: int, H: int, dtype: torch.dtype, momentum: float):
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    e = torch.randn(B, T, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+    grad = torch.randn(B, T, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
     origin = e.clone()
-    mask = (torch.rand(shape[:-1], generator=g) > 0.1).to(device)
+    mask = torch.rand(B, T, generator=g, device=DEVICE) > 0.1
     buf = torch.zeros_like(e) if momentum > 0 else None
     return e, grad, origin, mask, buf
 
 
-def build(device: str, provider: str, case: str, shape_name: str):
-    """The call to time: one in-place step (also used by the peak-memory subprocess)."""
-    opts = CASES[case]
-    e, grad, origin, mask, buf = _inputs(SHAPES[shape_name], device, opts["momentum"])
-    kw = dict(step_size=0.01, origin=origin, mask=mask, momentum_buffer=buf, **opts)
+def make_fn(provider: str, variant: str, key: tuple, e, grad, origin, mask, buf):
+    kw = dict(step_size=0.01, origin=origin, mask=mask, momentum_buffer=buf, **VARIANTS[variant])
     if provider == "eager":
         return lambda: reference_embedding_ascent_(e, grad, **kw)
     if provider == "compile":
-        compiled = torch.compile(reference_ascent_values)
+        math_fn = compiled(reference_ascent_values, key)
 
         def fn():
-            x, nb = compiled(e, grad, **kw)
+            x, nb = math_fn(e, grad, **kw)
             e.copy_(x)
             if nb is not None:
                 buf.copy_(nb)
 
         return fn
-    backend = provider.split("-", 1)[1]
+    backend = backend_of(provider)
+    assert backend is not None, provider
     return lambda: fastkd.embedding_ascent_(e, grad, backend=backend, **kw)
 
 
-def _floor_bytes(shape, device, momentum) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    elem = torch.tensor([], dtype=_dtype(device)).element_size()
-    streams = 4 + (2 if momentum > 0 else 0)  # read e, grad, origin; write e; read + write buffer
-    return n * elem * streams + n // shape[-1]  # + the mask
-
-
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize(("device", "provider"), PROVIDERS, ids=[f"{d}-{p}" for d, p in PROVIDERS])
-def test_embedding_ascent(benchmark, device, provider, case, shape_name):
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip(f"{provider} on cuda needs a CUDA device")
-    if device == "cpu":
-        torch.set_num_threads(2)
-    shape = SHAPES[shape_name]
-    fn = build(device, provider, case, shape_name)
-    fn()  # warm up (compilation, thread pools)
-    if device == "cuda":
-        peak = cuda_peak_bytes(fn)
-        run = lambda: (fn(), torch.cuda.synchronize())
-    else:
-        peak = cpu_peak_bytes("benchmarks.bench_embedding_ascent", "build", device, provider, case, shape_name)
-        run = fn
-    dtype = str(_dtype(device)).split(".")[-1]
-    benchmark.group = f"embedding_ascent_ {case} {list(shape)} {dtype}"
-    benchmark.extra_info.update(
+@pytest.mark.parametrize("provider", provider_params([OP]))
+@pytest.mark.parametrize("case", CASES)
+def test_embedding_ascent(benchmark, case, provider):
+    variant, B, T, H, dtype, _, _ = case
+    opts = VARIANTS[variant]
+    b = torch.empty((), dtype=dtype).element_size()
+    n = B * T * H
+    streams = 3 + (1 if opts["momentum"] > 0 else 0)  # embeds, grad, origin (+ buffer)
+    # eager holds about 8 float32 temporaries of the embeddings' size at its peak (an upper bound)
+    require_fit(n * b * streams + (8 * n * 4 if provider in ("eager", "compile") else 0), f"{provider} on {B}x{T}x{H}")
+    e, grad, origin, mask, buf = _inputs(B, T, H, dtype, opts["momentum"])
+    fn = make_fn(provider, variant, (variant, B, T, H, dtype), e, grad, origin, mask, buf)
+    floor = n * b * (streams + 1 + (1 if buf is not None else 0)) + B * T  # + write embeds (+ buffer), mask
+    run_case(
+        benchmark,
         op="embedding_ascent_",
+        variant=variant,
         provider=provider,
         mode="forward",
-        shape=list(shape),
+        shape=f"{B}x{T}x{H}",
         dtype=dtype,
-        device=device,
-        case=case,
-        threads=torch.get_num_threads() if device == "cpu" else None,
-        floor_bytes=_floor_bytes(shape, device, CASES[case]["momentum"]),
+        fwd=fn,
+        input_bytes=n * b * streams + B * T,
+        floor_bytes=floor,
         floor_flops=None,
-        peak_mem_bytes=peak,
+        extra={"family": "ascent", "step": variant},
     )
-    benchmark.pedantic(run, rounds=20 if shape_name == "target" else 50, iterations=1, warmup_rounds=2)

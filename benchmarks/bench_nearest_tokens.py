@@ -1,101 +1,120 @@
-"""Benchmarks of fastkd.nearest_tokens: decode N = 8192 embeddings against BERT's vocabulary
-(V = 30522, H = 384 as in MiniLM-sized models), top-1 by cosine similarity.
-
-Providers: ``eager`` (the usual eager code: normalise both sides, ``matmul``, ``topk``: it
-materialises the [N, V] score matrix), ``compile`` (``torch.compile`` of the same), ``fastkd-cpu``
-(CPU float32, 2 threads); on a GPU (bfloat16) ``eager``, ``compile``, ``fastkd-cuda``,
-``fastkd-triton``. Mode ``forward``.
+"""Benchmarks of ``fastkd.nearest_tokens`` (issue 5): decode embeddings into vocabulary ids.
 
 Run: ``python -m pytest benchmarks/bench_nearest_tokens.py --benchmark-only -q``
-(``-k small`` for a quick run with N = 1024).
+(``FASTKD_BENCH_SIZES=quick|default|full``; ``bash benchmarks/run.sh`` runs the suite and the report).
 
-extra_info: ``floor_flops`` = 2 N V H (the dot products); ``floor_bytes`` = reading the embeddings
-and the vocabulary once plus writing ids and scores; ``peak_mem_bytes`` as in
-``benchmarks/_peak_memory.py`` (CPU: peak resident memory one call adds, measured in a fresh
-process; CUDA: peak allocated during the call).
+Cases: N embeddings of width H against a vocabulary of V rows (BERT's 30522), top-k by cosine
+similarity (``l2`` and ``dot`` variants in the full set); float32 on CPU (2 threads; issue 5's
+target is N = 8192, V = 30522, H = 384, k = 1), bfloat16 on GPU.
+
+Providers:
+
+* ``eager``   — the usual decoding: normalise both sides, ``matmul``, ``topk`` (it materialises the
+  [N, V] score matrix: 1 GB at the target case).
+* ``compile`` — the same function under ``torch.compile(fullgraph=True)``.
+* ``fastkd-cpu`` / ``fastkd-cuda`` / ``fastkd-triton`` — ``fastkd.nearest_tokens(..., backend=...)``.
+
+Mode ``forward`` (no gradient). Floors: ``floor_flops`` = 2 N V H (the dot products; the CPU
+kernel's default path does most of them as int8 GEMM, see csrc/nearest_tokens.cpp);
+``floor_bytes`` = reading the embeddings and the vocabulary once and writing ids and scores.
 """
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastkd
-from benchmarks._peak_memory import cpu_peak_bytes, cuda_peak_bytes
+from benchmarks.common import (
+    DEVICE,
+    backend_of,
+    case_param,
+    compiled,
+    dtype_name,
+    provider_params,
+    require_fit,
+    run_case,
+)
+from fastkd.ops.nearest_tokens import OP
 
-HAS_CUDA = torch.cuda.is_available()
-V, H, K = 30522, 384, 1
-SHAPES = {"target": 8192, "small": 1024}
-PROVIDERS = [
-    ("cpu", "eager"),
-    ("cpu", "compile"),
-    ("cpu", "fastkd-cpu"),
-    ("cuda", "eager"),
-    ("cuda", "compile"),
-    ("cuda", "fastkd-cuda"),
-    ("cuda", "fastkd-triton"),
+CPU, GPU = ("cpu",), ("cuda",)
+QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
+f32, bf16 = torch.float32, torch.bfloat16
+BERT_V = 30522
+
+# (metric, N, V, H, k, dtype, devices, size sets)
+_CASES = [
+    ("cosine", 256, 4096, 128, 1, f32, CPU, QUICK),
+    ("cosine", 1024, BERT_V, 384, 1, f32, CPU, DEFAULT_FULL),
+    ("cosine", 8192, BERT_V, 384, 1, f32, CPU, DEFAULT_FULL),  # issue 5's CPU target case
+    ("cosine", 8192, BERT_V, 384, 10, f32, CPU, FULL),
+    ("l2", 8192, BERT_V, 384, 1, f32, CPU, FULL),
+    ("dot", 8192, BERT_V, 768, 1, f32, CPU, FULL),
+    ("cosine", 256, 4096, 128, 1, bf16, GPU, QUICK),
+    ("cosine", 8192, BERT_V, 384, 1, bf16, GPU, DEFAULT_FULL),
+    ("cosine", 65536, BERT_V, 768, 1, bf16, GPU, DEFAULT_FULL),
+    ("l2", 65536, 128256, 4096, 5, bf16, GPU, FULL),
 ]
 
 
-def _dtype(device: str) -> torch.dtype:
-    return torch.bfloat16 if device == "cuda" else torch.float32
+def _case_id(c) -> str:
+    metric, N, V, H, k, dtype, devices, _ = c
+    return f"{metric}-{N}x{V}x{H}-k{k}-{dtype_name(dtype)}-{devices[0]}"
 
 
-def eager_nearest(e: torch.Tensor, w: torch.Tensor, k: int = K):
-    """The usual eager decoding: cosine scores for the whole vocabulary, then topk."""
-    en = torch.nn.functional.normalize(e, dim=-1)
-    wn = torch.nn.functional.normalize(w, dim=-1)
-    return (en @ wn.T).topk(k, dim=-1)
+CASES = [case_param(c, id=_case_id(c), devices=c[6], sizes=c[7]) for c in _CASES]
 
 
-def build(device: str, provider: str, shape_name: str):
-    """The call to time (also used by the peak-memory subprocess)."""
-    g = torch.Generator(device="cpu").manual_seed(0)
-    dtype = _dtype(device)
-    e = torch.randn(SHAPES[shape_name], H, generator=g).to(device=device, dtype=dtype)
-    w = torch.randn(V, H, generator=g).to(device=device, dtype=dtype)
-    if provider == "eager":
-        return lambda: eager_nearest(e, w)
-    if provider == "compile":
-        compiled = torch.compile(eager_nearest)
-        return lambda: compiled(e, w)
-    backend = provider.split("-", 1)[1]
-    return lambda: fastkd.nearest_tokens(e, w, k=K, metric="cosine", backend=backend)
+def eager_nearest(e: torch.Tensor, w: torch.Tensor, k: int, metric: str):
+    """The usual eager decoding: the whole [N, V] score matrix, then topk."""
+    if metric == "cosine":
+        return (F.normalize(e, dim=-1) @ F.normalize(w, dim=-1).T).topk(k, dim=-1)
+    if metric == "dot":
+        return (e @ w.T).topk(k, dim=-1)
+    return torch.cdist(e, w).topk(k, dim=-1, largest=False)
 
 
-@pytest.mark.parametrize("shape_name", list(SHAPES))
-@pytest.mark.parametrize(("device", "provider"), PROVIDERS, ids=[f"{d}-{p}" for d, p in PROVIDERS])
-def test_nearest_tokens(benchmark, device, provider, shape_name):
-    if device == "cuda" and not HAS_CUDA:
-        pytest.skip(f"{provider} on cuda needs a CUDA device")
-    if device == "cpu":
-        torch.set_num_threads(2)
-    N = SHAPES[shape_name]
-    fn = build(device, provider, shape_name)
-    fn()  # warm up (compilation, thread pools)
-    if device == "cuda":
-        peak = cuda_peak_bytes(fn)
-        run = lambda: (fn(), torch.cuda.synchronize())
+_INPUTS: dict = {}
+
+
+def _inputs(N: int, V: int, H: int, dtype: torch.dtype):
+    key = (N, V, H, dtype)
+    if key not in _INPUTS:
+        _INPUTS.clear()
+        g = torch.Generator(device=DEVICE).manual_seed(0)
+        e = torch.randn(N, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+        w = torch.randn(V, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+        _INPUTS[key] = (e, w)
+    return _INPUTS[key]
+
+
+@pytest.mark.parametrize("provider", provider_params([OP]))
+@pytest.mark.parametrize("case", CASES)
+def test_nearest_tokens(benchmark, case, provider):
+    metric, N, V, H, k, dtype, _, _ = case
+    b = torch.empty((), dtype=dtype).element_size()
+    inputs = (N + V) * H * b
+    scores = N * V * max(b, 4) * (2 if provider in ("eager", "compile") else 0)  # eager: scores (+ topk's work)
+    require_fit(inputs + scores + (N + V) * H * 4, f"{provider} on N={N} V={V} H={H}")
+    e, w = _inputs(N, V, H, dtype)
+    if provider in ("eager", "compile"):
+        fn0 = eager_nearest if provider == "eager" else compiled(eager_nearest, (metric, N, V, H, k, dtype))
+        fn = lambda: fn0(e, w, k, metric)
     else:
-        peak = cpu_peak_bytes("benchmarks.bench_nearest_tokens", "build", device, provider, shape_name)
-        run = fn
-    dtype = _dtype(device)
-    elem = torch.tensor([], dtype=dtype).element_size()
-    dname = str(dtype).split(".")[-1]
-    benchmark.group = f"nearest_tokens N={N} V={V} H={H} k={K} cosine {dname}"
-    benchmark.extra_info.update(
+        backend = backend_of(provider)
+        fn = lambda: fastkd.nearest_tokens(e, w, k=k, metric=metric, backend=backend)
+    run_case(
+        benchmark,
         op="nearest_tokens",
+        variant=None if metric == "cosine" else metric,
         provider=provider,
         mode="forward",
-        shape=[N, V, H],
-        dtype=dname,
-        device=device,
-        k=K,
-        metric="cosine",
-        threads=torch.get_num_threads() if device == "cpu" else None,
-        floor_bytes=(N + V) * H * elem + N * K * (8 + 4),
+        shape=f"{N}x{V}x{H}",
+        dtype=dtype,
+        fwd=fn,
+        input_bytes=inputs,
+        floor_bytes=inputs + N * k * (8 + 4),
         floor_flops=2 * N * V * H,
-        peak_mem_bytes=peak,
+        extra={"family": "decode", "k": k, "metric": metric},
     )
-    rounds = 3 if (shape_name == "target" and device == "cpu") else 10
-    benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)

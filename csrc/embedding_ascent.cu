@@ -1,189 +1,21 @@
-// fastkd::embedding_ascent_ / embedding_ascent_multi_ — CUDA kernel. The math is written in
-// embedding_ascent.cpp (and kernels/embedding_ascent.py); the host-side checks and the row layout
-// of strided operands are shared through embedding_ascent.h.
-//
-// One thread block per token row; each thread keeps VPT elements of the row in registers
-// (element j = threadIdx.x + v * blockDim.x, so loads and stores are coalesced), and every
-// per-row norm is a block reduction (warp shuffles, then one value per warp through shared memory).
-// Each operand is read once and written once: the memory floor of the update.
-// Multi-tensor form: the per-tensor pointers, strides, first global row and H are passed by value
-// in the kernel parameters (kMaxGroups tensors per launch; a longer list takes ceil(n / kMaxGroups)
-// launches), so there is no host-to-device copy and no synchronisation. Offsets are int64.
+// fastkd::embedding_ascent_ / embedding_ascent_multi_ — CUDA implementation: registration and launch
+// of the kernel in embedding_ascent.cuh (which describes it). The host-side checks and the row
+// layout of strided operands are shared with the CPU kernel through embedding_ascent.h.
 #include "embedding_ascent.h"
+
+#include "cuda_common.cuh"
+#include "embedding_ascent.cuh"
 
 #include <ATen/Dispatch.h>
 
 #include <limits>
 
-#include "cuda_utils.cuh"
-
 namespace fastkd {
 namespace {
 
 using namespace fastkd::ascent;
-
-constexpr int kMaxGroups = 16;
-
-struct GroupArg {
-  void* e;
-  const void* g;
-  const void* o;
-  const bool* m;  // nullptr: no mask
-  void* b;        // nullptr: no momentum buffer
-  int64_t se, sg, so, sb;
-  int64_t first;  // first global row of this tensor within the launch
-  int64_t H;
-};
-
-struct Batch {
-  GroupArg gr[kMaxGroups];
-  int n;
-};
-
-template <typename acc_t>
-struct DevParams {
-  acc_t step, sgn, momentum, radius, max_norm;
-  bool has_buf, has_radius, has_max_norm;
-  int norm;
-};
-
-// Sum over the block; every thread gets the total. `shm` holds 33 values.
-template <typename acc_t>
-__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shm) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-  __syncthreads();  // the previous reduction's readers are done with shm
-  if (lane == 0) shm[warp] = v;
-  __syncthreads();
-  if (warp == 0) {
-    v = lane < nw ? shm[lane] : acc_t(0);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    if (lane == 0) shm[32] = v;
-  }
-  __syncthreads();
-  return shm[32];
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t sign_step(acc_t v, acc_t c) {
-  // c * sign(v), with NaN (and signed zero) passing through so that NaN gradients propagate
-  return v > acc_t(0) ? c : (v < acc_t(0) ? -c : v * c);
-}
-
-template <typename scalar_t, typename buf_t, typename acc_t, int VPT>
-__global__ void __launch_bounds__(1024) ascent_kernel(const Batch batch, const DevParams<acc_t> p) {
-  __shared__ acc_t shm[33];
-  const int64_t r = blockIdx.x;
-  int gi = 0;
-  while (gi + 1 < batch.n && r >= batch.gr[gi + 1].first) ++gi;
-  const GroupArg& G = batch.gr[gi];
-  const int64_t i = r - G.first;
-  const int64_t H = G.H;
-  if (G.m != nullptr && !G.m[i]) return;  // uniform over the block: no thread reaches a barrier
-
-  scalar_t* e = static_cast<scalar_t*>(G.e) + i * G.se;
-  const scalar_t* gp = static_cast<const scalar_t*>(G.g) + i * G.sg;
-  acc_t x[VPT], g[VPT];
-#pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
-    x[v] = j < H ? static_cast<acc_t>(e[j]) : acc_t(0);
-    g[v] = j < H ? static_cast<acc_t>(gp[j]) : acc_t(0);
-  }
-  acc_t c = p.step * p.sgn;
-  if (p.has_buf) {
-    buf_t* b = static_cast<buf_t*>(G.b) + i * G.sb;
-    acc_t l1 = 0;
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) l1 += fabs(g[v]);
-    l1 = block_sum(l1, shm);
-    const acc_t inv = l1 == acc_t(0) ? acc_t(0) : p.sgn / l1;
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
-      if (j < H) {
-        const buf_t nb = static_cast<buf_t>(p.momentum * static_cast<acc_t>(b[j]) + g[v] * inv);
-        b[j] = nb;
-        g[v] = static_cast<acc_t>(nb);  // the step uses exactly the stored momentum
-      }
-    }
-    c = p.step;  // the buffer already carries the sign
-  }
-  acc_t sq = 0;
-#pragma unroll
-  for (int v = 0; v < VPT; ++v) sq += g[v] * g[v];
-  sq = block_sum(sq, shm);
-  if (sq != acc_t(0)) {  // a zero gradient row is not stepped; NaN steps (and propagates)
-    const acc_t f = p.norm == L2 ? c / sqrt(sq) : c;
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) x[v] += p.norm == SIGN ? sign_step(g[v], c) : f * g[v];
-  }
-  if (p.has_radius) {
-    const scalar_t* op = static_cast<const scalar_t*>(G.o) + i * G.so;
-    acc_t o[VPT];
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) {
-      const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
-      o[v] = j < H ? static_cast<acc_t>(op[j]) : acc_t(0);
-    }
-    if (p.norm == SIGN) {
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) {
-        const acc_t d = x[v] - o[v];
-        if (fabs(d) > p.radius) x[v] = o[v] + (d < acc_t(0) ? -p.radius : p.radius);
-      }
-    } else {
-      acc_t dn = 0;
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) dn += (x[v] - o[v]) * (x[v] - o[v]);
-      dn = sqrt(block_sum(dn, shm));
-      if (dn > p.radius) {
-        const acc_t f = p.radius / dn;
-#pragma unroll
-        for (int v = 0; v < VPT; ++v) x[v] = o[v] + (x[v] - o[v]) * f;
-      }
-    }
-  }
-  if (p.has_max_norm) {
-    acc_t xn = 0;
-#pragma unroll
-    for (int v = 0; v < VPT; ++v) xn += x[v] * x[v];
-    xn = sqrt(block_sum(xn, shm));
-    if (xn > p.max_norm) {
-      const acc_t f = p.max_norm / xn;
-#pragma unroll
-      for (int v = 0; v < VPT; ++v) x[v] *= f;
-    }
-  }
-#pragma unroll
-  for (int v = 0; v < VPT; ++v) {
-    const int64_t j = threadIdx.x + static_cast<int64_t>(v) * blockDim.x;
-    if (j < H) e[j] = static_cast<scalar_t>(x[v]);
-  }
-}
-
-template <typename scalar_t, typename buf_t, typename acc_t>
-void launch(const Batch& batch, int64_t rows, int threads, int vpt, const DevParams<acc_t>& p, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned>(rows));
-  switch (vpt) {
-#define FASTKD_ASCENT_CASE(V) \
-  case V:                     \
-    ascent_kernel<scalar_t, buf_t, acc_t, V><<<grid, threads, 0, stream>>>(batch, p); \
-    break;
-    FASTKD_ASCENT_CASE(1)
-    FASTKD_ASCENT_CASE(2)
-    FASTKD_ASCENT_CASE(4)
-    FASTKD_ASCENT_CASE(8)
-    FASTKD_ASCENT_CASE(16)
-    FASTKD_ASCENT_CASE(32)
-#undef FASTKD_ASCENT_CASE
-    default:
-      FASTKD_CHECK(false, "internal: unsupported elements per thread ", vpt);
-  }
-  FASTKD_CUDA_LAUNCH_CHECK();
-}
+using namespace fastkd::ascent_cuda;
+static_assert(kL2 == L2 && kSign == SIGN && kNone == NONE, "norm codes differ from embedding_ascent.h");
 
 template <typename scalar_t, typename buf_t>
 void run_groups(std::vector<Group>& groups, bool has_buf, double step_size, int64_t norm, std::optional<double> radius,
@@ -199,7 +31,7 @@ void run_groups(std::vector<Group>& groups, bool has_buf, double step_size, int6
   p.has_radius = radius.has_value();
   p.has_max_norm = max_norm.has_value();
   p.norm = static_cast<int>(norm);
-  cudaStream_t stream = current_cuda_stream(groups.front().e.t.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(groups.front().e.t.device().index()).stream();
 
   size_t gi = 0;
   while (gi < groups.size()) {
@@ -226,14 +58,14 @@ void run_groups(std::vector<Group>& groups, bool has_buf, double step_size, int6
     if (rows == 0) continue;
     FASTKD_CHECK(rows <= std::numeric_limits<int32_t>::max(), "embeds has more than 2^31 - 1 rows (", rows,
                  "); split it into several calls");
-    // ~4 elements per thread; blocks of 32..1024 threads; up to 32 elements per thread (H <= 32768).
-    int threads = 32;
-    while (threads < 1024 && threads * 4 < maxH) threads *= 2;
-    int vpt = 1;
-    while (static_cast<int64_t>(vpt) * threads < maxH) vpt *= 2;
-    FASTKD_CHECK(vpt <= 32, "the cuda kernel supports H <= 32768, got H = ", maxH,
+    const Plan plan = plan_threads(maxH);
+    FASTKD_CHECK(plan.vpt > 0, "the cuda kernel supports H <= ", kMaxVpt * 1024, ", got H = ", maxH,
                  " (use backend='triton' or backend='torch')");
-    launch<scalar_t, buf_t, acc_t>(batch, rows, threads, vpt, p, stream);
+    dispatch_vpt(plan.vpt, [&](auto V) {
+      ascent_kernel<scalar_t, buf_t, acc_t, decltype(V)::value>
+          <<<static_cast<unsigned>(rows), plan.threads, 0, stream>>>(batch, p);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
@@ -245,7 +77,7 @@ void ascent_impl(const std::vector<at::Tensor>& embeds, const std::vector<at::Te
   Prepared pr =
       prepare(embeds, grads, origins, masks, bufs, step_size, norm, radius, max_norm, momentum, c10::DeviceType::CUDA);
   if (pr.groups.empty()) return;
-  const c10::DeviceGuard guard(embeds[0].device());
+  const c10::cuda::CUDAGuard guard(embeds[0].device());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, pr.dtype, "fastkd_embedding_ascent_cuda", [&] {
     using acc_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     if (pr.buf_same) {

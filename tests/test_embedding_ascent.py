@@ -487,3 +487,43 @@ def test_direct_op_call_errors_name_the_argument():
         op(e, torch.randn(2, 8), None, None, None, 0.1, 7, None, None, 0.0, True)
     with pytest.raises(RuntimeError, match="mask must be a boolean tensor"):
         op(e, torch.randn(2, 8), None, torch.ones(2), None, 0.1, 0, None, None, 0.0, True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernel, run on the host by the emulation of tests/cuda_emu/ (tests/emu_embed.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("norm", "mom", "rad", "mx"),
+    [("l2", False, False, False), ("l2", True, True, True), ("sign", True, True, False), ("none", False, True, True),
+     ("sign", False, False, True)],
+)  # fmt: skip
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_cuda_kernel_emulated(norm, mom, rad, mx, dtype):
+    from tests import emu_embed
+
+    # several tensors in one launch (the multi-tensor row search), masks on some, H from 1 to 700
+    # (1 to 8 elements per thread, blocks of 32 to 256 threads), a zero-gradient row, a NaN row
+    shapes = [(3, 5, 37), (4, 700), (2, 1), (6, 64)]
+    cpu = lambda xs: tuple(None if x is None else x.cpu() for x in xs)  # the emulation runs on the host
+    ins = [cpu(_inputs(s, seed=30 + i, masked=i != 1, buf=mom)) for i, s in enumerate(shapes)]
+    ins[3][1][2, 5] = float("nan")
+    opts = _options(norm, mom, rad, mx)
+    bdt = torch.float32 if dtype == torch.bfloat16 else dtype
+    want = [_apply(reference_embedding_ascent_, *x, opts, dtype=dtype, buf_dtype=bdt) for x in ins]
+    es = [x[0].to(dtype) for x in ins]
+    before = [e.clone() for e in es]
+    bufs = [x[4].to(bdt) for x in ins] if mom else None
+    threads = emu_embed.embedding_ascent_(
+        es, [x[1].to(dtype) for x in ins], origins=[x[2].to(dtype) for x in ins] if rad else None,
+        masks=[x[3] for x in ins], bufs=bufs, **opts,
+    )  # fmt: skip
+    assert threads == 256  # the widest row (700) took 256 threads x 4
+    tol = {torch.float64: 1e-12, torch.float32: 2e-6, torch.bfloat16: 2e-2}[dtype]
+    for i in range(len(shapes)):
+        torch.testing.assert_close(es[i], want[i][0], atol=tol, rtol=tol, equal_nan=True)
+        if mom:
+            torch.testing.assert_close(bufs[i], want[i][1], atol=tol, rtol=tol, equal_nan=True)
+        if ins[i][3] is not None:
+            assert torch.equal(es[i][~ins[i][3]], before[i][~ins[i][3]])  # masked rows keep their bits
+    kept_nan_row = ins[3][3][2]
+    assert torch.isnan(es[3][2]).any() == bool(kept_nan_row)

@@ -353,3 +353,46 @@ def test_direct_op_call_errors_name_the_argument():
         op(torch.randn(3, 4), torch.randn(5, 4), 1, 5)
     with pytest.raises(RuntimeError, match="embedding_matrix must have the dtype of embeds"):
         op(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), 1, 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA kernels, run on the host by the emulation of tests/cuda_emu/ (tests/emu_embed.py)
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("metric", METRICS)
+@pytest.mark.parametrize("k", [1, 5, 40])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_cuda_kernels_emulated(metric, k, dtype):
+    from tests import emu_embed
+
+    # integer data: exact scores, so the many ties (duplicated rows at the start, the middle and in the
+    # last, padded tile; equal distances between distinct rows) must all go to the lower id
+    g = torch.Generator().manual_seed(k)
+    w = torch.randint(-3, 4, (300, 12), generator=g).to(dtype)
+    e = torch.randint(-3, 4, (9, 12), generator=g).to(dtype)
+    for j in (5, 150, 299):
+        w[j] = w[2]
+    e[0] = w[2]
+    e[1] = 0.0
+    ids, scores = emu_embed.nearest_tokens(e, w, k, metric)
+    rids, rsc = reference_nearest_tokens(e, w, k, metric)
+    if metric == "cosine":
+        assert torch.equal(ids[:2], rids[:2])
+        _check_against_reference(ids, scores, e.double(), w.double(), k, metric, atol=1e-6)
+    else:
+        assert torch.equal(ids, rids)
+        torch.testing.assert_close(scores, rsc, atol=1e-5, rtol=1e-6)
+    if metric != "dot":
+        assert ids[0, : min(k, 4)].tolist() == [2, 5, 150, 299][: min(k, 4)]
+
+
+def test_cuda_kernels_emulated_nan():
+    from tests import emu_embed
+
+    e, w = (x.cpu() for x in _data(4, 200, 8, seed=9))  # the emulation runs on the host
+    e[1, 3] = float("nan")
+    w[7, 0] = float("nan")
+    for metric in METRICS:
+        ids, scores = emu_embed.nearest_tokens(e, w, 3, metric)
+        rids, _ = reference_nearest_tokens(e, w, 3, metric)
+        assert torch.equal(ids, rids), metric
+        assert ids[1].tolist() == [0, 1, 2] and torch.isnan(scores[1]).all()

@@ -243,12 +243,22 @@ def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
         # The saved gradients are this op's own outputs, used once: scale them in place. A second
         # backward through the same graph (retain_graph=True) is refused by autograd's version check:
         # the in-place scale bumps the buffers' version counters (see _register_compiled).
+        # While AOTAutograd traces backward (fake/functional tensors) an in-place update of a saved
+        # output is not allowed in the traced graph: scale out of place there.
+        traced = type(gs) is not Tensor or type(gt) is not Tensor
+        row_scale = scale if scale.dim() == 0 else scale[:, None]
         if ctx.grad_student:
-            scale_grad_(gs, scale)
-            d_s = gs
+            if traced:
+                d_s = (gs * row_scale).to(gs.dtype)
+            else:
+                scale_grad_(gs, scale)
+                d_s = gs
         if ctx.grad_teacher:
-            scale_grad_(gt, scale)
-            d_t = gt
+            if traced:
+                d_t = (gt * row_scale).to(gt.dtype)
+            else:
+                scale_grad_(gt, scale)
+                d_t = gt
         return d_s, d_t, None, None, None, None, None, None, None, None
 
     return backward

@@ -354,13 +354,19 @@ def _triton_op(name: str):
 # torch.compile it is evaluated once while tracing and its result kept as a constant, so the
 # compiled graph has no break.
 @torch.compiler.assume_constant_result
-def _select(device: torch.device, backend: str | None) -> str:
-    return OP.select(device, backend)
+def _select(device: str, backend: str | None) -> str:
+    name = OP.select(torch.device(device), backend)
+    if name == "triton":
+        _triton_op("single")  # define the Triton custom ops now, outside the traced code
+    return name
 
 
 @torch.compiler.assume_constant_result
-def _select_multi(device: torch.device, backend: str | None) -> str:
-    return MULTI_OP.select(device, backend)
+def _select_multi(device: str, backend: str | None) -> str:
+    name = MULTI_OP.select(torch.device(device), backend)
+    if name == "triton":
+        _triton_op("multi")
+    return name
 
 
 # Backend arguments: (embeds, grad, origin, mask, momentum_buffer, step_size, norm, radius, max_norm,
@@ -486,7 +492,7 @@ def embedding_ascent_(
     _check_tensors(embeds, grad, origin, mask, momentum_buffer, radius, momentum)
     grad = _cast(grad, embeds.dtype)
     origin = _cast(origin, embeds.dtype)
-    name = _select(embeds.device, backend)
+    name = _select(str(embeds.device), backend)
     if embeds.numel() == 0:
         return embeds
     with torch.no_grad():
@@ -567,7 +573,7 @@ def embedding_ascent_multi_(
     o_list = [_cast(o, dtype) for o in origins] if origins is not None else []
     m_list = list(masks) if masks is not None else []
     b_list = list(momentum_buffers) if momentum_buffers is not None else []
-    name = _select_multi(embeds[0].device, backend)
+    name = _select_multi(str(embeds[0].device), backend)
     with torch.no_grad():
         MULTI_OP(name, e_list, g_list, o_list, m_list, b_list, step_size, norm, radius, max_norm, momentum, maximize)
     return e_list

@@ -166,9 +166,13 @@ def _triton_impl(e2, matrix, k, metric):
 
 
 @torch.compiler.assume_constant_result
-def _select(device: torch.device, backend: str | None) -> str:
-    # evaluated once while tracing under torch.compile (it reads files and the environment)
-    return OP.select(device, backend)
+def _select(device: str, backend: str | None) -> str:
+    # Under torch.compile the choice is made once, at trace time (the registry reads the environment
+    # and the build info, which Dynamo cannot trace).
+    name = OP.select(torch.device(device), backend)
+    if name == "triton":
+        _triton_op()  # define the Triton custom op now, outside the traced code
+    return name
 
 
 def nearest_tokens(
@@ -220,7 +224,7 @@ def nearest_tokens(
     if e2.dtype != dtype:
         e2 = e2.to(dtype)
     matrix = embedding_matrix if embedding_matrix.dtype == dtype else embedding_matrix.to(dtype)
-    name = _select(embeds.device, backend)
+    name = _select(str(embeds.device), backend)
     with torch.no_grad():
         ids, scores = OP(name, e2, matrix, k, metric)
     return ids.reshape(*lead, k), scores.reshape(*lead, k)
