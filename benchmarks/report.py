@@ -384,7 +384,12 @@ LEGEND = (
     'Times are medians of the timed rounds (p20/p80 in the CSVs). "fastkd vs X" = X\'s time / the '
     "fastest fastkd backend's time (above 1: fastkd is faster). % of floor = the case's floor (bytes "
     "that must move, or FLOPs) per second against the measured copy bandwidth (or matmul rate). "
-    "Memory above inputs = the peak memory one call adds to what was allocated before it."
+    "Memory above inputs = the peak memory one call adds to what was allocated before it. "
+    "Above 100% of floor: the rates are a float32 copy through main memory and a float32 matmul, "
+    "so a case whose data stays in cache, or that does its arithmetic in int8 (nearest_tokens on "
+    "CPU ranks with an exact int8 GEMM), can beat them. The fused losses (distill_loss, "
+    "hidden_match) write their gradients during the forward pass, so their forward includes most "
+    "of the backward work and their backward only scales: compare `full`."
 )
 
 

@@ -120,14 +120,19 @@ class Op:
     def __init__(self, name: str, auto_order: dict[str, Sequence[str]] | None = None) -> None:
         self.name = name
         self.impls: dict[str, Callable] = {}
+        self.prepare: dict[str, Callable[[], object]] = {}
         self.auto_order = {**DEFAULT_AUTO_ORDER, **(auto_order or {})}
+        _OPS[name] = self
 
-    def register(self, backend: str) -> Callable[[Callable], Callable]:
+    def register(self, backend: str, prepare: Callable[[], object] | None = None) -> Callable[[Callable], Callable]:
+        """Register ``backend``'s implementation; ``prepare`` runs when :meth:`pick` chooses it."""
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
         def deco(fn: Callable) -> Callable:
             self.impls[backend] = fn
+            if prepare is not None:
+                self.prepare[backend] = prepare
             return fn
 
         return deco
@@ -156,8 +161,31 @@ class Op:
                 return name
         return "torch"
 
+    def pick(self, device: torch.device, backend: str | None = None) -> str:
+        """:meth:`select` for use inside the op's Python entry point, ``torch.compile`` included.
+
+        Under ``torch.compile`` the choice is made once, at trace time, like any Python-level
+        decision: the registry reads the environment and the build info, which Dynamo cannot trace.
+        A backend's ``prepare`` hook (e.g. defining its ``custom_op`` lazily) runs here, outside the
+        traced code.
+        """
+        return _pick(self.name, str(device), backend)
+
     def __call__(self, backend_name: str, *args, **kwargs):
         return self.impls[backend_name](*args, **kwargs)
+
+
+_OPS: dict[str, Op] = {}
+
+
+@torch.compiler.assume_constant_result
+def _pick(op_name: str, device: str, backend: str | None) -> str:
+    op = _OPS[op_name]
+    name = op.select(torch.device(device), backend)
+    hook = op.prepare.get(name)
+    if hook is not None:
+        hook()
+    return name
 
 
 def available_backends() -> dict[str, tuple[bool, str]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 
@@ -280,3 +281,15 @@ def test_bad_json_is_a_clear_error(tmp_path):
     bad.write_text("")
     with pytest.raises(SystemExit, match=r"empty\.json: cannot read a pytest-benchmark JSON"):
         report.main([str(bad), "--results-dir", str(tmp_path / "r")])
+
+
+def test_readme_performance_section_is_regenerated_from_the_committed_results():
+    """The README's tables are exactly what the report command makes of the committed CSVs."""
+    root = Path(report.__file__).resolve().parent.parent
+    text = (root / "README.md").read_text(encoding="utf-8")
+    i, j = text.find(report.BEGIN), text.find(report.END)
+    assert 0 <= i < j, "README.md lost its benchmark markers"
+    expected = report.readme_section(report.RESULTS_DIR, ("full",), relative_to=root)
+    assert text[i + len(report.BEGIN) : j].strip() == expected.strip(), (
+        "README.md's performance section is stale: run `python -m benchmarks.report --update-readme README.md`"
+    )

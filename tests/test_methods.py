@@ -431,6 +431,45 @@ def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     assert (z1.norm(dim=-1) <= method.max_norm * (1 + 1e-5)).all()  # inside the range of real embeddings
 
 
+@needs_ascent
+def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    student = build_student(teacher, layers=1, hidden=16, init="embeddings")
+    ctx = _ctx(teacher, tok, student=student)
+    cls = get_method("asdfd")
+    for visible in (False, True):
+        method = cls(ctx, cls.parse_options({"construct_steps": 2, "visible_start": str(visible).lower()}))
+        method.setup()
+        z, _ = method._construct(8, torch.Generator().manual_seed(1))
+        hidden_part = (z - ctx.bridge.visible(z)).norm() / z.norm()
+        # the updates are projected either way; only a projected start leaves nothing the student cannot see
+        assert (hidden_part < 1e-5) if visible else (hidden_part > 0.1), (visible, float(hidden_part))
+
+
+def test_t3_source_fraction_mixes_the_untransformed_source_text(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    ctx = _ctx(teacher, tok)
+    options = {"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS}
+    pool = [{"text": f"generated text number {i}", "text_pair": None, "intended_label": i % 2} for i in range(4)]
+    seen = {}
+    for fraction in ("0", "0.25"):
+        method = T3(ctx, T3.parse_options({**options, "source_fraction": fraction}))
+        method.setup()
+        method.pool = list(pool)
+        encoded = []
+        encode = ctx.encode_texts
+        ctx.encode_texts = lambda texts, pairs=None: encoded.append(list(texts)) or encode(texts, pairs)
+        try:
+            (view,) = method.batch(_info(rows=16))
+        finally:
+            ctx.encode_texts = encode
+        assert view.input_ids.shape[0] == 16 and len(encoded) == 1
+        seen[fraction] = sum(not t.startswith("generated text number") for t in encoded[0])
+    assert seen == {"0": 0, "0.25": 4}
+    with pytest.raises(ValueError, match="source_fraction"):
+        T3.parse_options({**options, "source_fraction": "1.0"})
+
+
 def test_t3_generate_dataset_rows(teacher_and_tok):
     teacher, tok = teacher_and_tok
     options = T3.parse_options({"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "tune_steps": 2})

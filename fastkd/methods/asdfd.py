@@ -42,7 +42,8 @@ What is reconstruction (the paper's details we could not follow exactly, or chos
     * The student reads teacher-space embeddings through :class:`fastkd.student.EmbeddingBridge`
       (the identity for a student of the teacher's width), and the updates are projected onto the
       directions that bridge passes to a narrower student: a change the student cannot see would
-      teach the teacher's response to it as noise.
+      teach the teacher's response to it as noise. ``visible_start`` goes one step further and
+      projects the starting rows too, so the teacher reads exactly what the student reads.
 """
 
 from __future__ import annotations
@@ -94,6 +95,9 @@ class ASDFD(Method):
         ss_weight: float = opt(0.1, "weight of the self-supervised (rotation) loss")
         fresh_fraction: float = opt(0.25, "fraction of each batch constructed anew (1 = every row)")
         pool_size: int = opt(1024, "rows kept for replay (0 = no pool: every row is new)")
+        visible_start: bool = opt(
+            False, "start rows in the part of the embedding space a narrower student sees (project the start)"
+        )
 
         def check(self) -> None:
             if self.seq_len < 1 or self.construct_steps < 0 or self.adv_steps < 0 or self.pool_size < 0:
@@ -177,6 +181,8 @@ class ASDFD(Method):
         weight = ctx.teacher.get_input_embeddings().weight.detach()
         pick = self.word_ids[torch.randint(len(self.word_ids), (b * self.n,), generator=generator).to(weight.device)]
         z = weight[pick].reshape(b, self.n, -1).clone()
+        if self.opt.visible_start:  # drop what a narrower student cannot see, so both read the same input
+            z = self.ctx.bridge.visible(z)
         y = torch.randint(ctx.num_labels, (b,), generator=generator).to(ctx.device)
         for _ in range(self.opt.construct_steps):
             z.requires_grad_(True)

@@ -394,19 +394,9 @@ def _cuda_impl(*args):
     return _fused(torch.ops.fastkd.distill_loss, *args)
 
 
-@OP.register("triton")
+@OP.register("triton", prepare=_triton_op)  # defines the custom op outside traced code
 def _triton_impl(*args):
     return _fused(_triton_op(), *args)
-
-
-@torch.compiler.assume_constant_result
-def _select(device: str, backend: str | None) -> str:
-    # Under torch.compile the choice is made once, at trace time, like any Python-level decision
-    # (the registry reads the environment and the build info, which Dynamo cannot trace).
-    name = OP.select(torch.device(device), backend)
-    if name == "triton":
-        _triton_op()  # define the Triton custom ops now, outside the traced code
-    return name
 
 
 def distill_loss(
@@ -461,5 +451,5 @@ def distill_loss(
     """
     _check_inputs(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, mask)
     keep = _keep_rows(labels, mask, ignore_index)
-    name = _select(str(student_logits.device), backend)
+    name = OP.pick(student_logits.device, backend)
     return OP(name, student_logits, teacher_logits, keep, temperature, divergence, beta, reduction, scale_by_t2)

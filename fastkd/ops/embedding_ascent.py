@@ -350,25 +350,8 @@ def _triton_op(name: str):
 # --------------------------------------------------------------------------------------------
 # Backends and the public functions.
 # --------------------------------------------------------------------------------------------
-# Backend choice reads files and environment variables (fastkd._ext, backends.py); under
-# torch.compile it is evaluated once while tracing and its result kept as a constant, so the
-# compiled graph has no break.
-@torch.compiler.assume_constant_result
-def _select(device: str, backend: str | None) -> str:
-    name = OP.select(torch.device(device), backend)
-    if name == "triton":
-        _triton_op("single")  # define the Triton custom ops now, outside the traced code
-    return name
-
-
-@torch.compiler.assume_constant_result
-def _select_multi(device: str, backend: str | None) -> str:
-    name = MULTI_OP.select(torch.device(device), backend)
-    if name == "triton":
-        _triton_op("multi")
-    return name
-
-
+# Backend choice (Op.pick) reads files and environment variables; under torch.compile it is
+# evaluated once while tracing and its result kept as a constant, so the graph has no break.
 # Backend arguments: (embeds, grad, origin, mask, momentum_buffer, step_size, norm, radius, max_norm,
 # momentum, maximize), with norm as its name, grad and origin already in embeds' dtype.
 @OP.register("torch")
@@ -389,7 +372,7 @@ OP.register("cpu")(_compiled)
 OP.register("cuda")(_compiled)
 
 
-@OP.register("triton")
+@OP.register("triton", prepare=lambda: _triton_op("single"))  # outside traced code
 def _triton_impl(embeds, grad, origin, mask, buf, step_size, norm, radius, max_norm, momentum, maximize):
     _triton_op("single")(
         embeds, grad, origin, mask, buf, float(step_size), NORMS[norm], radius, max_norm, float(momentum), maximize
@@ -417,7 +400,7 @@ MULTI_OP.register("cpu")(_compiled_multi)
 MULTI_OP.register("cuda")(_compiled_multi)
 
 
-@MULTI_OP.register("triton")
+@MULTI_OP.register("triton", prepare=lambda: _triton_op("multi"))
 def _triton_multi(embeds, grads, origins, masks, bufs, step_size, norm, radius, max_norm, momentum, maximize):
     _triton_op("multi")(
         embeds, grads, origins, masks, bufs, float(step_size), NORMS[norm], radius, max_norm, float(momentum), maximize
@@ -492,7 +475,7 @@ def embedding_ascent_(
     _check_tensors(embeds, grad, origin, mask, momentum_buffer, radius, momentum)
     grad = _cast(grad, embeds.dtype)
     origin = _cast(origin, embeds.dtype)
-    name = _select(str(embeds.device), backend)
+    name = OP.pick(embeds.device, backend)
     if embeds.numel() == 0:
         return embeds
     with torch.no_grad():
@@ -573,7 +556,7 @@ def embedding_ascent_multi_(
     o_list = [_cast(o, dtype) for o in origins] if origins is not None else []
     m_list = list(masks) if masks is not None else []
     b_list = list(momentum_buffers) if momentum_buffers is not None else []
-    name = _select_multi(str(embeds[0].device), backend)
+    name = MULTI_OP.pick(embeds[0].device, backend)
     with torch.no_grad():
         MULTI_OP(name, e_list, g_list, o_list, m_list, b_list, step_size, norm, radius, max_norm, momentum, maximize)
     return e_list

@@ -447,16 +447,6 @@ def _fused(
     return out if reduce else out.reshape(L, *lead)
 
 
-@torch.compiler.assume_constant_result
-def _select(device: str, backend: str | None) -> str:
-    # Under torch.compile the choice is made once, at trace time, like any Python-level decision
-    # (the registry reads the environment and the build info, which Dynamo cannot trace).
-    name = OP.select(torch.device(device), backend)
-    if name == "triton":
-        _triton_op()  # define the Triton custom op now, outside the traced code
-    return name
-
-
 @OP.register("torch")
 def _torch_impl(S, T, weight, bias, keep, layer_weights, loss, reduction, eps):
     out = reference_hidden_match(
@@ -475,7 +465,7 @@ def _cuda_impl(*args):
     return _fused(torch.ops.fastkd.hidden_match, *args)
 
 
-@OP.register("triton")
+@OP.register("triton", prepare=_triton_op)  # defines the custom op outside traced code
 def _triton_impl(*args):
     return _fused(_triton_op(), *args)
 
@@ -531,5 +521,5 @@ def hidden_match(
     T = _stack_states(teacher_states, "teacher_states")
     _check_inputs(S, T, weight, bias, loss, mask, layer_weights, reduction, eps)
     keep = None if mask is None else (mask if mask.dtype == torch.bool else mask != 0)
-    name = _select(str(S.device), backend)
+    name = OP.pick(S.device, backend)
     return OP(name, S, T, weight, bias, keep, layer_weights, loss, reduction, eps)

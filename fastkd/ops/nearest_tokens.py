@@ -158,21 +158,11 @@ def _cuda_impl(e2, matrix, k, metric):
     return torch.ops.fastkd.nearest_tokens(e2, matrix, k, METRICS[metric])
 
 
-@OP.register("triton")
+@OP.register("triton", prepare=_triton_op)  # defines the custom op outside traced code
 def _triton_impl(e2, matrix, k, metric):
     if k > MAX_K_FUSED:
         return reference_nearest_tokens(e2, matrix, k, metric)
     return _triton_op()(e2, matrix, k, METRICS[metric])
-
-
-@torch.compiler.assume_constant_result
-def _select(device: str, backend: str | None) -> str:
-    # Under torch.compile the choice is made once, at trace time (the registry reads the environment
-    # and the build info, which Dynamo cannot trace).
-    name = OP.select(torch.device(device), backend)
-    if name == "triton":
-        _triton_op()  # define the Triton custom op now, outside the traced code
-    return name
 
 
 def nearest_tokens(
@@ -224,7 +214,7 @@ def nearest_tokens(
     if e2.dtype != dtype:
         e2 = e2.to(dtype)
     matrix = embedding_matrix if embedding_matrix.dtype == dtype else embedding_matrix.to(dtype)
-    name = _select(str(embeds.device), backend)
+    name = OP.pick(embeds.device, backend)
     with torch.no_grad():
         ids, scores = OP(name, e2, matrix, k, metric)
     return ids.reshape(*lead, k), scores.reshape(*lead, k)
