@@ -458,7 +458,9 @@ def test_t3_source_fraction_mixes_the_untransformed_source_text(teacher_and_tok)
         method.pool = list(pool)
         encoded = []
         encode = ctx.encode_texts
-        ctx.encode_texts = lambda texts, pairs=None, out=encoded, enc=encode: out.append(list(texts)) or enc(texts, pairs)
+        ctx.encode_texts = lambda texts, pairs=None, out=encoded, enc=encode: (
+            out.append(list(texts)) or enc(texts, pairs)
+        )
         try:
             (view,) = method.batch(_info(rows=16))
         finally:
