@@ -79,6 +79,10 @@ _CPU_OPTIONS = {
         "tune_steps": 2,
         "refresh_every": 200,
         "tune_batch": 8,
+        # chosen on the dev split (benchmarks/dev_sweep.py, 300 steps): 73.9% with half of each batch
+        # the WordNet source text against 71.4% on the 256 generated texts alone, which the student
+        # memorises (KL 0.005 on them against 0.35 on dev in the first quality run)
+        "source_fraction": 0.5,
     },
     "zskd": {"gen_every": 100, "gen_steps": 5},
     "asdfd": {"construct_steps": 3},
