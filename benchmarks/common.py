@@ -14,7 +14,7 @@ What a benchmark file uses:
 * :func:`require_fit` — the memory probe: skip a case that would not fit, with the numbers.
 * :func:`run_case` — warms up, measures the peak memory of one call, calibrates the rounds and
   times the case with ``benchmark.pedantic``, and fills ``benchmark.extra_info`` with the fields
-  the report reads (see HELPERS.md "Benchmarks").
+  the report reads (listed in benchmarks/README.md, "Writing bench_<op>.py").
 
 Peak memory. CUDA: ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus
 what was allocated before the call. CPU: the process's resident-set high-water mark. Before the

@@ -28,7 +28,11 @@ from fastkd.cli import _parse_kv  # noqa: E402
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("method", choices=D.METHODS)
+    p.add_argument(
+        "method",
+        choices=(*D.METHODS, "supervised"),
+        help="a demo method, or supervised (the upper bound: KD on the real training sentences)",
+    )
     p.add_argument("--budget", choices=sorted(D.BUDGETS), default="cpu")
     p.add_argument("--steps", type=int, default=None, help="steps (default: the budget's)")
     p.add_argument("-O", "--option", action="append", default=[], metavar="KEY=VALUE", help="method option")
@@ -55,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         options["generator"] = os.path.join(assets.smollm2_dir, assets.smollm2_file)
     cfg = DistillConfig(
         teacher=teacher_dir, method=args.method, ood=assets.wordnet_path if args.method in ("ood", "zskd", "t3") else None,
+        train=assets.split_path("train") if args.method == "supervised" else None,
         eval=assets.split_path("dev"), out_dir=str(Path(args.work) / args.method), student_layers=D.STUDENT["layers"],
         student_hidden=D.STUDENT["hidden"], student_heads=D.STUDENT["heads"],
         student_intermediate=D.STUDENT["intermediate"], max_steps=steps, batch_size=budget.batch_size,

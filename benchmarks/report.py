@@ -21,7 +21,7 @@ For each device (``device_slug``) it writes into ``benchmarks/results/<device>/`
 ``<!-- bench:end -->`` in FILE with the tables of every device folder (``--readme-modes`` picks the
 modes shown there; a case with none of them shows all of its modes).
 
-The report reads the fields of HELPERS.md's convention from each benchmark's ``extra_info``
+The report reads these fields from each benchmark's ``extra_info``
 (op, provider, mode, shape, dtype, device, floor_bytes, floor_flops, peak_mem_bytes: the peak
 memory one call adds above its inputs) plus, when present, variant (or case), family,
 input_bytes, copy_gbps, matmul_tflops (or matmul_flops_per_s), sweep_x and sweep_name, so any

@@ -20,11 +20,13 @@ What it does (``python -m fastkd.demo`` is the same command):
 
 Budgets (``--budget``; ``--quick`` is ``--budget quick``):
 
-* ``cpu`` (default without a GPU): all five methods, 300 steps of 32 rows each, meant to take about
-  30 minutes on 2 idle CPU cores once the teacher is cached (fine-tuning it takes ~6 more minutes
-  the first time); the teacher's forward pass dominates a step (~0.5 s for 32 rows of 64 tokens on
-  2 cores), the adversarial and generator methods cost 2-4 steps' worth each;
-* ``quick``: ``random``, ``ood`` and ``zskd``, 120 steps each, about 5 minutes; it uses the cached
+* ``cpu`` (default without a GPU): all five methods, 300 steps of 32 rows each, 12.5 minutes on 2
+  idle CPU cores once the teacher is cached (fine-tuning it takes ~6 more minutes the first time);
+  the teacher's forward pass dominates a step, the adversarial and generator methods cost 2-4
+  steps' worth each. 600 steps (``--steps 600``, 26.5 minutes) were tried and chosen against on
+  the dev split: ood, zskd and t3 end where they were at 300 steps, and asdfd drifts away from
+  the real data (dev accuracy 72.6% at step 200, 52.5% at step 600);
+* ``quick``: ``random``, ``ood`` and ``zskd``, 120 steps each, 2.5 minutes; it uses the cached
   full teacher when there is one, otherwise it fine-tunes a quick teacher (1 epoch on 2,000
   training sentences);
 * ``gpu`` (default with a GPU): all methods, 3,000 steps of 64 rows each.
@@ -492,13 +494,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="the quick budget: random, ood and zskd, 120 steps each (~5 minutes on 2 cores)",
+        help="the quick budget: random, ood and zskd, 120 steps each (~3 minutes on 2 cores)",
     )
     parser.add_argument(
         "--budget",
         choices=sorted(BUDGETS),
         default=None,
-        help="cpu (~30 minutes on 2 cores), quick, gpu (default: gpu with a GPU, else cpu)",
+        help="cpu (~13 minutes on 2 idle cores), quick, gpu (default: gpu with a GPU, else cpu)",
     )
     parser.add_argument(
         "--methods",
