@@ -420,9 +420,9 @@ def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     method = cls(ctx, cls.parse_options({"construct_steps": 0}))
     method.setup()
     g = torch.Generator().manual_seed(5)
-    z0, y = method._construct(32, g)
+    z0, y, _ = method._construct(32, g)
     method.opt.construct_steps = 8
-    z1, y1 = method._construct(32, torch.Generator().manual_seed(5))
+    z1, y1, _ = method._construct(32, torch.Generator().manual_seed(5))
     assert torch.equal(y, y1)
     with torch.no_grad():
         p0 = ctx.forward(teacher, method._view(z0), "teacher").logits.softmax(-1)[torch.arange(32), y]
@@ -440,10 +440,45 @@ def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
     for visible in (False, True):
         method = cls(ctx, cls.parse_options({"construct_steps": 2, "visible_start": str(visible).lower()}))
         method.setup()
-        z, _ = method._construct(8, torch.Generator().manual_seed(1))
+        z, _, _ = method._construct(8, torch.Generator().manual_seed(1))
         hidden_part = (z - ctx.bridge.visible(z)).norm() / z.norm()
         # the updates are projected either way; only a projected start leaves nothing the student cannot see
         assert (hidden_part < 1e-5) if visible else (hidden_part > 0.1), (visible, float(hidden_part))
+
+
+@needs_ascent
+def test_asdfd_min_len_pads_rows_of_different_lengths(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    ctx = _ctx(teacher, tok)
+    cls = get_method("asdfd")
+    method = cls(ctx, cls.parse_options({"seq_len": 12, "min_len": 3, "construct_steps": 1, "pool_size": 16}))
+    method.setup()
+    (view,) = method.batch(_info(rows=16))
+    lens = view.extras["lens"]
+    assert lens.min() >= 3 and lens.max() <= 12 and len(set(lens.tolist())) > 1
+    rows = torch.arange(16)
+    assert (view.input_ids[:, 0] == tok.cls_token_id).all()
+    assert (view.input_ids[rows, lens + 1] == tok.sep_token_id).all()
+    assert torch.equal(view.attention_mask.sum(1), lens + 2)
+    assert torch.equal(view.embeds_mask.sum(1), lens)
+    # what lies past a row's [SEP] is padding: changing it leaves the teacher's output unchanged
+    z = view.extras["z"].clone()
+    junk = z.clone()
+    past = torch.arange(12)[None] >= lens[:, None]
+    junk[past] = torch.randn(int(past.sum()), z.shape[-1])
+    with torch.no_grad():
+        a = ctx.forward(teacher, method._view(z, lens=lens), "teacher").logits
+        b = ctx.forward(teacher, method._view(junk, lens=lens), "teacher").logits
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # the lengths travel with the pool and the checkpoint
+    state = method.state_dict()
+    again = cls(ctx, cls.parse_options({"seq_len": 12, "min_len": 3, "pool_size": 16}))
+    again.setup()
+    again.load_state_dict(state)
+    assert torch.equal(again.pool_len[: again.pool_count], method.pool_len[: method.pool_count])
+    assert set(method.pool_len[: method.pool_count].tolist()) <= set(range(3, 13))
+    with pytest.raises(ValueError, match="min_len"):
+        cls.parse_options({"min_len": "-1"})
 
 
 def test_t3_source_fraction_mixes_the_untransformed_source_text(teacher_and_tok):

@@ -44,6 +44,9 @@ What is reconstruction (the paper's details we could not follow exactly, or chos
       directions that bridge passes to a narrower student: a change the student cannot see would
       teach the teacher's response to it as noise. ``visible_start`` goes one step further and
       projects the starting rows too, so the teacher reads exactly what the student reads.
+    * ``min_len`` (ours, default 0: every row has ``seq_len`` tokens): rows of lengths drawn from
+      ``[min_len, seq_len]``, padded, so the student also sees the padding and attention-mask
+      patterns of real inputs of different lengths (single-sentence tasks).
 """
 
 from __future__ import annotations
@@ -95,6 +98,9 @@ class ASDFD(Method):
         ss_weight: float = opt(0.1, "weight of the self-supervised (rotation) loss")
         fresh_fraction: float = opt(0.25, "fraction of each batch constructed anew (1 = every row)")
         pool_size: int = opt(1024, "rows kept for replay (0 = no pool: every row is new)")
+        min_len: int = opt(
+            0, "> 0: each row's length is drawn from [min_len, seq_len], the rest padded (single-sentence tasks)"
+        )
         visible_start: bool = opt(
             False, "start rows in the part of the embedding space a narrower student sees (project the start)"
         )
@@ -102,6 +108,8 @@ class ASDFD(Method):
         def check(self) -> None:
             if self.seq_len < 1 or self.construct_steps < 0 or self.adv_steps < 0 or self.pool_size < 0:
                 raise ValueError("seq_len must be >= 1; construct_steps, adv_steps and pool_size >= 0")
+            if self.min_len < 0:
+                raise ValueError(f"min_len must be >= 0, got {self.min_len}")
             if not 0.0 < self.fresh_fraction <= 1.0:
                 raise ValueError(f"fresh_fraction must be in (0, 1], got {self.fresh_fraction}")
             if min(self.construct_step_size, self.adv_step_size) <= 0:
@@ -134,6 +142,9 @@ class ASDFD(Method):
         hdim = weight.shape[1]
         self.pool_z = torch.zeros(self.opt.pool_size, self.n, hdim, device=ctx.device, dtype=weight.dtype)
         self.pool_y = torch.zeros(self.opt.pool_size, dtype=torch.long, device=ctx.device)
+        self.pool_len = torch.full((self.opt.pool_size,), self.n, dtype=torch.long, device=ctx.device)
+        # variable lengths for single-sentence tasks only (pairs keep their fixed two-segment layout)
+        self.min_len = 0 if ctx.pair_task or self.opt.min_len <= 0 else min(self.opt.min_len, self.n)
         self.pool_count = 0
         self.pool_next = 0
         self._ascent = getattr(fastkd, "embedding_ascent_", None)
@@ -159,7 +170,9 @@ class ASDFD(Method):
         uses_types = "token_type_ids" in getattr(self.ctx.tokenizer, "model_input_names", ())
         return ids_t, mask, torch.tensor(types, device=dev).expand(b, -1).clone() if uses_types else None
 
-    def _view(self, z: Tensor, name: str = "pseudo") -> View:
+    def _view(self, z: Tensor, name: str = "pseudo", lens: Tensor | None = None) -> View:
+        if lens is not None:
+            return self._view_lengths(z, lens, name)
         b = z.shape[0]
         ids, mask, types = self._layout(b)
         full = torch.zeros(*ids.shape, z.shape[-1], device=z.device, dtype=z.dtype)
@@ -169,6 +182,28 @@ class ASDFD(Method):
             token_type_ids=types, name=name,
         )  # fmt: skip
 
+    def _view_lengths(self, z: Tensor, lens: Tensor, name: str) -> View:
+        """[CLS] z[:L] [SEP] + padding for rows of lengths ``lens`` (single-sentence tasks)."""
+        b, n, h = z.shape
+        dev = z.device
+        pos = torch.arange(n + 2, device=dev)[None]
+        last = lens.to(dev)[:, None]
+        ids = torch.full((b, n + 2), self.pad_id, dtype=torch.long, device=dev)
+        ids[:, 0] = self.cls_id
+        ids.scatter_(1, last + 1, self.sep_id)
+        mask = (pos >= 1) & (pos <= last)
+        full = torch.cat([z.new_zeros(b, 1, h), z, z.new_zeros(b, 1, h)], dim=1)
+        uses_types = "token_type_ids" in getattr(self.ctx.tokenizer, "model_input_names", ())
+        return View(
+            attention_mask=(pos <= last + 1).long(), input_ids=ids, teacher_embeds=full, embeds_mask=mask,
+            token_type_ids=torch.zeros_like(ids) if uses_types else None, name=name,
+        )  # fmt: skip
+
+    def _lengths(self, b: int, generator: torch.Generator) -> Tensor | None:
+        if not self.min_len:
+            return None
+        return torch.randint(self.min_len, self.n + 1, (b,), generator=generator).to(self.ctx.device)
+
     def _step(self, z: Tensor, objective: Tensor, step_size: float, maximize: bool) -> Tensor:
         (grad,) = torch.autograd.grad(objective, z)
         grad = self.ctx.bridge.visible(grad)  # move only in directions the student receives
@@ -176,7 +211,7 @@ class ASDFD(Method):
         self._ascent(z, grad, step_size=step_size, norm="l2", max_norm=self.max_norm, maximize=maximize)
         return z
 
-    def _construct(self, b: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    def _construct(self, b: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor | None]:
         ctx = self.ctx
         weight = ctx.teacher.get_input_embeddings().weight.detach()
         pick = self.word_ids[torch.randint(len(self.word_ids), (b * self.n,), generator=generator).to(weight.device)]
@@ -184,17 +219,19 @@ class ASDFD(Method):
         if self.opt.visible_start:  # drop what a narrower student cannot see, so both read the same input
             z = self.ctx.bridge.visible(z)
         y = torch.randint(ctx.num_labels, (b,), generator=generator).to(ctx.device)
+        lens = self._lengths(b, generator)
         for _ in range(self.opt.construct_steps):
             z.requires_grad_(True)
-            logits = ctx.forward(ctx.teacher, self._view(z), "teacher").logits
+            logits = ctx.forward(ctx.teacher, self._view(z, lens=lens), "teacher").logits
             z = self._step(z, F.cross_entropy(logits.float(), y), self.opt.construct_step_size * self.mean_norm, False)
-        return z.detach(), y
+        return z.detach(), y, lens
 
-    def _ss_loss(self, z: Tensor, k: Tensor) -> Tensor:
-        out = self.ctx.forward(self.ctx.student, self._view(rotate_pairs(z, k), "rotated"), "student", hidden=True)
+    def _ss_loss(self, z: Tensor, k: Tensor, lens: Tensor | None = None) -> Tensor:
+        view = self._view(rotate_pairs(z, k), "rotated", lens)
+        out = self.ctx.forward(self.ctx.student, view, "student", hidden=True)
         return F.cross_entropy(self.rotation_head(out.hidden_states[-1][:, 0].float()), k)
 
-    def _adversarial(self, z: Tensor, y: Tensor, generator: torch.Generator) -> Tensor:
+    def _adversarial(self, z: Tensor, y: Tensor, generator: torch.Generator, lens: Tensor | None = None) -> Tensor:
         ctx = self.ctx
         student = ctx.student
         was_training = student.training
@@ -203,12 +240,12 @@ class ASDFD(Method):
             k = torch.randint(ROTATIONS, (z.shape[0],), generator=generator).to(ctx.device)
             for _ in range(self.opt.adv_steps):
                 z.requires_grad_(True)
-                view = self._view(z)
+                view = self._view(z, lens=lens)
                 t_logits = ctx.forward(ctx.teacher, view, "teacher").logits
                 s_logits = ctx.forward(student, view, "student").logits
                 objective = ctx.kd(s_logits, t_logits) - self.opt.keep_weight * F.cross_entropy(t_logits.float(), y)
                 if self.opt.ss_weight > 0:
-                    objective = objective + self.opt.ss_weight * self._ss_loss(z, k)
+                    objective = objective + self.opt.ss_weight * self._ss_loss(z, k, lens)
                 z = self._step(z, objective, self.opt.adv_step_size * self.mean_norm, True)
         finally:
             student.train(was_training)
@@ -221,26 +258,30 @@ class ASDFD(Method):
         n_fresh = b if size == 0 else max(1, math.ceil(b * self.opt.fresh_fraction))
         n_old = min(b - n_fresh, self.pool_count)
         n_fresh = b - n_old
-        z_new, y_new = self._construct(n_fresh, g)
+        z_new, y_new, lens_new = self._construct(n_fresh, g)
         old_idx = torch.randint(self.pool_count, (n_old,), generator=g).to(self.ctx.device) if n_old else None
         if old_idx is not None:
             z = torch.cat([z_new, self.pool_z[old_idx]])
             y = torch.cat([y_new, self.pool_y[old_idx]])
+            lens = None if lens_new is None else torch.cat([lens_new, self.pool_len[old_idx]])
         else:
-            z, y = z_new, y_new
+            z, y, lens = z_new, y_new, lens_new
         if self.opt.adv_steps > 0:
-            z = self._adversarial(z, y, g)
+            z = self._adversarial(z, y, g, lens)
         if size > 0:  # write back: new rows into the ring, replayed rows updated in place
             with torch.no_grad():
                 slots = torch.arange(self.pool_next, self.pool_next + n_fresh, device=self.ctx.device) % size
                 self.pool_z[slots] = z[:n_fresh]
                 self.pool_y[slots] = y[:n_fresh]
+                if lens is not None:
+                    self.pool_len[slots] = lens[:n_fresh]
                 if old_idx is not None:
                     self.pool_z[old_idx] = z[n_fresh:]
                 self.pool_next = (self.pool_next + n_fresh) % size
                 self.pool_count = min(size, self.pool_count + n_fresh)
-        view = self._view(z)
+        view = self._view(z, lens=lens)
         view.extras["z"] = z
+        view.extras["lens"] = lens
         view.extras["rotation"] = torch.randint(ROTATIONS, (b,), generator=g).to(self.ctx.device)
         return [view]
 
@@ -248,7 +289,7 @@ class ASDFD(Method):
     def student_loss(self, view: View, student_out: Any, teacher_out: Any) -> Tensor | None:
         if self.opt.ss_weight <= 0 or "z" not in view.extras:
             return None
-        return self.opt.ss_weight * self._ss_loss(view.extras["z"], view.extras["rotation"])
+        return self.opt.ss_weight * self._ss_loss(view.extras["z"], view.extras["rotation"], view.extras.get("lens"))
 
     def student_parameters(self) -> list[nn.Parameter]:
         return list(self.rotation_head.parameters())
@@ -258,6 +299,7 @@ class ASDFD(Method):
             "rotation_head": self.rotation_head.state_dict(),
             "pool_z": self.pool_z[: self.pool_count],
             "pool_y": self.pool_y[: self.pool_count],
+            "pool_len": self.pool_len[: self.pool_count],
             "pool_next": self.pool_next,
         }
 
@@ -268,6 +310,8 @@ class ASDFD(Method):
         count = int(state["pool_y"].shape[0])
         self.pool_z[:count] = state["pool_z"].to(self.pool_z)
         self.pool_y[:count] = state["pool_y"].to(self.pool_y)
+        if "pool_len" in state:  # absent in checkpoints written before min_len existed
+            self.pool_len[:count] = state["pool_len"].to(self.pool_len)
         self.pool_count = count
         self.pool_next = int(state["pool_next"])
 
