@@ -34,8 +34,13 @@ import torch.nn.functional as F
 
 import fastkd
 from benchmarks.common import (
+    CPU,
+    DEFAULT_FULL,
     DEVICE,
+    FULL,
+    GPU,
     MODES,
+    QUICK,
     backend_of,
     case_param,
     compiled,
@@ -49,8 +54,6 @@ from fastkd.ops.distill_loss import OP
 TEMPERATURE = 2.0
 BETA = 0.5
 
-CPU, GPU = ("cpu",), ("cuda",)
-QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
 f32, bf16 = torch.float32, torch.bfloat16
 
 # (variant, family, N, V, dtype, devices, size sets). family "cls" = [B, C], "tok" = [B*T, V].

@@ -31,7 +31,12 @@ import torch
 
 import fastkd
 from benchmarks.common import (
+    CPU,
+    DEFAULT_FULL,
     DEVICE,
+    FULL,
+    GPU,
+    QUICK,
     backend_of,
     case_param,
     compiled,
@@ -42,8 +47,6 @@ from benchmarks.common import (
 )
 from fastkd.ops.embedding_ascent import OP, reference_ascent_values, reference_embedding_ascent_
 
-CPU, GPU = ("cpu",), ("cuda",)
-QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
 f32, bf16 = torch.float32, torch.bfloat16
 
 VARIANTS = {

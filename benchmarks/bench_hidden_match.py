@@ -32,8 +32,13 @@ import torch
 
 import fastkd
 from benchmarks.common import (
+    CPU,
+    DEFAULT_FULL,
     DEVICE,
+    FULL,
+    GPU,
     MODES,
+    QUICK,
     backend_of,
     case_param,
     compiled,
@@ -44,8 +49,6 @@ from benchmarks.common import (
 )
 from fastkd.ops.hidden_match import OP
 
-CPU, GPU = ("cpu",), ("cuda",)
-QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
 f32, bf16 = torch.float32, torch.bfloat16
 
 # (loss, projection, masked, L, B, T, Hs, Ht, dtype, devices, size sets)

@@ -27,7 +27,12 @@ import torch.nn.functional as F
 
 import fastkd
 from benchmarks.common import (
+    CPU,
+    DEFAULT_FULL,
     DEVICE,
+    FULL,
+    GPU,
+    QUICK,
     backend_of,
     case_param,
     compiled,
@@ -38,8 +43,6 @@ from benchmarks.common import (
 )
 from fastkd.ops.nearest_tokens import OP
 
-CPU, GPU = ("cpu",), ("cuda",)
-QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
 f32, bf16 = torch.float32, torch.bfloat16
 BERT_V = 30522
 

@@ -34,8 +34,14 @@ import torch
 
 import fastkd
 from benchmarks.common import (
+    ANY,
+    CPU,
+    DEFAULT_FULL,
     DEVICE,
+    FULL,
+    GPU,
     IS_CUDA,
+    QUICK,
     backend_of,
     case_param,
     provider_params,
@@ -66,8 +72,6 @@ class StepCase:
         return f"{self.name} B{self.batch} T{self.seq}"
 
 
-CPU, GPU, ANY = ("cpu",), ("cuda",), ("cpu", "cuda")
-QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
 _CASES = [
     (StepCase("tiny-cls", "cls", 128, 2, 4, 2, 8, 32), ANY, QUICK),
     (StepCase("tiny-cls", "cls", 128, 2, 4, 2, 32, 64), ANY, DEFAULT_FULL),

@@ -53,6 +53,9 @@ import torch
 PROVIDERS: tuple[str, ...] = ("eager", "compile", "fastkd-cuda", "fastkd-triton", "fastkd-cpu", "liger")
 MODES: tuple[str, ...] = ("forward", "backward", "full")
 SIZE_SETS: tuple[str, ...] = ("quick", "default", "full")
+# For case_param: the devices a case runs on and the size sets it belongs to.
+CPU, GPU, ANY = ("cpu",), ("cuda",), ("cpu", "cuda")
+QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
 
 ENV_DEVICE = "FASTKD_BENCH_DEVICE"  # "cpu" or "cuda"; default: cuda when visible
 ENV_THREADS = "FASTKD_BENCH_THREADS"  # torch threads on CPU; default 2 (the issues' CPU targets)

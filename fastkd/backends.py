@@ -124,15 +124,17 @@ class Op:
         self.auto_order = {**DEFAULT_AUTO_ORDER, **(auto_order or {})}
         _OPS[name] = self
 
-    def register(self, backend: str, prepare: Callable[[], object] | None = None) -> Callable[[Callable], Callable]:
-        """Register ``backend``'s implementation; ``prepare`` runs when :meth:`pick` chooses it."""
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    def register(self, *backends: str, prepare: Callable[[], object] | None = None) -> Callable[[Callable], Callable]:
+        """Register one implementation for ``backends``; ``prepare`` runs when :meth:`pick` chooses one."""
+        for backend in backends:
+            if backend not in BACKENDS:
+                raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
 
         def deco(fn: Callable) -> Callable:
-            self.impls[backend] = fn
-            if prepare is not None:
-                self.prepare[backend] = prepare
+            for backend in backends:
+                self.impls[backend] = fn
+                if prepare is not None:
+                    self.prepare[backend] = prepare
             return fn
 
         return deco

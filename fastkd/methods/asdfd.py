@@ -121,6 +121,7 @@ class ASDFD(Method):
         self.cls_id = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
         self.sep_id = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else 0
+        self.uses_types = "token_type_ids" in getattr(tok, "model_input_names", ())
         if self.cls_id is None or self.sep_id is None:
             raise ValueError("asdfd needs a tokenizer with [CLS]/[SEP] (or BOS/EOS) tokens")
         weight = ctx.teacher.get_input_embeddings().weight.detach()
@@ -167,8 +168,7 @@ class ASDFD(Method):
         mask = torch.tensor([i == self.pad_id for i in ids], device=dev)
         mask[0] = False
         mask = mask.expand(b, -1).clone()
-        uses_types = "token_type_ids" in getattr(self.ctx.tokenizer, "model_input_names", ())
-        return ids_t, mask, torch.tensor(types, device=dev).expand(b, -1).clone() if uses_types else None
+        return ids_t, mask, torch.tensor(types, device=dev).expand(b, -1).clone() if self.uses_types else None
 
     def _view(self, z: Tensor, name: str = "pseudo", lens: Tensor | None = None) -> View:
         if lens is not None:
@@ -193,10 +193,9 @@ class ASDFD(Method):
         ids.scatter_(1, last + 1, self.sep_id)
         mask = (pos >= 1) & (pos <= last)
         full = torch.cat([z.new_zeros(b, 1, h), z, z.new_zeros(b, 1, h)], dim=1)
-        uses_types = "token_type_ids" in getattr(self.ctx.tokenizer, "model_input_names", ())
         return View(
             attention_mask=(pos <= last + 1).long(), input_ids=ids, teacher_embeds=full, embeds_mask=mask,
-            token_type_ids=torch.zeros_like(ids) if uses_types else None, name=name,
+            token_type_ids=torch.zeros_like(ids) if self.uses_types else None, name=name,
         )  # fmt: skip
 
     def _lengths(self, b: int, generator: torch.Generator) -> Tensor | None:

@@ -384,13 +384,8 @@ def _torch_impl(student_logits, teacher_logits, keep, temperature, divergence, b
     return out.to(torch.float32) if out.dtype != torch.float64 else out
 
 
-@OP.register("cpu")
-def _cpu_impl(*args):
-    return _fused(torch.ops.fastkd.distill_loss, *args)
-
-
-@OP.register("cuda")
-def _cuda_impl(*args):
+@OP.register("cpu", "cuda")  # fastkd._C: the dispatcher picks the CPU or CUDA kernel
+def _compiled_impl(*args):
     return _fused(torch.ops.fastkd.distill_loss, *args)
 
 

@@ -362,14 +362,11 @@ def _torch_impl(embeds, grad, origin, mask, buf, step_size, norm, radius, max_no
     )  # fmt: skip
 
 
+@OP.register("cpu", "cuda")  # fastkd._C: the dispatcher picks the CPU or CUDA kernel
 def _compiled(embeds, grad, origin, mask, buf, step_size, norm, radius, max_norm, momentum, maximize):
     torch.ops.fastkd.embedding_ascent_(
         embeds, grad, origin, mask, buf, float(step_size), NORMS[norm], radius, max_norm, float(momentum), maximize
     )
-
-
-OP.register("cpu")(_compiled)
-OP.register("cuda")(_compiled)
 
 
 @OP.register("triton", prepare=lambda: _triton_op("single"))  # outside traced code
@@ -390,14 +387,11 @@ def _torch_multi(embeds, grads, origins, masks, bufs, step_size, norm, radius, m
         )  # fmt: skip
 
 
+@MULTI_OP.register("cpu", "cuda")  # fastkd._C: the dispatcher picks the CPU or CUDA kernel
 def _compiled_multi(embeds, grads, origins, masks, bufs, step_size, norm, radius, max_norm, momentum, maximize):
     torch.ops.fastkd.embedding_ascent_multi_(
         embeds, grads, origins, masks, bufs, float(step_size), NORMS[norm], radius, max_norm, float(momentum), maximize
     )
-
-
-MULTI_OP.register("cpu")(_compiled_multi)
-MULTI_OP.register("cuda")(_compiled_multi)
 
 
 @MULTI_OP.register("triton", prepare=lambda: _triton_op("multi"))

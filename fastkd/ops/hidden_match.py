@@ -455,13 +455,8 @@ def _torch_impl(S, T, weight, bias, keep, layer_weights, loss, reduction, eps):
     return out.to(torch.float32) if out.dtype != torch.float64 else out
 
 
-@OP.register("cpu")
-def _cpu_impl(*args):
-    return _fused(torch.ops.fastkd.hidden_match, *args)
-
-
-@OP.register("cuda")
-def _cuda_impl(*args):
+@OP.register("cpu", "cuda")  # fastkd._C: the dispatcher picks the CPU or CUDA kernel
+def _compiled_impl(*args):
     return _fused(torch.ops.fastkd.hidden_match, *args)
 
 
