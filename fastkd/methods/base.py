@@ -32,10 +32,7 @@ from torch import Tensor, nn
 
 import fastkd
 from fastkd.data import ShuffledStream, encode
-
-
-class OptionError(ValueError):
-    """An unknown or invalid method option."""
+from fastkd.errors import OptionError
 
 
 @dataclass
