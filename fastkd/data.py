@@ -140,6 +140,13 @@ def _to_label(value: Any, label2id: dict[str, int] | None, where: str) -> int:
         v = value.strip()
         if v.lstrip("-").isdigit():
             return int(v)
+        try:
+            float(v)
+            numeric = True
+        except ValueError:
+            numeric = False
+        if numeric:
+            raise DataError(f"{where}: label {value!r} is not an integer class id")
         if label2id:
             for k, i in label2id.items():
                 if k.lower() == v.lower():

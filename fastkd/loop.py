@@ -618,9 +618,6 @@ def _run(
         raise DistillError(
             f"batch_size {cfg.batch_size} must be divisible by processes x grad_accum = {world * cfg.grad_accum}"
         )
-    if rank == 0:
-        check_out_dir(cfg.out_dir)
-    resume_from = resume_point(cfg)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if teacher is None:
@@ -641,6 +638,9 @@ def _run(
     except ValueError as e:
         raise DistillError(str(e)) from None
     data = load_run_data(cfg, method_cls, teacher)
+    if rank == 0:  # before the first step (a bad out_dir used to be found after training)
+        check_out_dir(cfg.out_dir)
+    resume_from = resume_point(cfg)
     if cfg.overwrite and rank == 0:
         ckpt.remove_all(cfg.out_dir)
         with contextlib.suppress(FileNotFoundError):
