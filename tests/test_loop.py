@@ -349,7 +349,7 @@ BAD = [
     ("supervised without train", lambda t: {"method": "supervised", "train": None}, "needs the labeled training"),
     ("accumulation", lambda t: {"batch_size": 9, "grad_accum": 2}, "divisible by processes x grad_accum"),
     ("lr", lambda t: {"lr": 0.0}, "lr must be a finite number > 0"),
-    ("temperature", lambda t: {"temperature": -1.0}, "temperature must be positive"),
+    ("temperature", lambda t: {"temperature": -1.0}, "temperature must be a finite number > 0"),
     ("steps", lambda t: {"max_steps": 0}, "max_steps must be an integer > 0"),
     ("schedule", lambda t: {"schedule": "step"}, "schedule must be one of"),
     ("device", lambda t: {"device": "tpu9"}, "not a torch device"),
@@ -410,7 +410,7 @@ def _count_file_ops(monkeypatch):
     return calls
 
 
-class wrapped_budget:  # noqa: N801 - a namespace the wrappers read
+class wrapped_budget:
     n = 10**9
 
 
@@ -466,7 +466,7 @@ def test_resume_finds_the_newest_complete_checkpoint_after_a_crash_between_renam
 def test_resume_without_a_checkpoint_is_an_error(tmp_path):
     from fastkd.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="holds no checkpoint.*drop --resume"):
+    with pytest.raises(CheckpointError, match=r"holds no checkpoint.*drop --resume"):
         distill(_tiny.config("ood", tmp_path / "empty", max_steps=2, resume=True))
 
 

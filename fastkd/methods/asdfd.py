@@ -148,9 +148,7 @@ class ASDFD(Method):
         self.min_len = 0 if ctx.pair_task or self.opt.min_len <= 0 else min(self.opt.min_len, self.n)
         self.pool_count = 0
         self.pool_next = 0
-        self._ascent = getattr(fastkd, "embedding_ascent_", None)
-        if self._ascent is None:
-            raise RuntimeError("asdfd needs fastkd.embedding_ascent_ (not in this fastkd build)")
+        self._ascent = fastkd.embedding_ascent_
 
     # ---- views -------------------------------------------------------------------------------------
     def _layout(self, b: int) -> tuple[Tensor, Tensor, Tensor | None]:

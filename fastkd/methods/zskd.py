@@ -285,9 +285,7 @@ class ZeroShotKD(Method):
     # ---- embedding-space generator ---------------------------------------------------------------
     def _embedding_adversary(self, view: View) -> View:
         ctx = self.ctx
-        ascent = getattr(fastkd, "embedding_ascent_", None)
-        if ascent is None:
-            raise RuntimeError("zskd generator=embedding needs fastkd.embedding_ascent_ (not in this fastkd build)")
+        ascent = fastkd.embedding_ascent_
         weight = ctx.teacher.get_input_embeddings().weight.detach()
         origin = weight.index_select(0, view.input_ids.reshape(-1)).reshape(*view.input_ids.shape, -1)
         x = origin.clone()
