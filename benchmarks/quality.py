@@ -99,10 +99,11 @@ def probe_method(
     seed: int = 1234,
 ) -> dict[str, Any]:
     """Draw ``batches`` training batches from ``method`` (final state when a checkpoint exists) and score them."""
+    from fastkd import checkpoint as ckpt_io
     from fastkd import data as fdata
-    from fastkd.loop import CHECKPOINT, load_checkpoint, load_classifier
     from fastkd.methods import get_method
     from fastkd.methods.base import MethodContext, StepInfo
+    from fastkd.models import load_classifier
     from fastkd.student import EmbeddingBridge
 
     teacher, tok = load_classifier(teacher_dir, device)
@@ -119,10 +120,9 @@ def probe_method(
     m = cls(ctx, cls.parse_options(options))
     m.setup()
     state = "initial"
-    ckpt = run_dir / CHECKPOINT
-    if ckpt.is_dir():
-        trainer, _info = load_checkpoint(str(ckpt), student)
-        m.load_state_dict(trainer["method"])
+    ckpt = ckpt_io.find_latest(str(run_dir))
+    if ckpt is not None:
+        m.load_state_dict(ckpt_io.load(ckpt, student)["trainer"]["method"])
         state = "final"
     g = torch.Generator().manual_seed(seed)
     if state == "initial":  # fills generated pools, runs the first generator updates

@@ -57,7 +57,8 @@ def import_graph() -> dict[str, set[str]]:
                     parts = package.split(".")
                     base = ".".join(parts[: len(parts) - node.level + 1] + ([base] if base else []))
                 targets = [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-            for t in targets:
+            for target in targets:
+                t = target
                 while t and t not in known:
                     t = t.rpartition(".")[0]
                 if t and t != name and t in mods:
