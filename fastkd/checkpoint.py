@@ -227,18 +227,28 @@ def exists(out_dir: str) -> bool:
     return bool(_candidates(out_dir))
 
 
-def find_latest(out_dir: str) -> str | None:
-    """The newest complete, verified checkpoint folder in ``out_dir`` (None when there is none)."""
+def scan(out_dir: str) -> tuple[str | None, list[str]]:
+    """``(newest verified checkpoint folder or None, problems)``: one line per folder that was skipped."""
     best: tuple[int, str] | None = None
+    problems = []
     for folder in _candidates(out_dir):
         step, reason = _verify(folder)
         if step is None:
-            if not folder.endswith(".tmp"):
-                warnings.warn(f"fastkd: skipping checkpoint {folder}: {reason}", stacklevel=2)
-            continue
-        if best is None or step > best[0]:
+            problems.append(f"{os.path.basename(folder)}: {reason}")
+        elif best is None or step > best[0]:
             best = (step, folder)
-    return best[1] if best else None
+    return (best[1] if best else None), problems
+
+
+def find_latest(out_dir: str) -> str | None:
+    """The newest complete, verified checkpoint folder in ``out_dir`` (None when there is none).
+
+    Corrupt folders that were skipped while a good one exists are reported with a warning.
+    """
+    best, problems = scan(out_dir)
+    if best is not None and problems:
+        warnings.warn(f"fastkd: skipped checkpoint(s) {'; '.join(problems)}", stacklevel=2)
+    return best
 
 
 def read_info(folder: str) -> dict[str, Any]:

@@ -107,7 +107,12 @@ def distill_config_from_args(args: argparse.Namespace) -> Any:
     if getattr(args, "config", None):
         values.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "method_options")}
-    opts = dict(values.get("method_options") or {})
+    from_file = values.get("method_options") or {}
+    if not isinstance(from_file, dict):
+        from fastkd.errors import ConfigError
+
+        raise ConfigError(f"method_options in {args.config} must be a mapping of option names to values, got {from_file!r}")
+    opts = dict(from_file)
     opts.update(_parse_kv(getattr(args, "method_options", None), "-O/--method-option"))
     values.update(given)
     values["method_options"] = opts
@@ -267,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_transformers() -> None:
+    # transformers' own "Loading weights" bars and load reports would bury fastkd's one-line errors
+    # and progress bars; a command line has its own.
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or e.__class__.__name__
 
@@ -288,6 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_transformers()
     try:
         register_sources()
         return int(args.func(args) or 0)

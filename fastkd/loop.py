@@ -163,7 +163,7 @@ def load_config_file(path: str) -> dict[str, Any]:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except OSError as e:
+    except (OSError, UnicodeDecodeError) as e:
         raise DistillError(f"cannot read config file {path}: {e}") from None
     try:
         if path.lower().endswith(".json"):
@@ -382,12 +382,12 @@ def check_out_dir(out_dir: str) -> None:
 
 def resume_point(cfg: DistillConfig) -> str | None:
     """The checkpoint folder to resume from (or None), after checking out_dir against resume/overwrite."""
-    latest = ckpt.find_latest(cfg.out_dir)
     if cfg.overwrite:
         return None
+    latest, problems = ckpt.scan(cfg.out_dir)
     if cfg.resume:
         if latest is None:
-            what = "only incomplete or corrupt checkpoints" if ckpt.exists(cfg.out_dir) else "no checkpoint"
+            what = f"only incomplete or corrupt checkpoints ({'; '.join(problems)})" if problems else "no checkpoint"
             raise CheckpointError(
                 f"--resume: {cfg.out_dir!r} holds {what}; drop --resume (or pass --overwrite) to start afresh"
             )
@@ -401,6 +401,10 @@ def resume_point(cfg: DistillConfig) -> str | None:
                 f"cannot resume {latest!r}: it was written with a different configuration ({details}); "
                 "use the same options, another --out-dir, or --overwrite"
             )
+        if problems:
+            import warnings
+
+            warnings.warn(f"fastkd: resuming from {latest}; skipped {'; '.join(problems)}", stacklevel=2)
         if not 0 <= info["step"] <= cfg.max_steps:
             raise CheckpointError(f"cannot resume {latest!r}: its step {info['step']} is outside 0..{cfg.max_steps}")
         return latest

@@ -479,9 +479,8 @@ def test_a_corrupt_or_edited_checkpoint_is_refused_with_one_line(tmp_path):
     state["step"] = 99
     with open(os.path.join(folder, "state.json"), "w") as f:
         json.dump(state, f)
-    with pytest.warns(UserWarning, match="does not match its checksum"):
-        with pytest.raises(CheckpointError, match="only incomplete or corrupt checkpoints"):
-            distill(_tiny.config("ood", tmp_path, max_steps=4, resume=True))
+    with pytest.raises(CheckpointError, match=r"only incomplete or corrupt checkpoints.*does not match its checksum"):
+        distill(_tiny.config("ood", tmp_path, max_steps=4, resume=True))
 
 
 @pytest.mark.parametrize("kind", ["file", "under_file", "read_only"])
