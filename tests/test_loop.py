@@ -270,6 +270,10 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     ddp_result = json.loads((tmp_path / "ddp" / "result.json").read_text())
     assert [h["step"] for h in ddp_result["history"]] == [2, 4]  # rank 0 evaluated and logged
     assert ddp_result["final"]["accuracy"] == pytest.approx(single.final["accuracy"])
+    # the logged loss is the mean over both ranks' shards, i.e. the single process's loss (it used to
+    # be rank 0's shard alone, up to a third off)
+    for (sa, la), (sb, lb) in zip(_losses(single.out_dir), _losses(cfg.out_dir), strict=True):
+        assert sa == sb and la == pytest.approx(lb, rel=1e-4, abs=1e-6)
 
 
 def _generator_worker(rank: int, world: int, port: int, cfg_dict: dict, out: str) -> None:
