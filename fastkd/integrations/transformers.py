@@ -141,6 +141,13 @@ class DistillationTrainer(Trainer):
                 self.offline.check_tokenizer(tok)
             if trainer_kwargs.get("data_collator") is None:
                 trainer_kwargs["data_collator"] = TeacherLogitsCollator(getattr(tok, "pad_token_id", None) or 0)
+        args = trainer_kwargs.get("args")
+        if args is not None and model is not None and model_kind(model) == "causal_lm":
+            # DDP must not look for unused parameters: the bypassed lm_head is absent from the
+            # forward graph, its gradient arrives later from the fused op (a search would mark it
+            # ready twice).
+            if getattr(args, "ddp_find_unused_parameters", None) is None:
+                args.ddp_find_unused_parameters = False
         super().__init__(model=model, **trainer_kwargs)
         # Each micro-batch's loss is its own mean: let the Trainer divide by the accumulation steps.
         self.model_accepts_loss_kwargs = False
