@@ -7,6 +7,8 @@ Public API::
     loss = fastkd.hidden_match(student_states, teacher_states, weight, bias, loss="mse", mask=attention_mask)
     fastkd.embedding_ascent_(embeds, embeds.grad, step_size=0.1, radius=1.0, origin=start)  # in place
     ids, scores = fastkd.nearest_tokens(embeds, model.get_input_embeddings().weight, k=1)
+    loss = fastkd.fused_linear_distill_loss(h_student, lm_head_s.weight, h_teacher, lm_head_t.weight)
+    loss = fastkd.topk_distill_loss(student_logits, teacher_ids, teacher_topk_logits, teacher_logsumexp=lse)
 
 Backends (``backend=`` argument, ``FASTKD_BACKEND`` environment variable, or automatic):
 ``cuda``, ``triton``, ``cpu`` (compiled), ``torch`` (reference). ``python -m fastkd.info`` shows
@@ -52,8 +54,13 @@ from fastkd.ops.embedding_ascent import (  # noqa: E402
     embedding_ascent_multi_,
     reference_embedding_ascent_,
 )
+from fastkd.ops.fused_linear_distill import (  # noqa: E402
+    fused_linear_distill_loss,
+    reference_fused_linear_distill_loss,
+)
 from fastkd.ops.hidden_match import hidden_match, reference_hidden_match  # noqa: E402
 from fastkd.ops.nearest_tokens import nearest_tokens, reference_nearest_tokens  # noqa: E402
+from fastkd.ops.topk_distill import reference_topk_distill_loss, topk_distill_loss  # noqa: E402
 
 __all__ = [
     "BACKENDS",
@@ -67,13 +74,17 @@ __all__ = [
     "embedding_ascent_",
     "embedding_ascent_multi_",
     "evaluate",
+    "fused_linear_distill_loss",
     "hidden_match",
     "nearest_tokens",
     "nn",
     "reference_distill_loss",
     "reference_embedding_ascent_",
+    "reference_fused_linear_distill_loss",
     "reference_hidden_match",
     "reference_nearest_tokens",
+    "reference_topk_distill_loss",
+    "topk_distill_loss",
 ]
 
 # The distillation loop imports transformers: load it on first use, not with `import fastkd`.

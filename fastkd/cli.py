@@ -5,6 +5,7 @@
     fastkd generate --teacher DIR --ood wordnet --generator LM --num-rows 2000 --out generated.jsonl
     fastkd teacher  ...   (fine-tune a teacher; provided by fastkd.teacher)
     fastkd demo     ...   (the offline end-to-end demo; provided by fastkd.demo)
+    fastkd logits   --teacher PATH --data FILE --top-k K --out DIR   (offline teacher logits; fastkd.logits)
 
 Every ``distill`` option can also come from ``--config FILE`` (YAML or JSON, the same names with
 ``_`` or ``-``); options given on the command line override the file.
@@ -21,7 +22,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-MODULE_COMMANDS = {"teacher": "fastkd.teacher", "demo": "fastkd.demo"}  # commands whose module has main()
+# commands whose module has add_arguments() and main()
+MODULE_COMMANDS = {"teacher": "fastkd.teacher", "demo": "fastkd.demo", "logits": "fastkd.logits"}
 METAVARS = {"teacher": "PATH", "ood": "SOURCE", "train": "SOURCE", "eval": "SOURCE", "out_dir": "DIR", "device": "DEV"}
 
 

@@ -1,6 +1,7 @@
 """``torch.nn`` modules over fastkd's fused ops (one file per op)."""
 
 from fastkd.nn.distillation import DistillationLoss
+from fastkd.nn.fused_linear_distill import FusedLinearDistillationLoss
 from fastkd.nn.hidden import HiddenStateMatcher
 
-__all__ = ["DistillationLoss", "HiddenStateMatcher"]
+__all__ = ["DistillationLoss", "FusedLinearDistillationLoss", "HiddenStateMatcher"]
