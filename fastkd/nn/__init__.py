@@ -1,6 +1,6 @@
 """``torch.nn`` modules over fastkd's fused ops (one file per op)."""
 
-from fastkd.nn.distillation import DistillationLoss
-from fastkd.nn.hidden import HiddenStateMatcher
+from fastkd.nn.distill_loss import DistillationLoss
+from fastkd.nn.hidden_match import HiddenStateMatcher
 
 __all__ = ["DistillationLoss", "HiddenStateMatcher"]
