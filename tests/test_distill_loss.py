@@ -11,13 +11,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import math
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +22,7 @@ from conftest import DEVICE, backend_params
 import fastkd
 from fastkd.ops import distill_loss as dl
 from fastkd.ops.distill_loss import OP, reference_distill_loss
+from tests import cuda_emu
 
 # The Triton interpreter evaluates masked-out lanes with numpy too (log(0), inf - inf), which warns.
 pytestmark = [
@@ -611,30 +607,12 @@ def test_module_rejects_bad_options_at_construction(kwargs, match):
 # block-per-row kernels, full / partial / no shared-memory cache, the grid-stride row loop, the
 # reductions, -inf / NaN handling and ignored rows. On a GPU the cuda backend runs the real thing in
 # every test above.
-_EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
-_CSRC = Path(__file__).resolve().parents[1] / "csrc"
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPE_CODE = cuda_emu.DTYPE_CODE
 
 
 @functools.cache
 def _emu_lib():
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is needed to build the CUDA kernel emulation")
-    sources = [_EMU_DIR / "emu_kernels.cpp", _EMU_DIR / "cuda_host_emu.h"] + sorted(_CSRC.glob("*.cuh"))
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in sources) + torch.__version__.encode()).hexdigest()[:16]
-    lib_path = Path(tempfile.gettempdir()) / f"fastkd_cuda_emu_{key}.so"
-    if not lib_path.exists():
-        from torch.utils.cpp_extension import include_paths
-
-        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
-        cmd += [f"-I{_CSRC}", f"-I{_EMU_DIR}", *(f"-I{p}" for p in include_paths())]
-        cmd += [str(_EMU_DIR / "emu_kernels.cpp"), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the CUDA emulation failed:\n{r.stderr[-4000:]}"
-        os.replace(tmp, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    lib = cuda_emu.load("emu_kernels.cpp")
     vp, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.fastkd_emu_distill_loss.restype = i64
     lib.fastkd_emu_distill_loss.argtypes = [i32, i32, vp, vp, vp, vp, vp, vp, i64, i64, f64, f64, f64, i64, i64]

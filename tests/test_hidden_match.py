@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +13,10 @@ from conftest import DEVICE, backend_params
 
 import fastkd
 from fastkd.nn import HiddenStateMatcher
-from fastkd.nn.hidden import uniform_layer_map
+from fastkd.nn.hidden_match import uniform_layer_map
 from fastkd.ops import hidden_match as hm_mod
 from fastkd.ops.hidden_match import OP, hidden_match, reference_hidden_match
+from tests import cuda_emu
 
 BACKENDS = backend_params(OP)
 LOSSES = ("mse", "cosine", "nmse")
@@ -414,30 +410,12 @@ def test_torch_compile(backend):
 # GPU test its logic: strided passes, block reductions, grid-stride rows, bias rows, in-place dP,
 # excluded rows (not read), zero norms. On a GPU the cuda backend runs the real thing above.
 # ---------------------------------------------------------------------------------------------
-_EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
-_CSRC = Path(__file__).resolve().parents[1] / "csrc"
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPE_CODE = cuda_emu.DTYPE_CODE
 
 
 @functools.cache
 def _emu_lib():
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is needed to build the CUDA kernel emulation")
-    src = _EMU_DIR / "emu_hidden_match.cpp"
-    deps = [src, _EMU_DIR / "cuda_host_emu.h"] + sorted(_CSRC.glob("*.cuh")) + [_CSRC / "hidden_match_math.h"]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in deps) + torch.__version__.encode()).hexdigest()[:16]
-    lib_path = Path(tempfile.gettempdir()) / f"fastkd_cuda_emu_hidden_{key}.so"
-    if not lib_path.exists():
-        from torch.utils.cpp_extension import include_paths
-
-        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
-        cmd += [f"-I{_CSRC}", f"-I{_EMU_DIR}", *(f"-I{p}" for p in include_paths()), str(src), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the CUDA emulation failed:\n{r.stderr[-4000:]}"
-        os.replace(tmp, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    lib = cuda_emu.load("emu_hidden_match.cpp", ("hidden_match_math.h",))
     vp, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.fastkd_emu_hidden_rows.restype = None
     lib.fastkd_emu_hidden_rows.argtypes = [i32, i64, vp, vp, i64, vp, vp, vp, vp, vp, i64, i64, i64, f64, i64]
