@@ -120,7 +120,9 @@ def _sha256(data: bytes) -> str:
 # ------------------------------------------------------------------------------------------------
 # Save
 # ------------------------------------------------------------------------------------------------
-def save(out_dir: str, student: nn.Module, trainer_state: dict[str, Any], info: dict[str, Any], *, keep: int = 1) -> str:
+def save(
+    out_dir: str, student: nn.Module, trainer_state: dict[str, Any], info: dict[str, Any], *, keep: int = 1
+) -> str:
     """Write the checkpoint of step ``info["step"]`` under ``out_dir/checkpoints``; returns its folder.
 
     ``keep``: how many complete checkpoints to keep (the newest ones); at least 1.

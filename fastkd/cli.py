@@ -113,7 +113,9 @@ def distill_config_from_args(args: argparse.Namespace) -> Any:
     if not isinstance(from_file, dict):
         from fastkd.errors import ConfigError
 
-        raise ConfigError(f"method_options in {args.config} must be a mapping of option names to values, got {from_file!r}")
+        raise ConfigError(
+            f"method_options in {args.config} must be a mapping of option names to values, got {from_file!r}"
+        )
     opts = dict(from_file)
     opts.update(_parse_kv(getattr(args, "method_options", None), "-O/--method-option"))
     values.update(given)

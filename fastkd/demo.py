@@ -118,8 +118,6 @@ STUDENT = {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512}
 TASK_WORDS = {"t3": {"task": "movie review", "label_words": "negative,positive"}}
 
 
-
-
 # ------------------------------------------------------------------------------------------------
 # Steps
 # ------------------------------------------------------------------------------------------------
@@ -318,7 +316,10 @@ def write_report(r: DemoReport, done: bool) -> tuple[str, dict[str, Any], bool]:
     (r.out / "results.md").write_text(header + table)
     write_csv(r.out / "results.csv", r.rows)
     plotted = plot_curves(
-        r.out / "accuracy.png", r.curves, r.teacher_dev, f"fastkd demo ({budget.name} budget): dev accuracy during distillation"
+        r.out / "accuracy.png",
+        r.curves,
+        r.teacher_dev,
+        f"fastkd demo ({budget.name} budget): dev accuracy during distillation",
     )
     summary = {
         "budget": asdict(budget),

@@ -477,9 +477,12 @@ def build_optimizer(
                 (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     for p in extra_params:
         (no_decay if p.ndim < 2 else decay).append(p)
+    # the fused AdamW: one kernel per parameter instead of ~10 foreach passes (10x faster on CPU for a
+    # 4.4 M-parameter student, where the unfused step took a fifth of a data-free step)
+    fused = all(p.dtype in (torch.float32, torch.float64, torch.bfloat16, torch.float16) for p in decay + no_decay)
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8,
+        lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fused or None,
     )  # fmt: skip
     return decay + no_decay, optimizer
 
@@ -533,7 +536,9 @@ class Evaluator:
         self.labels = [r["label"] for r in rows]
         self.teacher_logits = self._logits(teacher) if rows else None
         self.teacher_metrics = (
-            classification_metrics(self.teacher_logits.argmax(-1), self.labels) if self.teacher_logits is not None else {}
+            classification_metrics(self.teacher_logits.argmax(-1), self.labels)
+            if self.teacher_logits is not None
+            else {}
         )
 
     def _logits(self, model: nn.Module) -> Tensor:
@@ -547,7 +552,9 @@ class Evaluator:
         m = classification_metrics(logits.argmax(-1), self.labels)
         m["agreement"] = float((logits.argmax(-1) == self.teacher_logits.argmax(-1)).float().mean())
         m["kl_to_teacher"] = float(
-            F.kl_div(logits.log_softmax(-1), self.teacher_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+            F.kl_div(
+                logits.log_softmax(-1), self.teacher_logits.log_softmax(-1), log_target=True, reduction="batchmean"
+            )
         )
         return m
 
@@ -670,7 +677,8 @@ def _run(
     ctx = MethodContext(
         teacher=teacher, student=student, tokenizer=tokenizer, device=device, num_labels=num_labels,
         pair_task=data.pair_task, max_length=cfg.max_length, temperature=cfg.temperature,
-        divergence=cfg.divergence, seed=cfg.seed, micro_batch_size=micro, rank=rank, world=world,
+        divergence=cfg.divergence, seed=cfg.seed, micro_batch_size=micro, batch_size=cfg.batch_size, rank=rank,
+        world=world,
         ood_texts=data.ood_texts, train_rows=data.train_rows, bridge=EmbeddingBridge(teacher, student),
         autocast=autocast, all_reduce=lambda ts: _all_reduce_mean(ts, world), progress=cfg.progress and rank == 0,
     )  # fmt: skip
@@ -703,7 +711,9 @@ def _run(
             step, history, wall_before = int(saved["step"]), list(saved["history"]), float(saved["wall_s"])
             skipped = int(saved.get("skipped_steps", 0))
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"checkpoint {resume_from!r} does not fit this run: {e.__class__.__name__}: {e}") from None
+            raise CheckpointError(
+                f"checkpoint {resume_from!r} does not fit this run: {e.__class__.__name__}: {e}"
+            ) from None
         last_checkpoint = resume_from
     log = MetricsLog(cfg.out_dir, rank, step)
     evaluator = Evaluator(cfg, teacher, tokenizer, data.eval_rows, device) if rank == 0 else None
@@ -792,7 +802,13 @@ def _run(
                     rec["wall_s"] = wall_before + time.perf_counter() - t_run
                     log.write(rec)
                     window, window_parts, method_logs, t_window = [], {}, {}, time.perf_counter()
-                if evaluator and data.eval_rows and cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.max_steps:
+                if (
+                    evaluator
+                    and data.eval_rows
+                    and cfg.eval_every
+                    and step % cfg.eval_every == 0
+                    and step < cfg.max_steps
+                ):
                     rec = {"step": step, "loss": last_loss, **evaluator(student)}
                     rec["wall_s"] = wall_before + time.perf_counter() - t_run
                     history.append(rec)
