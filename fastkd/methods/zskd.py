@@ -169,7 +169,7 @@ class ZeroShotKD(Method):
     def setup(self) -> None:
         ctx = self.ctx
         assert ctx.ood_texts is not None
-        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
+        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size)
         self.uses_embeddings = self.opt.generator == "embedding"
         self.mask_id = ctx.tokenizer.mask_token_id
         self.generator: nn.Module | None = None
