@@ -12,7 +12,10 @@ All fused backends share one op schema::
 
 on ``[N, V]`` logits. The forward writes the gradients (already multiplied by the reduction
 weights in ``row_scale`` and by ``loss_scale``); backward scales them in place by the upstream
-gradient with ``scale_grad_``, which does nothing when that gradient is the scalar 1.
+gradient (``fastkd.ops.scale_grad.scale_saved_grads``, shared with ``hidden_match``), which does
+nothing when that gradient is the scalar 1. In eager mode a thin ``torch.autograd.Function`` calls
+the same op and the same backward without ``torch.library``'s Python autograd wrapper (its cost
+equals the whole loss at classification sizes); under ``torch.compile`` the registered autograd runs.
 """
 
 from __future__ import annotations
