@@ -8,7 +8,7 @@ Math (per row; s = student / T, t = teacher / T, q = softmax(s), p = softmax(t),
               dD/ds = (1 - b) q (log q - log m - KL(q||m))     dD/dt = b p (log p - log m - KL(p||m))
 
 The kernel writes ``c * D`` per row and the gradients ``c / T * dD/d(s, t)`` in the input dtype, so
-backward is one in-place scale by the upstream gradient (``scale_grad_kernel``, which does nothing
+backward is one in-place scale by the upstream gradient (``kernels/scale_grad.py``, which does nothing
 when that gradient is the scalar 1: the check happens on the device).
 
 One program per row. Pass 1 is an online softmax over both rows with per-lane running maxima,
@@ -181,28 +181,6 @@ def distill_loss_kernel(
                     tl.store(gt_row + idx, g_t.to(gt_ptr.dtype.element_ty), mask=msk)
 
 
-@triton.jit
-def scale_grad_kernel(
-    g_ptr,  # gradient [N, M] contiguous, modified in place
-    sc_ptr,  # upstream gradient: one fp32 value (PER_ROW False) or [N]
-    M,  # elements per row
-    PER_ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    if PER_ROW:
-        sc = tl.load(sc_ptr + row)
-    else:
-        sc = tl.load(sc_ptr)
-    if sc != 1.0:  # the common case (loss.backward()) moves no bytes
-        idx = chunk * BLOCK + tl.arange(0, BLOCK)
-        msk = idx < M
-        g = tl.load(g_ptr + row * M + idx, mask=msk).to(ACC)
-        tl.store(g_ptr + row * M + idx, (g * sc.to(ACC)).to(g_ptr.dtype.element_ty), mask=msk)
-
-
 def _f32_pair(x: float) -> tuple[float, float]:
     """x as hi + lo, both float32-representable: hi = fp32(x), lo = fp32(x - hi)."""
     hi = float(np.float32(x))
@@ -246,22 +224,3 @@ def distill_loss_forward(
         )  # fmt: skip
     loss = rows.sum() if reduce else rows
     return loss, gs, gt
-
-
-def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """grad[i] *= scale (0-d) or scale[i] ([N]), in place; no work when a 0-d scale is 1."""
-    if grad.numel() == 0:
-        return
-    rows = grad.shape[0] if grad.dim() >= 1 else 1
-    M = grad.numel() // rows
-    block = min(4096, triton.next_power_of_2(max(M, 16)))
-    per_row = scale.dim() > 0
-    scale_grad_kernel[(rows, triton.cdiv(M, block))](
-        grad,
-        scale,
-        M,
-        PER_ROW=per_row,
-        BLOCK=block,
-        ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32,
-        num_warps=4,
-    )

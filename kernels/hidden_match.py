@@ -25,8 +25,8 @@ Kernels, all layers in each launch (grid axis 2 = layer):
   and dW = dP^T S.
 
 The dP buffer ``[L, N, Ht]`` (input dtype) lives only during the call; nothing is saved for
-backward except the gradients, which backward scales in place (``scale_grad_kernel`` of
-``kernels/distill_loss.py``). Offsets are int64 (program ids cast before pointer arithmetic).
+backward except the gradients, which backward scales in place (``kernels/scale_grad.py``).
+Offsets are int64 (program ids cast before pointer arithmetic).
 """
 
 from __future__ import annotations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import itertools
+import math
 import os
 
 import pytest
@@ -548,6 +549,26 @@ def test_bad_inputs():
         hidden_match(S[0, 0], Tt[0, 0], W, b)
     with pytest.raises(ValueError, match="backend must be one of"):
         hidden_match(S, Tt, W, b, backend="tpu")
+    with pytest.raises(ValueError, match="layer_weights must be finite"):
+        hidden_match(S, Tt, W, b, layer_weights=torch.tensor([1.0, math.nan, 1.0], device=S.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_layer_is_a_one_line_error(backend):
+    S = torch.randn(0, 2, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="student_states must hold at least one layer, got L = 0"):
+        hidden_match(S, S, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_token_gives_zero(backend, reduction):
+    # N = 0 tokens: 0 on every backend (the torch backend divided 0 by 0)
+    S = torch.randn(2, 0, 4, device=DEVICE, requires_grad=True)
+    out = hidden_match(S, S.detach() + 1, reduction=reduction, backend=backend)
+    assert out.item() == 0.0
+    out.backward()
+    assert S.grad.shape == S.shape
 
 
 @pytest.mark.skipif(not fastkd._ext.available(), reason="needs the compiled library")
@@ -678,6 +699,22 @@ def test_matcher_same_width_without_projection_and_maps():
     m = HiddenStateMatcher(8, 16, 2, 4, layer_map=[(1, 1), (2, 3)], layer_weights=[2.0, 1.0], bias=False)
     assert m.weight.shape == (2, 16, 8) and m.bias is None
     assert m(hs_s, tuple(torch.randn(2, 3, 16) for _ in range(5))).shape == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": -1.0}, "eps must be a positive finite number"),
+        ({"eps": math.nan}, "eps must be a positive finite number"),
+        ({"attention": "kl", "attention_weight": math.nan}, "attention_weight must be a finite number"),
+        ({"attention": "kl", "attention_weight": -1.0}, "attention_weight must be a finite number"),
+        ({"layer_weights": [1.0, math.inf, 1.0]}, "layer_weights must be finite"),
+    ],
+    ids=["eps<0", "eps-nan", "attention_weight-nan", "attention_weight<0", "layer_weights-inf"],
+)
+def test_matcher_rejects_bad_numbers_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HiddenStateMatcher(8, 16, 2, 4, **kwargs)
 
 
 def test_matcher_bad_arguments():
