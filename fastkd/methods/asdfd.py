@@ -35,7 +35,7 @@ pseudo embeddings did not transfer to text)
       sequences of real words, where the student will be used.
     * Diversity across the pool: the guessing objective adds ``div_weight`` times the largest
       cosine similarity of a row's mean embedding to the other rows of the batch and up to 256 rows
-      of the pool, so new rows do not repeat old ones. ``pool_statistics`` (logged every 50 steps)
+      of the pool, so new rows do not repeat old ones. ``pool_statistics`` (logged every 10 steps)
       reports the distance to the word manifold, the mean cosine between pool rows and the
       smallest label share.
     * Variable lengths by default: ``min_len`` (4): each row has a length drawn from [min_len,
@@ -359,7 +359,7 @@ class ASDFD(Method):
         return self._snap(z.detach())
 
     def before_step(self, step: int, generator: torch.Generator) -> dict[str, float]:
-        if step % 50 != 0 or not self.pool_count:
+        if step % 10 != 0 or not self.pool_count:
             return {}
         return self.pool_statistics()
 
