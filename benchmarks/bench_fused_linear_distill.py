@@ -79,9 +79,9 @@ def _divergence(variant: str):
 
         def div(s, t):
             T = TEMPERATURE
-            return F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="batchmean", log_target=True) * (
-                T * T
-            )
+            return F.kl_div(
+                F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), reduction="batchmean", log_target=True
+            ) * (T * T)
 
         return div
     return lambda s, t: fastkd.reference_distill_loss(s, t, temperature=TEMPERATURE, divergence="jsd", beta=BETA)
@@ -105,7 +105,7 @@ def make_fn(provider: str, variant: str, key: tuple):
 
         # Liger's JSD: beta weights the teacher the same way (beta = 0.5 is symmetric); no T^2 factor.
         liger = LigerFusedLinearJSD(jsd_beta=BETA, temperature=TEMPERATURE)
-        return lambda hs, ws, ht, wt: liger(hs, ws, ht, wt)
+        return liger
     backend = backend_of(provider)
     assert backend is not None, provider
 

@@ -102,14 +102,16 @@ fused_linear_distill(const at::Tensor& hs, const at::Tensor& ws, const c10::opti
     FASTKD_CHECK(ht->scalar_type() == hs.scalar_type() && wt->scalar_type() == hs.scalar_type(),
                  "the teacher's hidden states and weight must have the student's dtype ", hs.scalar_type());
   }
-  if (logits)
+  if (logits) {
     FASTKD_CHECK(tlogits->dim() == 2 && tlogits->size(0) == N && tlogits->size(1) == V && tlogits->is_contiguous() &&
                      tlogits->scalar_type() == hs.scalar_type(),
                  "teacher_logits must be contiguous [N, V] = [", N, ", ", V, "] of dtype ", hs.scalar_type());
-  const bool is_double = hs.scalar_type() == at::kDouble;
-  FASTKD_CHECK(row_scale.scalar_type() == (is_double ? at::kDouble : at::kFloat) && row_scale.dim() == 1 &&
-                   row_scale.size(0) == N,
-               "row_scale must be [N] with N = ", N, " and dtype float32 (float64 for float64 inputs)");
+  }
+  const bool is_double = hs.scalar_type() == at::ScalarType::Double;
+  const at::ScalarType acc_type = is_double ? at::ScalarType::Double : at::ScalarType::Float;
+  FASTKD_CHECK(row_scale.dim() == 1 && row_scale.size(0) == N && row_scale.scalar_type() == acc_type,
+               "row_scale must be [N] with N = ", N, " and dtype ", acc_type, " for ", hs.scalar_type(),
+               " inputs, got ", row_scale.scalar_type(), " ", row_scale.sizes());
 
   const c10::OptionalDeviceGuard guard(hs.device());
   // This kernel runs below autograd; the ATen calls inside must not record a graph.
@@ -125,7 +127,7 @@ fused_linear_distill(const at::Tensor& hs, const at::Tensor& ws, const c10::opti
     ht_c = ht->contiguous();
     wt_c = wt->contiguous();
   }
-  at::Tensor rows = at::empty({N}, hs.options().dtype(is_double ? at::kDouble : at::kFloat));
+  at::Tensor rows = at::empty({N}, hs.options().dtype(acc_type));
   SideGrads gs, gt;
   const bool bias_s = has(bs), bias_t = linear && has(bt);
   if (grad_student) gs.init(hs_c, ws_c, bias_s);

@@ -68,7 +68,10 @@ def _compare(backend, tensors, requires, *, grad_out=None, dtype=torch.float32, 
     if kw.get("mask") is not None:
         keep = kw["mask"] if keep is None else keep & kw["mask"]
     ref_kw = {k: v for k, v in kw.items() if k not in ("labels", "mask", "chunk_size")}
-    t64 = {k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in tensors.items()}
+    t64 = {
+        k: v.to(torch.float64) if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+        for k, v in tensors.items()
+    }
 
     def ref(**a):
         return reference_fused_linear_distill_loss(**a, keep=keep, **ref_kw)
@@ -203,7 +206,9 @@ def test_default_chunk_size():
 def _compiled_ops():
     ops = []
     if fl._ext.available():
-        ops.append(pytest.param(lambda: torch.ops.fastkd.fused_linear_distill.default, id="fastkd::fused_linear_distill"))
+        ops.append(
+            pytest.param(lambda: torch.ops.fastkd.fused_linear_distill.default, id="fastkd::fused_linear_distill")
+        )
     ok, reason = OP.usable("triton", torch.device(DEVICE))
     marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
     ops.append(pytest.param(fl._triton_op, id="fastkd::fused_linear_distill_triton", marks=marks))

@@ -72,17 +72,17 @@ def test_tokenizer_fingerprint_and_checks(tmp_path):
     assert tokenizer_fingerprint(tok) == tl.index["tokenizer_fingerprint"]
     other = bert_tokenizer()
     assert tokenizer_fingerprint(other) != tokenizer_fingerprint(tok)
-    with pytest.raises(TeacherLogitsError, match="tokenizer .* differs"):
+    with pytest.raises(TeacherLogitsError, match=r"tokenizer .* differs"):
         tl.check_tokenizer(other)
     tl.check_temperature(1.0)
-    with pytest.raises(TeacherLogitsError, match="temperature 1.0, training asks for 2.0"):
+    with pytest.raises(TeacherLogitsError, match=r"temperature 1\.0, training asks for 2\.0"):
         tl.check_temperature(2.0)
     with pytest.raises(IndexError):
         tl.row(2)
 
 
 def test_bad_folder_and_arguments(tmp_path):
-    with pytest.raises(TeacherLogitsError, match="has no index.json"):
+    with pytest.raises(TeacherLogitsError, match=r"has no index\.json"):
         TeacherLogits(str(tmp_path))
     (tmp_path / "index.json").write_text(json.dumps({"format": "other"}))
     with pytest.raises(TeacherLogitsError, match="is not a fastkd-teacher-logits"):

@@ -64,7 +64,12 @@ def _reference(s, ids, tv, lse, *, grad_out=None, labels=None, mask=None, **kw):
     if mask is not None:
         keep = mask if keep is None else keep & mask
     loss = reference_topk_distill_loss(
-        s64, ids, tv.to(torch.float64), teacher_logsumexp=None if lse is None else lse.to(torch.float64), keep=keep, **kw
+        s64,
+        ids,
+        tv.to(torch.float64),
+        teacher_logsumexp=None if lse is None else lse.to(torch.float64),
+        keep=keep,
+        **kw,
     )
     go = torch.ones_like(loss) if grad_out is None else grad_out.to(torch.float64)
     (g,) = torch.autograd.grad(loss, (s64,), go)
@@ -96,7 +101,9 @@ def _check(got, ref, dtype, what=""):
 def test_reference_is_the_kl_of_the_coarsened_distributions(T):
     s, ids, tv, t_full = _case(5, 40, 7, dtype=torch.float64, seed=1)
     lse = torch.logsumexp(t_full / T, -1)
-    got = reference_topk_distill_loss(s, ids, tv, teacher_logsumexp=lse, temperature=T, reduction="none", scale_by_t2=False)
+    got = reference_topk_distill_loss(
+        s, ids, tv, teacher_logsumexp=lse, temperature=T, reduction="none", scale_by_t2=False
+    )
     # independent: outcomes = the K ids + "anything else", for both distributions
     q_full = F.softmax(s / T, -1)
     p_full = F.softmax(t_full / T, -1)
@@ -114,7 +121,7 @@ def test_reference_is_the_kl_of_the_coarsened_distributions(T):
 
 @pytest.mark.parametrize("with_lse", [True, False])
 def test_reference_equals_distill_loss_when_k_is_v(with_lse):
-    s, ids, tv, t_full = _case(6, 23, 23, dtype=torch.float64, seed=2)
+    s, ids, _tv, t_full = _case(6, 23, 23, dtype=torch.float64, seed=2)
     T = 1.7
     lse = torch.logsumexp(t_full / T, -1) if with_lse else None
     got = reference_topk_distill_loss(s, ids, t_full.gather(-1, ids), teacher_logsumexp=lse, temperature=T)
@@ -216,7 +223,11 @@ def test_compile_fullgraph(backend):
     model = torch.nn.Linear(16, 50).to(DEVICE)
     x = torch.randn(3, 4, 16, device=DEVICE)
     _, ids, tv, t_full = _case(12, 50, 5, seed=8)
-    ids, tv, lse = ids.reshape(3, 4, 5), tv.float().reshape(3, 4, 5), torch.logsumexp(t_full / 2, -1).float().reshape(3, 4)
+    ids, tv, lse = (
+        ids.reshape(3, 4, 5),
+        tv.float().reshape(3, 4, 5),
+        torch.logsumexp(t_full / 2, -1).float().reshape(3, 4),
+    )
     labels = torch.randint(0, 50, (3, 4), device=DEVICE)
     labels[0, :2] = -100
 

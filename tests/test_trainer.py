@@ -19,7 +19,7 @@ import torch
 from _tiny import bert_config, bert_tokenizer, causal_lm_dir, task_rows, teacher_dir
 
 pytest.importorskip("accelerate")
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     BertForSequenceClassification,
@@ -29,9 +29,9 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-import fastkd  # noqa: E402
-from fastkd.integrations.transformers import DistillationTrainer, TeacherLogitsCollator  # noqa: E402
-from fastkd.logits import TeacherLogits, write_teacher_logits  # noqa: E402
+import fastkd
+from fastkd.integrations.transformers import DistillationTrainer, TeacherLogitsCollator
+from fastkd.logits import TeacherLogits, write_teacher_logits
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -75,7 +75,9 @@ def test_classification_loss_falls_agreement_rises(tmp_path):
     student = _student_cls()
     held = task_rows(64, seed=22)
     before = _agreement_cls(student, teacher, tok, held)
-    args = _args(tmp_path, learning_rate=2e-2, max_steps=60, per_device_train_batch_size=16, lr_scheduler_type="constant")
+    args = _args(
+        tmp_path, learning_rate=2e-2, max_steps=60, per_device_train_batch_size=16, lr_scheduler_type="constant"
+    )
     tr = DistillationTrainer(model=student, teacher_model=teacher, temperature=2.0, args=args, train_dataset=ds,
                              data_collator=DataCollatorWithPadding(tok))  # fmt: skip
     tr.train()
@@ -125,7 +127,7 @@ def _agreement_lm(student, teacher, tok, texts):
 
 def test_causal_lm_fused_loss_falls_agreement_rises(tmp_path, monkeypatch):
     tok, teacher, student = _lm_models()
-    texts, ds = _lm_data(tok)
+    _texts, ds = _lm_data(tok)
     held = [r["text"] for r in task_rows(32, seed=24)]
     before = _agreement_lm(student, teacher, tok, held)
     calls = []
@@ -262,7 +264,9 @@ def test_ddp_torchrun_gloo(tmp_path):
         pytest.skip("torchrun is not on PATH")
     script = tmp_path / "ddp.py"
     script.write_text(_DDP_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)), tmp=str(tmp_path)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([os.getcwd(), os.environ.get("PYTHONPATH", "")])
+    )
     r = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517", str(script)],
         capture_output=True, text=True, timeout=600, env=env,

@@ -192,7 +192,9 @@ class DistillationTrainer(Trainer):
         t_out = None
         if self.offline is not None:
             ids, tv, lse = topk
-            kd = fastkd.topk_distill_loss(s, ids[:, 0], tv[:, 0], teacher_logsumexp=lse[:, 0], temperature=self.temperature)
+            kd = fastkd.topk_distill_loss(
+                s, ids[:, 0], tv[:, 0], teacher_logsumexp=lse[:, 0], temperature=self.temperature
+            )
         else:
             t_out = self._teacher_forward(inputs, output_hidden_states=want_hidden)
             kd = fastkd.distill_loss(
@@ -241,7 +243,10 @@ class DistillationTrainer(Trainer):
                 kd = fastkd.topk_distill_loss(s, ids, tv, teacher_logsumexp=lse, **kw)
         else:
             t_unwrapped = self.teacher
-            with torch.no_grad(), (hidden_states_out(t_unwrapped) if head is not None else contextlib.nullcontext(None)) as t_head:
+            with (
+                torch.no_grad(),
+                hidden_states_out(t_unwrapped) if head is not None else contextlib.nullcontext(None) as t_head,
+            ):
                 t_out = self.teacher(**inputs, output_hidden_states=want_hidden)
             kw.update(divergence=self.divergence, beta=self.beta)
             if head is not None and t_head is not None:
