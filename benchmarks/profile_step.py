@@ -8,6 +8,8 @@ or ``--teacher DIR``), a student of 2 layers x 128 (4 heads, feed-forward 512), 
 tokens of WordNet glosses per step, CPU, 2 threads. Steps/s is measured between logged steps 5 and
 ``--steps`` from ``metrics.jsonl`` (model loading and student construction excluded).
 Each A/B run is its own process; the two sides alternate so that a change of machine load hits both.
+On a loaded machine wall time says little; the A/B run also reports CPU seconds per step: the
+process's CPU time of a ``--steps`` run minus that of a 5-step run, divided by the difference.
 """
 
 from __future__ import annotations
@@ -52,10 +54,12 @@ if {profile}:
         distill(cfg)
     print(p.key_averages().table(sort_by="cpu_time_total", row_limit=30))
 else:
+    import resource
     distill(cfg)
     recs = [json.loads(l) for l in open(os.path.join(cfg.out_dir, "metrics.jsonl")) if '"eval"' not in l]
     w = {{r["step"]: r["wall_s"] for r in recs}}
-    print(json.dumps({{"steps_per_s": ({steps} - 5) / (w[{steps}] - w[5])}}))
+    cpu = resource.getrusage(resource.RUSAGE_SELF)
+    print(json.dumps({{"steps_per_s": ({steps} - 5) / (w[{steps}] - w[5]), "cpu_s": cpu.ru_utime + cpu.ru_stime}}))
 """
 
 
@@ -88,15 +92,23 @@ def main(argv: list[str] | None = None) -> int:
         print(run(HERE, args.method, args.steps, teacher, ood, args.threads, True))
         return 0
     rates: dict[tuple[str, str], list[float]] = {}
+    cpus: dict[tuple[str, str], list[float]] = {}
     for rep in range(args.reps):
         for method in args.methods:
             for side, src in (("before", args.ab), ("after", HERE)):
                 got = json.loads(run(src, method, args.steps, teacher, ood, args.threads, False).splitlines()[-1])
+                short = json.loads(run(src, method, 6, teacher, ood, args.threads, False).splitlines()[-1])
+                per_step = (got["cpu_s"] - short["cpu_s"]) / (args.steps - 6)
                 rates.setdefault((method, side), []).append(got["steps_per_s"])
-                print(f"rep {rep + 1} {method} {side}: {got['steps_per_s']:.3f} steps/s", flush=True)
+                cpus.setdefault((method, side), []).append(per_step)
+                print(f"rep {rep + 1} {method} {side}: {got['steps_per_s']:.3f} steps/s, {per_step:.3f} CPU s/step", flush=True)
     for method in args.methods:
         b, a = max(rates[(method, "before")]), max(rates[(method, "after")])
-        print(f"{method}: before {b:.3f} steps/s, after {a:.3f} steps/s, ratio {a / b:.2f}x (best of {args.reps})")
+        cb, ca = min(cpus[(method, "before")]), min(cpus[(method, "after")])
+        print(
+            f"{method}: wall {b:.3f} -> {a:.3f} steps/s ({a / b:.2f}x); CPU {cb:.3f} -> {ca:.3f} s/step ({cb / ca:.2f}x) "
+            f"(best of {args.reps})"
+        )
     return 0
 
 
