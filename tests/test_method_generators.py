@@ -18,8 +18,6 @@ from fastkd.methods.zskd import build_mlm_generator
 from fastkd.models import load_classifier
 from fastkd.student import EmbeddingBridge, build_student
 
-needs_ascent = pytest.mark.skipif(not _tiny.has_op("embedding_ascent_"), reason="no fastkd.embedding_ascent_")
-
 
 @pytest.fixture(scope="module")
 def teacher_and_tok():
@@ -171,7 +169,6 @@ def test_soft_targets_cap_the_confidence(teacher_and_tok):
     assert (conf >= 0.6).all() and (conf <= 0.8).all() and (q.argmax(1) == y).all()
 
 
-@needs_ascent
 def test_soft_targets_make_a_less_certain_teacher_than_hard_ones(teacher_and_tok):
     teacher, tok = teacher_and_tok
     conf = {}
@@ -185,7 +182,6 @@ def test_soft_targets_make_a_less_certain_teacher_than_hard_ones(teacher_and_tok
     assert conf["soft"] < conf["hard"] - 0.05, conf
 
 
-@needs_ascent
 def test_prior_and_snapping_keep_pseudo_embeddings_near_words(teacher_and_tok):
     teacher, tok = teacher_and_tok
     dist = {}

@@ -11,12 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from fastkd import data as fdata
-from fastkd.loop import DistillError, distill, evaluate, load_classifier, predict_logits
+from fastkd.loop import DistillError, distill
 from fastkd.methods import METHODS, OptionError, get_method
 from fastkd.methods.asdfd import rotate_pairs
 from fastkd.methods.base import MethodContext, StepInfo
 from fastkd.methods.t3 import T3, bigram_diversity, generate_dataset
 from fastkd.methods.zskd import _StraightThroughEmbed, gumbel_softmax_st
+from fastkd.models import evaluate, load_classifier, predict_logits
 from fastkd.student import (
     EmbeddingBridge,
     StudentConfigError,
