@@ -18,6 +18,12 @@ Providers:
 * ``liger``   — ``log_softmax`` of both + ``LigerKLDIVLoss(log_target=True)`` / ``LigerJSD`` (GPU,
   when ``liger_kernel`` is installed).
 
+Classification sizes (per-call overhead, issue 15): ``64x3``, ``256x2`` and ``256x10`` float32
+fwd+bwd, fastkd against eager, in one run::
+
+    FASTKD_BENCH_PROVIDERS=eager,fastkd-cpu python -m pytest benchmarks/bench_distill_loss.py \
+        --benchmark-only -q -k "full and (cls-64x3- or cls-256x2- or cls-256x10-)"
+
 Modes: ``forward`` is the training forward (the student logits require grad: fastkd writes the
 gradient in this pass), ``backward`` the backward alone, ``full`` both.
 
@@ -62,6 +68,7 @@ _CASES = [
     ("kl", "cls", 64, 10, f32, CPU, QUICK),
     ("kl", "tok", 256, 4096, f32, CPU, QUICK),
     ("jsd", "tok", 256, 4096, f32, CPU, QUICK),
+    ("kl", "cls", 64, 3, f32, CPU, DEFAULT_FULL),
     ("kl", "cls", 256, 2, f32, CPU, DEFAULT_FULL),
     ("kl", "cls", 256, 10, f32, CPU, DEFAULT_FULL),
     ("kl", "cls", 256, 100, f32, CPU, FULL),

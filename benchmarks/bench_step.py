@@ -26,7 +26,6 @@ float32, 2 threads; GPU: float32 weights under ``torch.autocast(bfloat16)``. Mod
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 
 import pytest
@@ -48,6 +47,9 @@ from benchmarks.common import (
     require_fit,
     run_case,
 )
+from fastkd.ops import distill_loss as _distill_loss
+from fastkd.ops import embedding_ascent as _embedding_ascent
+from fastkd.ops import hidden_match as _hidden_match
 from fastkd.ops.distill_loss import OP as DISTILL_OP
 
 TEMPERATURE = 2.0
@@ -87,27 +89,11 @@ CASES = [
     for c, d, s in _CASES
 ]
 
-# The public functions each variant needs, and the issue that delivers each.
+# The ops each variant's step runs (their backends must all be usable for a provider to run).
 VARIANTS = {
-    "kd": ("distill_loss", "embedding_ascent_"),
-    "kd+hidden": ("distill_loss", "embedding_ascent_", "hidden_match"),
+    "kd": (_distill_loss.OP, _embedding_ascent.OP),
+    "kd+hidden": (_distill_loss.OP, _embedding_ascent.OP, _hidden_match.OP),
 }
-_ISSUE = {"distill_loss": 3, "hidden_match": 4, "embedding_ascent_": 5}
-
-
-def _missing(variant: str) -> list[str]:
-    return [name for name in VARIANTS[variant] if not callable(getattr(fastkd, name, None))]
-
-
-def _registries(variant: str) -> list:
-    """The ``fastkd.backends.Op`` registries of the variant's ops that exist in this fastkd."""
-    regs = []
-    for name in VARIANTS[variant]:
-        fn = getattr(fastkd, name, None)
-        op = getattr(sys.modules.get(getattr(fn, "__module__", ""), None), "OP", None) if fn else None
-        if op is not None:
-            regs.append(op)
-    return regs or [DISTILL_OP]
 
 
 def _models(case: StepCase):
@@ -214,14 +200,8 @@ def _need_bytes(case: StepCase) -> int:
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("case", CASES)
 def test_dfkd_step(benchmark, case, variant, provider):
-    missing = _missing(variant)
-    if missing:
-        pytest.skip(
-            "; ".join(f"fastkd.{m} is not in this fastkd yet (issue {_ISSUE[m]})" for m in missing)
-            + f": the {variant!r} step needs it"
-        )
     backend = "torch" if provider == "eager" else backend_of(provider)
-    for op in _registries(variant):
+    for op in VARIANTS[variant]:
         ok, reason = op.usable(backend, DEVICE)
         if not ok:
             pytest.skip(f"fastkd.{op.name} backend {backend!r}: {reason}")

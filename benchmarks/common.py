@@ -161,6 +161,19 @@ def load_at_start() -> float | None:
         return None
 
 
+@functools.cache
+def cpu_isa() -> str:
+    """The instruction-set level fastkd's C++ CPU kernels run at (``default``, ``avx2``, ``avx512``;
+    ``""`` without ``fastkd._C``), recorded in every row: a run forced to a lower level with
+    ``FASTKD_CPU_CAPABILITY`` is told apart from one at the CPU's best."""
+    from fastkd import _ext
+
+    try:
+        return _ext.cpu_capability()
+    except ValueError:
+        return ""
+
+
 def session_info() -> dict:
     """What the JSON's ``machine_info['fastkd_bench']`` holds (and each case's defaults)."""
     return {
@@ -171,6 +184,7 @@ def session_info() -> dict:
         "device_type": DEVICE.type,
         "cpu": cpu_model(),
         "threads": torch.get_num_threads(),
+        "cpu_isa": cpu_isa(),
         "sizes": size_set(),
         **versions(),
     }
@@ -547,6 +561,7 @@ def run_case(
         "floor_flops": floor_flops,
         "input_bytes": input_bytes,
         "threads": torch.get_num_threads(),
+        "cpu_isa": cpu_isa(),
         **versions(),
     }
     if variant:

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     from fastkd import assets as A
-    from fastkd.loop import DistillConfig, distill, load_classifier
+    from fastkd.loop import DistillConfig, distill
+    from fastkd.models import load_classifier
 
     budget = D.BUDGETS[args.budget]
     steps = args.steps or budget.steps

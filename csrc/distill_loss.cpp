@@ -1,26 +1,39 @@
+// fastkd:cpu-dispatch
 // fastkd::distill_loss — fused temperature-softmax distillation loss, CPU kernel (at::vec SIMD,
-// at::parallel_for over rows). The CUDA kernel is in distill_loss.cu, the Triton kernel in
-// kernels/distill_loss.py, the reference in fastkd/ops/distill_loss.py.
+// at::parallel_for over rows), compiled once per instruction-set level (cpu_dispatch.h). The CUDA
+// kernel is in distill_loss.cu, the Triton kernel in kernels/distill_loss.py, the reference in
+// fastkd/ops/distill_loss.py.
 //
-// Math, per row (student logits x_s, teacher logits x_t, temperature T):
-//   s = x_s / T, t = x_t / T, q = softmax(s), p = softmax(t), c = loss_scale * row_scale[i]
-//   KL        D = sum p (log p - log q)         dD/ds = q - p
-//                                               dD/dt = p (log p - log q - D)
-//   REVERSE   D = sum q (log q - log p)         dD/ds = q (log q - log p - D)
-//                                               dD/dt = p - q
+// Math, per row (student logits x_s, teacher logits x_t, temperature T), in shifted form:
+//   u_s = (x_s - max x_s) / T, u_t = (x_t - max x_t) / T   (the subtraction is exact in float: no
+//   Z_s = sum exp(u_s), Z_t = sum exp(u_t)                  cancellation at any logit offset)
+//   log q = u_s - log Z_s, log p = u_t - log Z_t, c = loss_scale * row_scale[i]
+//   KL        D = sum p (u_t - u_s) + log Z_s - log Z_t    dD/ds = q - p
+//                                                          dD/dt = p (log p - log q - D)
+//   REVERSE   D = sum q (u_s - u_t) + log Z_t - log Z_s    dD/ds = q (log q - log p - D)
+//                                                          dD/dt = p - q
 //   JSD(b)    m = b p + (1-b) q
-//             D = b KL(p||m) + (1-b) KL(q||m)   dD/ds = (1-b) q (log q - log m - KL(q||m))
-//                                               dD/dt =  b    p (log p - log m - KL(p||m))
+//             D = b KL(p||m) + (1-b) KL(q||m)              dD/ds = (1-b) q (log q - log m - KL(q||m))
+//                                                          dD/dt =  b    p (log p - log m - KL(p||m))
 //   loss_i = c D_i, and the gradients written are c/T dD/ds, c/T dD/dt (chain rule through 1/T).
-//   A zero probability contributes nothing (a masked vocabulary entry at -inf is legitimate);
-//   a row whose row_scale is 0 is skipped: loss 0, gradient 0, even if it holds NaN.
+//   Every term is a difference of shifted logits, so offsets of 1e6 (or 1e30) cost no precision; the
+//   form `sum p (t - s) + lse_s - lse_t` on raw logits would cancel two numbers of the offset's size.
+//   A zero probability contributes nothing (a masked vocabulary entry at -inf is legitimate).
+//   NaN contract: a NaN anywhere in a kept row makes both maxima NaN, hence the row's loss and both
+//   gradient rows NaN; so does a row that is all -inf (its softmax is undefined: -inf - -inf) or
+//   holds +inf. A row whose row_scale is 0 is skipped: loss 0, gradient 0, even if it holds NaN.
 //
-// Passes over a row: pass 1 computes, block by block, exp(t - block max) and exp(s - block max)
-// into a per-thread scratch row (so each exponential is taken once) and the online sums that give
-// both log-sum-exps and D for KL / reverse KL; pass 2 turns the scratch into p and q with one scale
-// per block and writes the gradients. JSD needs sum p log m before its gradients, so it has a third
-// pass. A row of fp32 logits at V = 32000 is 125 KiB, so passes 2-3 read the row from L2, not DRAM.
-#include "common.h"
+// Passes over a row (V = 32000 fp32: both rows and the scratch are 0.5 MiB, so passes B-D read L2):
+//   A  the two maxima (reads the logits from memory);
+//   B  block by block, u = (x - max) / T, e = exp(u) into a per-thread scratch row (each exponential
+//      is taken once), the sums Z and, for KL / reverse KL, sum e (u_t - u_s) (float per block,
+//      double across blocks);
+//   C  gradients from the scratch (KL's student gradient needs only e_s / Z_s - e_t / Z_t);
+//      JSD first accumulates KL(p||m), KL(q||m) with one log per element, then a last pass writes
+//      its gradients.
+// exp and log are fastkd's own (fast_math.h): range reduction plus a minimax polynomial with FMA.
+#include "cpu_dispatch.h"
+#include "fast_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,34 +41,64 @@
 #include <ATen/cpu/vec/vec.h>
 
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace fastkd {
+namespace CPU_CAPABILITY {
+namespace distill_loss_impl {  // one namespace per file: the level's files compile as one unit
 namespace {
 
 using at::vec::Vectorized;
-constexpr int64_t kBlock = 512;  // elements per block; the block's s and t (4 KiB) stay in L1
-template <typename acc_t>
-constexpr acc_t kNegInfT = -std::numeric_limits<acc_t>::infinity();
+constexpr int64_t kBlock = 1024;  // elements per block: the block's u_s, u_t (8 KiB) stay in L1
 
-// Exponential of a vector: the fast (u20, ~2e-7 relative) float version, the exact one for double.
 template <typename acc_t>
-inline at::vec::Vectorized<acc_t> vexp(const at::vec::Vectorized<acc_t>& v) {
-  if constexpr (std::is_same_v<acc_t, float>) return v.exp_u20(); else return v.exp();
+inline acc_t vsum(const Vectorized<acc_t>& v) {
+  return at::vec::vec_reduce_all<acc_t>([](Vectorized<acc_t>& a, Vectorized<acc_t>& b) { return a + b; }, v);
 }
 
+// The row maximum; NaN if any entry is NaN (at::vec::maximum propagates NaN).
 template <typename scalar_t, typename acc_t>
-inline void load_scaled(const scalar_t* __restrict src, acc_t* __restrict dst, int64_t n, acc_t inv_t) {
-  using Vec = at::vec::Vectorized<acc_t>;
+acc_t row_max(const scalar_t* __restrict x, int64_t n) {
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  acc_t r = kNegInf;
+  int64_t j = 0;
   if constexpr (std::is_same_v<scalar_t, acc_t>) {
-    const Vec vi(inv_t);
-    int64_t j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size()) (Vec::loadu(src + j) * vi).store(dst + j);
-    for (; j < n; ++j) dst[j] = src[j] * inv_t;
-  } else {
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]) * inv_t;
+    using Vec = Vectorized<acc_t>;
+    constexpr int64_t W = Vec::size();
+    Vec m0(kNegInf), m1(kNegInf), m2(kNegInf), m3(kNegInf);
+    for (; j + 4 * W <= n; j += 4 * W) {
+      m0 = at::vec::maximum(m0, Vec::loadu(x + j));
+      m1 = at::vec::maximum(m1, Vec::loadu(x + j + W));
+      m2 = at::vec::maximum(m2, Vec::loadu(x + j + 2 * W));
+      m3 = at::vec::maximum(m3, Vec::loadu(x + j + 3 * W));
+    }
+    for (; j + W <= n; j += W) m0 = at::vec::maximum(m0, Vec::loadu(x + j));
+    const Vec m = at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3));
+    r = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
   }
+  for (; j < n; ++j) {
+    const acc_t v = static_cast<acc_t>(x[j]);
+    r = (v > r || std::isnan(v)) ? v : r;
+  }
+  return r;
+}
+
+// dst[j] = (src[j] - M) * inv_t: the shift is exact, only the scale rounds.
+template <typename scalar_t, typename acc_t>
+inline void load_shifted(const scalar_t* __restrict src, acc_t* __restrict dst, int64_t n, acc_t M, acc_t inv_t) {
+  int64_t j = 0;
+  if constexpr (std::is_same_v<scalar_t, acc_t>) {
+    using Vec = Vectorized<acc_t>;
+    const Vec vm(M), vi(inv_t);
+    for (; j + Vec::size() <= n; j += Vec::size()) ((Vec::loadu(src + j) - vm) * vi).store(dst + j);
+  }
+  for (; j < n; ++j) dst[j] = (static_cast<acc_t>(src[j]) - M) * inv_t;
 }
 
 template <typename scalar_t, typename acc_t>
@@ -67,227 +110,206 @@ inline void store_cast(const acc_t* __restrict src, scalar_t* __restrict dst, in
   }
 }
 
+// a where w != 0, else 0 (w * (NaN or inf) of a zero probability must not reach a sum).
 template <typename acc_t>
-inline acc_t block_max(const acc_t* x, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  Vec m(kNegInfT<acc_t>);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) m = at::vec::maximum(m, Vec::loadu(x + j));
-  acc_t r = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, m);
-  for (; j < n; ++j) r = (x[j] > r || std::isnan(x[j])) ? x[j] : r;
-  return r;
+inline Vectorized<acc_t> where_nonzero(const Vectorized<acc_t>& w, const Vectorized<acc_t>& a) {
+  const Vectorized<acc_t> zero(acc_t(0));
+  return Vectorized<acc_t>::blendv(a, zero, w == zero);
 }
 
-// e[j] = exp(x[j] - m); returns sum e. With m = -inf (all entries -inf) every e is 0.
-template <typename acc_t>
-inline acc_t exp_shift_sum(const acc_t* x, acc_t* e, int64_t n, acc_t m) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const acc_t shift = (m == kNegInfT<acc_t>) ? acc_t(0) : m;
-  const Vec vm(shift);
-  Vec acc(0.0f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    Vec v = vexp<acc_t>(Vec::loadu(x + j) - vm);
-    v.store(e + j);
-    acc = acc + v;
-  }
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& a, Vec& b) { return a + b; }, acc);
-  for (; j < n; ++j) {
-    e[j] = std::exp(x[j] - shift);
-    s += e[j];
-  }
-  return s;
+// A gradient output of N x V elements is fresh memory the kernel writes once: with 4 KiB pages its
+// first touch costs one page fault per 4 KiB (a third of the time of the 4096 x 32000 case).
+// Transparent huge pages, when the system allows them on request (enabled = madvise or always),
+// cut that 512-fold; the advice is only a hint (torch's THP_MEM_ALLOC_ENABLE does the same).
+inline void advise_huge_pages(void* p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  if (bytes < int64_t(8 * kHuge)) return;
+  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(kHuge - 1);
+  if (e > b) (void)madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
 }
-
-// sum_j e[j] * (a[j] - b[j]), with e[j] == 0 contributing 0 even when a - b is infinite or NaN.
-template <typename acc_t>
-inline acc_t weighted_diff_sum(const acc_t* e, const acc_t* a, const acc_t* b, int64_t n) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  const Vec zero(0.0f);
-  Vec acc(0.0f);
-  int64_t j = 0;
-  for (; j + Vec::size() <= n; j += Vec::size()) {
-    const Vec ev = Vec::loadu(e + j);
-    const Vec prod = ev * (Vec::loadu(a + j) - Vec::loadu(b + j));
-    acc = acc + Vec::blendv(prod, zero, ev == zero);
-  }
-  acc_t s = at::vec::vec_reduce_all<acc_t>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < n; ++j) s += (e[j] == 0.0f) ? 0.0f : e[j] * (a[j] - b[j]);
-  return s;
-}
-
-// Running log-sum-exp state combined block by block (double: one update per block).
-struct Online {
-  double m = -std::numeric_limits<double>::infinity();
-  double z = 0.0;  // sum exp(x - m)
-  double a = 0.0;  // sum exp(x - m) * (x - y), the KL / reverse-KL numerator
-  void add(double bm, double bz, double ba) {
-    if (bz == 0.0 && !std::isnan(ba)) return;  // an all -inf block adds nothing
-    const double nm = std::max<double>(m, bm);
-    const double f_old = std::isinf(m) && m < 0 ? 0.0 : std::exp(m - nm);
-    const double f_new = std::exp(double(bm) - nm);
-    z = z * f_old + double(bz) * f_new;
-    a = a * f_old + double(ba) * f_new;
-    m = nm;
-  }
-  double lse() const { return m + std::log(z); }
-};
 
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> es, et;  // exp(x - block max), whole row
-  std::vector<acc_t> ms, mt;  // block maxima
+  std::vector<acc_t> es, et;  // exp(u_s), exp(u_t), whole row
   acc_t bs[kBlock], bt[kBlock], g[kBlock];
-  explicit RowScratch(int64_t V) : es(V), et(V), ms((V + kBlock - 1) / kBlock), mt((V + kBlock - 1) / kBlock) {}
+  explicit RowScratch(int64_t V) : es(V), et(V) {}
 };
 
-template <typename acc_t>
-inline acc_t block_factor(acc_t bm, double lse) {
-  return (bm == kNegInfT<acc_t>) ? acc_t(0) : static_cast<acc_t>(std::exp(double(bm) - lse));
-}
-
-template <typename scalar_t, typename acc_t>
-double row_loss_and_grads(const scalar_t* xs, const scalar_t* xt, scalar_t* gs, scalar_t* gt, int64_t V,
-                         acc_t inv_t, int64_t div, acc_t beta, acc_t c, RowScratch<acc_t>& w) {
-  using Vec = at::vec::Vectorized<acc_t>;
-  constexpr acc_t kNegInf = kNegInfT<acc_t>;
+template <int DIV, typename scalar_t, typename acc_t>
+double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restrict xt, scalar_t* __restrict gs,
+                          scalar_t* __restrict gt, int64_t V, acc_t inv_t, acc_t beta, acc_t c, RowScratch<acc_t>& w) {
+  using Vec = Vectorized<acc_t>;
+  constexpr int64_t W = Vec::size();
+  constexpr bool kSame = std::is_same_v<scalar_t, acc_t>;
   const int64_t nb = (V + kBlock - 1) / kBlock;
-  Online os, ot;
-  // ---- pass 1: block maxima, exponentials into scratch, online sums
+  acc_t* __restrict es_row = w.es.data();
+  acc_t* __restrict et_row = w.et.data();
+
+  // ---- pass A: maxima of the raw logits
+  const acc_t Ms = row_max<scalar_t, acc_t>(xs, V), Mt = row_max<scalar_t, acc_t>(xt, V);
+
+  // ---- pass B: shifted logits, exponentials into the scratch, sums
+  double Zs = 0.0, Zt = 0.0, A = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
-    load_scaled(xs + j0, w.bs, n, inv_t);
-    load_scaled(xt + j0, w.bt, n, inv_t);
-    const acc_t mb_s = block_max(w.bs, n), mb_t = block_max(w.bt, n);
-    w.ms[b] = mb_s;
-    w.mt[b] = mb_t;
-    const acc_t zs = exp_shift_sum(w.bs, w.es.data() + j0, n, mb_s);
-    const acc_t zt = exp_shift_sum(w.bt, w.et.data() + j0, n, mb_t);
-    const acc_t at = (div == KL) ? weighted_diff_sum(w.et.data() + j0, w.bt, w.bs, n) : acc_t(0);
-    const acc_t as = (div == REVERSE_KL) ? weighted_diff_sum(w.es.data() + j0, w.bs, w.bt, n) : acc_t(0);
-    // exp_shift_sum used shift 0 for an all -inf block; record -inf so pass 2 knows p = 0 there.
-    os.add(mb_s == kNegInf ? acc_t(0) : mb_s, zs, as);
-    ot.add(mb_t == kNegInf ? acc_t(0) : mb_t, zt, at);
+    load_shifted(xs + j0, w.bs, n, Ms, inv_t);
+    load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    acc_t* __restrict es = es_row + j0;
+    acc_t* __restrict et = et_row + j0;
+    Vec zs(acc_t(0)), zt(acc_t(0)), a(acc_t(0));
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const Vec us = Vec::loadu(w.bs + j), ut = Vec::loadu(w.bt + j);
+      const Vec vs = fast_exp(us), vt = fast_exp(ut);
+      vs.store(es + j);
+      vt.store(et + j);
+      zs = zs + vs;
+      zt = zt + vt;
+      if constexpr (DIV == KL) a = a + where_nonzero(vt, vt * (ut - us));
+      if constexpr (DIV == REVERSE_KL) a = a + where_nonzero(vs, vs * (us - ut));
+    }
+    acc_t szs = vsum(zs), szt = vsum(zt), sa = vsum(a);
+    for (; j < n; ++j) {
+      const acc_t us = w.bs[j], ut = w.bt[j];
+      es[j] = fast_exp(us);
+      et[j] = fast_exp(ut);
+      szs += es[j];
+      szt += et[j];
+      if constexpr (DIV == KL) sa += (et[j] == acc_t(0)) ? acc_t(0) : et[j] * (ut - us);
+      if constexpr (DIV == REVERSE_KL) sa += (es[j] == acc_t(0)) ? acc_t(0) : es[j] * (us - ut);
+    }
+    Zs += szs;
+    Zt += szt;
+    A += sa;
   }
-  const double lse_s = os.lse(), lse_t = ot.lse();
-  double D = 0.0;
-  if (div == KL) D = ot.a / ot.z + lse_s - lse_t;
-  if (div == REVERSE_KL) D = os.a / os.z + lse_t - lse_s;
-  const acc_t fls = static_cast<acc_t>(lse_s), flt = static_cast<acc_t>(lse_t);
+  const double lZs = std::log(Zs), lZt = std::log(Zt);
   const acc_t cg = c * inv_t;
-  const Vec zero(acc_t(0));
+  const acc_t rzs = static_cast<acc_t>(1.0 / Zs), rzt = static_cast<acc_t>(1.0 / Zt);
 
-  if (div == KL || div == REVERSE_KL) {
-    const acc_t fD = static_cast<acc_t>(D);
+  if constexpr (DIV == KL || DIV == REVERSE_KL) {
+    const double D = (DIV == KL) ? A / Zt + lZs - lZt : A / Zs + lZt - lZs;
+    if (gs == nullptr && gt == nullptr) return double(c) * D;
+    // log p - log q - D = (u_t - u_s) + k with k = lZs - lZt - D (KL; the mirror for reverse KL)
+    const acc_t k = static_cast<acc_t>((DIV == KL) ? lZs - lZt - D : lZt - lZs - D);
+    const bool need_u = (DIV == KL) ? gt != nullptr : gs != nullptr;
+    const Vec vk(k), vcg(cg), cq(cg * rzs), cp(cg * rzt), vrzs(rzs), vrzt(rzt);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
-      const acc_t sfs = block_factor(w.ms[b], lse_s), sft = block_factor(w.mt[b], lse_t);
-      const Vec fs(sfs), ft(sft);
-      const acc_t* es = w.es.data() + j0;
-      const acc_t* et = w.et.data() + j0;
-      const bool need_logs = (div == KL) ? (gt != nullptr) : (gs != nullptr);
-      if (need_logs) {
-        load_scaled(xs + j0, w.bs, n, inv_t);
-        load_scaled(xt + j0, w.bt, n, inv_t);
+      const acc_t* __restrict es = es_row + j0;
+      const acc_t* __restrict et = et_row + j0;
+      if (need_u) {
+        load_shifted(xs + j0, w.bs, n, Ms, inv_t);
+        load_shifted(xt + j0, w.bt, n, Mt, inv_t);
       }
-      // student gradient
-      if (gs != nullptr) {
+      // The "difference" gradient (q - p for the student in KL, p - q for the teacher in reverse KL)
+      scalar_t* gd = (DIV == KL) ? gs : gt;
+      if (gd != nullptr) {
+        acc_t* out = kSame ? reinterpret_cast<acc_t*>(gd + j0) : w.g;
         int64_t j = 0;
-        if (div == KL) {
-          const Vec vc(cg);
-          for (; j + Vec::size() <= n; j += Vec::size())
-            ((Vec::loadu(es + j) * fs - Vec::loadu(et + j) * ft) * vc).store(w.g + j);
+        if constexpr (DIV == KL) {
+          for (; j + W <= n; j += W)
+            at::vec::fmsub(Vec::loadu(es + j), cq, Vec::loadu(et + j) * cp).store(out + j);
+          for (; j < n; ++j) out[j] = es[j] * (cg * rzs) - et[j] * (cg * rzt);
         } else {
-          // q (log q - log p - D) = q ((s - lse_s) - (t - lse_t) - D)
-          const Vec k(flt - fls - fD), vc(cg);
-          for (; j + Vec::size() <= n; j += Vec::size()) {
-            const Vec q = Vec::loadu(es + j) * fs;
-            const Vec r = q * (Vec::loadu(w.bs + j) - Vec::loadu(w.bt + j) + k) * vc;
-            Vec::blendv(r, zero, q == zero).store(w.g + j);
-          }
+          for (; j + W <= n; j += W)
+            at::vec::fmsub(Vec::loadu(et + j), cp, Vec::loadu(es + j) * cq).store(out + j);
+          for (; j < n; ++j) out[j] = et[j] * (cg * rzt) - es[j] * (cg * rzs);
+        }
+        if constexpr (!kSame) store_cast(w.g, gd + j0, n);
+      }
+      // The "log" gradient (p (log p - log q - D) for the teacher in KL, the mirror for the student)
+      scalar_t* gl = (DIV == KL) ? gt : gs;
+      if (gl != nullptr) {
+        acc_t* out = kSame ? reinterpret_cast<acc_t*>(gl + j0) : w.g;
+        // KL: weight p = e_t / Z_t, difference u_t - u_s; reverse: q = e_s / Z_s, u_s - u_t
+        const acc_t* ew = (DIV == KL) ? et : es;
+        const acc_t* ua = (DIV == KL) ? w.bt : w.bs;
+        const acc_t* ub = (DIV == KL) ? w.bs : w.bt;
+        const Vec vr = (DIV == KL) ? vrzt : vrzs;
+        const acc_t r = (DIV == KL) ? rzt : rzs;
+        int64_t j = 0;
+        for (; j + W <= n; j += W) {
+          const Vec pw = Vec::loadu(ew + j) * vr;
+          const Vec g = pw * (Vec::loadu(ua + j) - Vec::loadu(ub + j) + vk) * vcg;
+          where_nonzero(pw, g).store(out + j);
         }
         for (; j < n; ++j) {
-          const acc_t q = es[j] * sfs, p = et[j] * sft;
-          w.g[j] = (div == KL) ? (q - p) * cg : (q == acc_t(0) ? acc_t(0) : q * (w.bs[j] - w.bt[j] + flt - fls - fD) * cg);
+          const acc_t pw = ew[j] * r;
+          out[j] = (pw == acc_t(0)) ? acc_t(0) : pw * (ua[j] - ub[j] + k) * cg;
         }
-        store_cast(w.g, gs + j0, n);
-      }
-      // teacher gradient
-      if (gt != nullptr) {
-        int64_t j = 0;
-        if (div == KL) {
-          // p (log p - log q - D) = p ((t - lse_t) - (s - lse_s) - D)
-          const Vec k(fls - flt - fD), vc(cg);
-          for (; j + Vec::size() <= n; j += Vec::size()) {
-            const Vec p = Vec::loadu(et + j) * ft;
-            const Vec r = p * (Vec::loadu(w.bt + j) - Vec::loadu(w.bs + j) + k) * vc;
-            Vec::blendv(r, zero, p == zero).store(w.g + j);
-          }
-        } else {
-          const Vec vc(cg);
-          for (; j + Vec::size() <= n; j += Vec::size())
-            ((Vec::loadu(et + j) * ft - Vec::loadu(es + j) * fs) * vc).store(w.g + j);
-        }
-        for (; j < n; ++j) {
-          const acc_t q = es[j] * sfs, p = et[j] * sft;
-          w.g[j] = (div == REVERSE_KL) ? (p - q) * cg : (p == acc_t(0) ? acc_t(0) : p * (w.bt[j] - w.bs[j] + fls - flt - fD) * cg);
-        }
-        store_cast(w.g, gt + j0, n);
+        if constexpr (!kSame) store_cast(w.g, gl + j0, n);
       }
     }
     return double(c) * D;
   }
 
-  // ---- JSD: pass 2 accumulates KL(p||m) and KL(q||m); pass 3 writes the gradients.
+  // ---- JSD: pass C accumulates KL(p||m) and KL(q||m); pass D writes the gradients.
   const acc_t b1 = beta, b0 = acc_t(1) - beta;
-  auto jsd_block = [&](int64_t b, int64_t n, acc_t* logm, acc_t* p, acc_t* q) {
-    const int64_t j0 = b * kBlock;
-    load_scaled(xs + j0, w.bs, n, inv_t);
-    load_scaled(xt + j0, w.bt, n, inv_t);
-    const acc_t fs = block_factor(w.ms[b], lse_s), ft = block_factor(w.mt[b], lse_t);
-    const Vec vfs(fs), vft(ft), vb1(b1), vb0(b0);
-    int64_t j = 0;
-    for (; j + Vec::size() <= n; j += Vec::size()) {
-      const Vec pv = Vec::loadu(w.et.data() + j0 + j) * vft, qv = Vec::loadu(w.es.data() + j0 + j) * vfs;
-      pv.store(p + j);
-      qv.store(q + j);
-      (vb1 * pv + vb0 * qv).log().store(logm + j);
-    }
-    for (; j < n; ++j) {
-      p[j] = w.et[j0 + j] * ft;
-      q[j] = w.es[j0 + j] * fs;
-      logm[j] = std::log(b1 * p[j] + b0 * q[j]);
-    }
-  };
-  acc_t logm[kBlock], p[kBlock], q[kBlock];
+  const acc_t flzs = static_cast<acc_t>(lZs), flzt = static_cast<acc_t>(lZt);
+  const Vec vb1(b1), vb0(b0), vrzs(rzs), vrzt(rzt), vlzs(flzs), vlzt(flzt);
   double klp = 0.0, klq = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
-    const int64_t n = std::min(kBlock, V - b * kBlock);
-    jsd_block(b, n, logm, p, q);
-    acc_t sp = acc_t(0), sq = acc_t(0);
-    for (int64_t j = 0; j < n; ++j) {
-      sp += (p[j] == acc_t(0)) ? acc_t(0) : p[j] * ((w.bt[j] - flt) - logm[j]);
-      sq += (q[j] == acc_t(0)) ? acc_t(0) : q[j] * ((w.bs[j] - fls) - logm[j]);
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
+    load_shifted(xs + j0, w.bs, n, Ms, inv_t);
+    load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    const acc_t* __restrict es = es_row + j0;
+    const acc_t* __restrict et = et_row + j0;
+    Vec ap(acc_t(0)), aq(acc_t(0));
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const Vec p = Vec::loadu(et + j) * vrzt, q = Vec::loadu(es + j) * vrzs;
+      const Vec lm = fast_log(at::vec::fmadd(vb1, p, vb0 * q));
+      ap = ap + where_nonzero(p, p * (Vec::loadu(w.bt + j) - vlzt - lm));
+      aq = aq + where_nonzero(q, q * (Vec::loadu(w.bs + j) - vlzs - lm));
+    }
+    acc_t sp = vsum(ap), sq = vsum(aq);
+    for (; j < n; ++j) {
+      const acc_t p = et[j] * rzt, q = es[j] * rzs;
+      const acc_t lm = fast_log(b1 * p + b0 * q);
+      sp += (p == acc_t(0)) ? acc_t(0) : p * (w.bt[j] - flzt - lm);
+      sq += (q == acc_t(0)) ? acc_t(0) : q * (w.bs[j] - flzs - lm);
     }
     klp += sp;
     klq += sq;
   }
-  D = double(b1) * klp + double(b0) * klq;
-  if (gs != nullptr || gt != nullptr) {
-    const acc_t fklp = static_cast<acc_t>(klp), fklq = static_cast<acc_t>(klq);
-    for (int64_t b = 0; b < nb; ++b) {
-      const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
-      jsd_block(b, n, logm, p, q);
-      if (gs != nullptr) {
-        for (int64_t j = 0; j < n; ++j)
-          w.g[j] = (q[j] == acc_t(0)) ? acc_t(0) : b0 * q[j] * ((w.bs[j] - fls) - logm[j] - fklq) * cg;
-        store_cast(w.g, gs + j0, n);
-      }
-      if (gt != nullptr) {
-        for (int64_t j = 0; j < n; ++j)
-          w.g[j] = (p[j] == acc_t(0)) ? acc_t(0) : b1 * p[j] * ((w.bt[j] - flt) - logm[j] - fklp) * cg;
-        store_cast(w.g, gt + j0, n);
-      }
+  const double D = double(b1) * klp + double(b0) * klq;
+  if (gs == nullptr && gt == nullptr) return double(c) * D;
+  const acc_t fklp = static_cast<acc_t>(klp), fklq = static_cast<acc_t>(klq);
+  const acc_t cs = b0 * cg, ct = b1 * cg;
+  const Vec vcs(cs), vct(ct), vkp(flzt + fklp), vkq(flzs + fklq);
+  for (int64_t b = 0; b < nb; ++b) {
+    const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
+    load_shifted(xs + j0, w.bs, n, Ms, inv_t);
+    load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    const acc_t* __restrict es = es_row + j0;
+    const acc_t* __restrict et = et_row + j0;
+    acc_t* os = (gs == nullptr) ? nullptr : (kSame ? reinterpret_cast<acc_t*>(gs + j0) : w.g);
+    acc_t* ot = (gt == nullptr) ? nullptr : (kSame ? reinterpret_cast<acc_t*>(gt + j0) : w.bt);
+    // (with a cast, the teacher gradient overwrites w.bt after its last read of the element)
+    int64_t j = 0;
+    for (; j + W <= n; j += W) {
+      const Vec p = Vec::loadu(et + j) * vrzt, q = Vec::loadu(es + j) * vrzs;
+      const Vec lm = fast_log(at::vec::fmadd(vb1, p, vb0 * q));
+      const Vec ut = Vec::loadu(w.bt + j), us = Vec::loadu(w.bs + j);
+      if (os) where_nonzero(q, q * (us - vkq - lm) * vcs).store(os + j);
+      if (ot) where_nonzero(p, p * (ut - vkp - lm) * vct).store(ot + j);
+    }
+    for (; j < n; ++j) {
+      const acc_t p = et[j] * rzt, q = es[j] * rzs;
+      const acc_t lm = fast_log(b1 * p + b0 * q);
+      const acc_t ut = w.bt[j], us = w.bs[j];
+      if (os) os[j] = (q == acc_t(0)) ? acc_t(0) : q * (us - (flzs + fklq) - lm) * cs;
+      if (ot) ot[j] = (p == acc_t(0)) ? acc_t(0) : p * (ut - (flzt + fklp) - lm) * ct;
+    }
+    if constexpr (!kSame) {
+      if (gs) store_cast(w.g, gs + j0, n);
+      if (gt) store_cast(w.bt, gt + j0, n);
     }
   }
   return double(c) * D;
@@ -320,6 +342,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor
   at::Tensor gs = grad_student ? at::empty_like(student) : at::empty({0}, student.options());
   at::Tensor gt = grad_teacher ? at::empty_like(teacher) : at::empty({0}, teacher.options());
   at::Tensor rows = at::empty({N}, student.options().dtype(is_double ? at::kDouble : at::kFloat));
+  if (grad_student) advise_huge_pages(gs.data_ptr(), gs.nbytes());
+  if (grad_teacher) advise_huge_pages(gt.data_ptr(), gt.nbytes());
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, student.scalar_type(), "fastkd_distill_loss_cpu", [&] {
     // float32 arithmetic for float32/bfloat16/float16 logits, float64 for float64 ones.
@@ -331,7 +355,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor
     const acc_t* prs = rs.data_ptr<acc_t>();
     acc_t* prow = rows.data_ptr<acc_t>();
     const acc_t inv_t = static_cast<acc_t>(1.0 / temperature);
-    // A row is ~10 V flops and 2 V exponentials: parallelise over rows, one row per task.
+    // A row is ~25 V vector-lane operations and 2 V exponentials: parallelise over rows, one row per task.
     // Grain: ~32k elements per task, so tiny inputs (a classification batch) stay on one thread.
     at::parallel_for(0, N, std::max<int64_t>(1, 32768 / std::max<int64_t>(V, 1)), [&](int64_t r0, int64_t r1) {
       RowScratch<acc_t> w(V);
@@ -344,9 +368,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor
           if (pgt) std::fill(pgt + off, pgt + off + V, scalar_t(0));
           continue;
         }
-        prow[i] = static_cast<acc_t>(row_loss_and_grads<scalar_t, acc_t>(
-            ps + off, pt + off, pgs ? pgs + off : nullptr, pgt ? pgt + off : nullptr, V, inv_t, divergence,
-            static_cast<acc_t>(beta), c, w));
+        scalar_t* rgs = pgs ? pgs + off : nullptr;
+        scalar_t* rgt = pgt ? pgt + off : nullptr;
+        const acc_t b = static_cast<acc_t>(beta);
+        double r;
+        if (divergence == KL)
+          r = row_loss_and_grads<KL, scalar_t, acc_t>(ps + off, pt + off, rgs, rgt, V, inv_t, b, c, w);
+        else if (divergence == REVERSE_KL)
+          r = row_loss_and_grads<REVERSE_KL, scalar_t, acc_t>(ps + off, pt + off, rgs, rgt, V, inv_t, b, c, w);
+        else
+          r = row_loss_and_grads<JSD, scalar_t, acc_t>(ps + off, pt + off, rgs, rgt, V, inv_t, b, c, w);
+        prow[i] = static_cast<acc_t>(r);
       }
     });
   });
@@ -355,13 +387,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor
 }
 
 }  // namespace
+}  // namespace distill_loss_impl
+using distill_loss_impl::distill_loss_cpu;
+}  // namespace CPU_CAPABILITY
+}  // namespace fastkd
 
+FASTKD_CPU_KERNEL(distill_loss_cpu)
+
+#ifdef FASTKD_CPU_BASE
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def(
       "distill_loss(Tensor student, Tensor teacher, Tensor row_scale, float temperature, int divergence, float beta, "
       "float loss_scale, bool reduce, bool grad_student, bool grad_teacher) -> (Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("distill_loss", &distill_loss_cpu); }
-
-}  // namespace fastkd
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("distill_loss", FASTKD_CPU_DISPATCH(distill_loss_cpu)); }
+#endif

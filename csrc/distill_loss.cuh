@@ -3,39 +3,42 @@
 // Triton kernel (kernels/distill_loss.py). distill_loss.cu registers the op and launches these; this
 // header needs no torch headers, so tests/cuda_emu/ can run the kernels on the host.
 //
-// Math, per row (student logits x_s, teacher logits x_t, temperature T, c = loss_scale * row_scale[i]):
-//   s = x_s / T, t = x_t / T, q = softmax(s), p = softmax(t)
-//   KL        D = sum p (log p - log q) = sum p (t - s) + lse(s) - lse(t)
+// Math, per row (student logits x_s, teacher logits x_t, temperature T, c = loss_scale * row_scale[i]),
+// in shifted form: u_s = (x_s - max x_s) / T, u_t = (x_t - max x_t) / T, Z = sum exp(u), q = exp(u_s) / Z_s,
+// p = exp(u_t) / Z_t
+//   KL        D = sum p (log p - log q) = sum p (u_t - u_s) + log Z_s - log Z_t
 //             dD/ds = q - p                       dD/dt = p (log p - log q - D)
-//   REVERSE   D = sum q (s - t) + lse(t) - lse(s)
+//   REVERSE   D = sum q (u_s - u_t) + log Z_t - log Z_s
 //             dD/ds = q (log q - log p - D)       dD/dt = p - q
 //   JSD(b)    m = b p + (1-b) q,  D = b KL(p||m) + (1-b) KL(q||m)
 //             dD/ds = (1-b) q (log q - log m - KL(q||m))
 //             dD/dt =  b    p (log p - log m - KL(p||m))
 //   loss[i] = c D; the gradients written are (c/T) dD/ds and (c/T) dD/dt (chain rule through 1/T), in
 //   the input dtype, so backward is one in-place scale (scale_grad.cu).
+//   x - max is exact in floating point, so a common offset of the logits (1e6, 1e30) costs no
+//   precision (the raw form sum p (t - s) + lse(s) - lse(t) cancels two numbers of the offset's size).
 //   A zero probability contributes nothing (a masked vocabulary entry at -inf is legitimate; a -inf
-//   student logit where the teacher has mass gives D = inf); +inf or NaN in a kept row gives NaN. A
-//   row with c == 0 (ignored) is not read: loss 0, gradients 0, even if it holds NaN.
+//   student logit where the teacher has mass gives D = inf). NaN contract: NaN or +inf in a kept row,
+//   or a row that is all -inf (undefined softmax), gives NaN loss and gradients for the row. A row with
+//   c == 0 (ignored) is not read: loss 0, gradients 0, even if it holds NaN.
 //
-// Base-2 domain. Logits are loaded as x2 = x * log2(e) / T, so every exponential is one exp2 (the
-// MUFU ex2 instruction for fp32) and lse2 = log2 sum 2^x2 = lse / ln 2. Natural-log quantities are
-// recovered with one multiply by ln 2:  log q = ln2 (s2 - lse2_s),  KL = ln2 (sum p (t2 - s2) + lse2_s - lse2_t),
-// where lse2_s - lse2_t is formed as (M_s - M_t) + log2(z_s / z_t) (see below), not as the difference
-// of two numbers of size ~log2 V, which would cost fp32 digits of a small loss.
+// Base-2 domain. Shifted logits are formed as u2 = (x - m) * log2(e) / T, so every exponential is one
+// exp2 (the MUFU ex2 instruction for fp32) and natural-log quantities are recovered with one multiply
+// by ln 2: log q = ln2 (s2 - log2 Z_s), KL = ln2 (sum p (t2 - s2) + log2(Z_s / Z_t)), the last term
+// formed as one log2 of a ratio, not as the difference of two numbers of size ~log2 V.
 //
-// Online softmax (pass 1). Each thread keeps, per input, the running state (m, z, a):
-//   m = max of its x2 so far, z = sum 2^(x2 - m), a = sum 2^(x2 - m) (x2 - y2)
-// (a only for the input whose distribution weights the KL: the teacher for KL, the student for reverse
-// KL). A new 16-byte vector first raises m to the vector's maximum (rescaling z and a by 2^(m_old - m),
-// skipped when the maximum did not grow), then adds its terms, so each element costs one exp2. States
-// combine as (m, z, a) (+) (m', z', a') = (M, z 2^(m-M) + z' 2^(m'-M), a 2^(m-M) + a' 2^(m'-M)) with
-// M = max(m, m'), over the warp with shuffles and over the block through shared memory. Then
-// lse2 = M + log2 z and sum p (x2 - y2) = a / z.
+// Online softmax (pass 1). Each thread keeps, per input, the running state (m, z) with m the maximum of
+// its raw logits so far and z = sum 2^((x - m) k2), k2 = log2(e) / T, and for the input w that weights
+// the KL (the teacher for KL, the student for reverse KL; o is the other one)
+//   a = sum 2^(w2) (w2 - o2),   w2 = (x_w - m_w) k2, o2 = (x_o - m_o) k2 (relative to the current maxima).
+// A new 16-byte vector first raises the maxima to the vector's (when they grow: z_w, a scale by
+// f_w = 2^(-d_w) and a shifts by z_w (d_o - d_w), d = (m_new - m_old) k2), then adds its terms, so each
+// element costs one exp2 per input. States combine the same way at the joint maxima, over the warp
+// with shuffles and over the block through shared memory. Then log2 Z = log2 z at the row maximum and
+// sum p (w2 - o2) = a / z_w.
 //   -inf handling: an m of -inf contributes a factor 0 (never 2^(-inf - -inf) = NaN); a term with
-//   2^(x2 - m) == 0 adds 0 to a (so -inf - -inf is never formed). NaN propagation: fmax ignores NaN,
-//   but 2^(NaN - m) = NaN enters z, and 0 * NaN = NaN survives every rescale, so lse2 becomes NaN.
-//   +inf: m = +inf and 2^(inf - inf) = NaN.
+//   2^(w2) == 0 adds 0 to a. NaN propagation: fmax ignores NaN, but 2^(NaN) = NaN enters z. +inf:
+//   2^(inf - inf) = NaN. A row of all -inf keeps m = -inf, and (x - m) = NaN in the later passes.
 //
 // Passes and memory traffic. Pass 2 recomputes q and p from the logits and writes the gradients; JSD
 // needs sum p log m before its gradients, so it has a third pass. Each logit is read from DRAM once:
@@ -99,7 +102,8 @@ __device__ __forceinline__ acc_t neg_inf() {
   return -std::numeric_limits<acc_t>::infinity();
 }
 
-// Running log-sum-exp state of one input (base 2). a is used only where the divergence needs it.
+// Running log-sum-exp state of one input (m: raw maximum, z: sum 2^((x - m) k2)); a is used only in
+// the input that weights the KL (see the header).
 template <typename acc_t>
 struct Lse {
   acc_t m, z, a;
@@ -111,53 +115,91 @@ __device__ __forceinline__ Lse<acc_t> lse_identity() {
 }
 
 template <typename acc_t>
-__device__ __forceinline__ Lse<acc_t> lse_combine(const Lse<acc_t>& x, const Lse<acc_t>& y) {
-  const acc_t M = dmax(x.m, y.m);
-  const acc_t Ms = (M == neg_inf<acc_t>()) ? acc_t(0) : M;
-  const acc_t fx = (x.m == neg_inf<acc_t>()) ? acc_t(0) : dexp2(x.m - Ms);
-  const acc_t fy = (y.m == neg_inf<acc_t>()) ? acc_t(0) : dexp2(y.m - Ms);
-  return {M, x.z * fx + y.z * fy, x.a * fx + y.a * fy};
-}
-
-// Adds n values x (with partners y for the a-sum) to a running state.
-template <bool kHasA, int kN, typename acc_t>
-__device__ __forceinline__ void lse_add(Lse<acc_t>& st, const acc_t (&x)[kN], const acc_t (&y)[kN]) {
-  acc_t bm = x[0];
-#pragma unroll
-  for (int i = 1; i < kN; ++i) bm = dmax(bm, x[i]);
-  if (bm > st.m) {  // false for NaN: m never becomes NaN, z does
-    const acc_t f = (st.m == neg_inf<acc_t>()) ? acc_t(0) : dexp2(st.m - bm);
-    st.z *= f;
-    if (kHasA) st.a *= f;
-    st.m = bm;
-  }
-  const acc_t shift = (st.m == neg_inf<acc_t>()) ? acc_t(0) : st.m;
-#pragma unroll
-  for (int i = 0; i < kN; ++i) {
-    const acc_t e = dexp2(x[i] - shift);
-    st.z += e;
-    if (kHasA) st.a += (e == acc_t(0)) ? acc_t(0) : e * (x[i] - y[i]);
-  }
-}
-
-template <typename acc_t>
 struct Pair {
   Lse<acc_t> s, t;
 };
+
+// Moves the state of one input to the maximum M (>= its m): returns the factor f = 2^((m - M) k2)
+// of its terms and d = (M - m) k2 the shift of their shifted logits (0, 1 when M == m).
+template <typename acc_t>
+__device__ __forceinline__ void lse_move(const Lse<acc_t>& x, acc_t M, acc_t k2, acc_t& f, acc_t& d) {
+  if (!(M > x.m)) {  // unchanged (also M == m == -inf)
+    f = acc_t(1);
+    d = acc_t(0);
+  } else {
+    f = (x.m == neg_inf<acc_t>()) ? acc_t(0) : dexp2((x.m - M) * k2);
+    d = (M - x.m) * k2;
+  }
+}
+
+// a after both maxima moved: f_w (a + z_w (d_o - d_w)); nothing to move when z_w == 0.
+template <typename acc_t>
+__device__ __forceinline__ acc_t a_move(const Lse<acc_t>& w, acc_t f_w, acc_t d_w, acc_t d_o) {
+  return (w.z == acc_t(0)) ? acc_t(0) : f_w * (w.a + w.z * (d_o - d_w));
+}
+
+template <int kDiv, typename acc_t>
+__device__ __forceinline__ Pair<acc_t> pair_combine(const Pair<acc_t>& x, const Pair<acc_t>& y, acc_t k2) {
+  const acc_t Ms = dmax(x.s.m, y.s.m), Mt = dmax(x.t.m, y.t.m);
+  acc_t fxs, dxs, fxt, dxt, fys, dys, fyt, dyt;
+  lse_move(x.s, Ms, k2, fxs, dxs);
+  lse_move(x.t, Mt, k2, fxt, dxt);
+  lse_move(y.s, Ms, k2, fys, dys);
+  lse_move(y.t, Mt, k2, fyt, dyt);
+  Pair<acc_t> r;
+  r.s = {Ms, x.s.z * fxs + y.s.z * fys, acc_t(0)};
+  r.t = {Mt, x.t.z * fxt + y.t.z * fyt, acc_t(0)};
+  if constexpr (kDiv == 0) r.t.a = a_move(x.t, fxt, dxt, dxs) + a_move(y.t, fyt, dyt, dys);
+  if constexpr (kDiv == 1) r.s.a = a_move(x.s, fxs, dxs, dxt) + a_move(y.s, fys, dys, dyt);
+  return r;
+}
+
+// Adds n raw logits of each input to a running state pair.
+template <int kDiv, int kN, typename acc_t>
+__device__ __forceinline__ void pair_add(Pair<acc_t>& st, const acc_t (&xs)[kN], const acc_t (&xt)[kN], acc_t k2) {
+  acc_t bs = xs[0], bt = xt[0];
+#pragma unroll
+  for (int i = 1; i < kN; ++i) {
+    bs = dmax(bs, xs[i]);
+    bt = dmax(bt, xt[i]);
+  }
+  if (bs > st.s.m || bt > st.t.m) {  // false for NaN: m never becomes NaN, z does
+    acc_t fs, ds, ft, dt;
+    lse_move(st.s, dmax(bs, st.s.m), k2, fs, ds);
+    lse_move(st.t, dmax(bt, st.t.m), k2, ft, dt);
+    if constexpr (kDiv == 0) st.t.a = a_move(st.t, ft, dt, ds);
+    if constexpr (kDiv == 1) st.s.a = a_move(st.s, fs, ds, dt);
+    st.s.z *= fs;
+    st.t.z *= ft;
+    st.s.m = dmax(bs, st.s.m);
+    st.t.m = dmax(bt, st.t.m);
+  }
+  const acc_t shs = (st.s.m == neg_inf<acc_t>()) ? acc_t(0) : st.s.m;
+  const acc_t sht = (st.t.m == neg_inf<acc_t>()) ? acc_t(0) : st.t.m;
+#pragma unroll
+  for (int i = 0; i < kN; ++i) {
+    const acc_t s2 = (xs[i] - shs) * k2, t2 = (xt[i] - sht) * k2;
+    const acc_t es = dexp2(s2), et = dexp2(t2);
+    st.s.z += es;
+    st.t.z += et;
+    if constexpr (kDiv == 0) st.t.a += (et == acc_t(0)) ? acc_t(0) : et * (t2 - s2);
+    if constexpr (kDiv == 1) st.s.a += (es == acc_t(0)) ? acc_t(0) : es * (s2 - t2);
+  }
+}
 
 template <typename T>
 __device__ __forceinline__ T shfl_xor(T v, int mask) {
   return __shfl_xor_sync(0xffffffffu, v, mask);
 }
 
-template <typename acc_t>
-__device__ __forceinline__ Pair<acc_t> warp_reduce(Pair<acc_t> v) {
+template <int kDiv, typename acc_t>
+__device__ __forceinline__ Pair<acc_t> warp_reduce(Pair<acc_t> v, acc_t k2) {
 #pragma unroll
   for (int o = kWarp / 2; o > 0; o >>= 1) {
-    Lse<acc_t> os{shfl_xor(v.s.m, o), shfl_xor(v.s.z, o), shfl_xor(v.s.a, o)};
-    Lse<acc_t> ot{shfl_xor(v.t.m, o), shfl_xor(v.t.z, o), shfl_xor(v.t.a, o)};
-    v.s = lse_combine(v.s, os);
-    v.t = lse_combine(v.t, ot);
+    Pair<acc_t> w;
+    w.s = {shfl_xor(v.s.m, o), shfl_xor(v.s.z, o), shfl_xor(v.s.a, o)};
+    w.t = {shfl_xor(v.t.m, o), shfl_xor(v.t.z, o), shfl_xor(v.t.a, o)};
+    v = pair_combine<kDiv>(v, w, k2);
   }
   return v;
 }
@@ -173,16 +215,16 @@ __device__ __forceinline__ void warp_sum2(acc_t& x, acc_t& y) {
 
 // Reduction over the threads that share a row: one warp (kGroup == 32) or the whole block. Every
 // thread of the group gets the result. scratch: kGroup / 32 entries of shared memory.
-template <int kGroup, typename acc_t>
-__device__ __forceinline__ Pair<acc_t> group_reduce(Pair<acc_t> v, Pair<acc_t>* scratch) {
-  v = warp_reduce(v);
+template <int kGroup, int kDiv, typename acc_t>
+__device__ __forceinline__ Pair<acc_t> group_reduce(Pair<acc_t> v, Pair<acc_t>* scratch, acc_t k2) {
+  v = warp_reduce<kDiv>(v, k2);
   if constexpr (kGroup > kWarp) {
     constexpr int kWarps = kGroup / kWarp;
     const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
     v = (lane < kWarps) ? scratch[lane] : Pair<acc_t>{lse_identity<acc_t>(), lse_identity<acc_t>()};
-    v = warp_reduce(v);  // every warp reduces the kWarps partials itself: no second barrier round
+    v = warp_reduce<kDiv>(v, k2);  // every warp reduces the kWarps partials itself: no second barrier round
     __syncthreads();     // scratch is reused by the next reduction
   }
   return v;
@@ -237,7 +279,7 @@ __device__ __forceinline__ RowSplit split_row(const scalar_t* row, int64_t V, bo
   return {head, nvec, head + nvec * kN};
 }
 
-// The per-element gradient of pass 2 (KL / reverse KL) or pass 3 (JSD). s2, t2: base-2 scaled logits.
+// The per-element gradient of pass 2 (KL / reverse KL) or pass 3 (JSD). s2, t2: base-2 shifted logits.
 template <int kDiv, typename acc_t>
 struct GradFn {
   acc_t lse2_s, lse2_t, D, cg, kl_p, kl_q, b1, b0;
@@ -245,11 +287,13 @@ struct GradFn {
     constexpr acc_t ln2 = Consts<acc_t>::kLn2;
     const acc_t ls2 = s2 - lse2_s, lt2 = t2 - lse2_t;
     const acc_t q = dexp2(ls2), p = dexp2(lt2);
+    // D is kept in base 2 here (D / ln2): log p - log q - D = ln2 ((lt2 - ls2) - D2) cancels exactly
+    // where it should (a one-hot p at logits of 1e30), which ln2 (lt2 - ls2) - D would not.
     if constexpr (kDiv == kKL) {
       g_s = (q - p) * cg;
-      g_t = (p == acc_t(0)) ? acc_t(0) : p * (ln2 * (lt2 - ls2) - D) * cg;
+      g_t = (p == acc_t(0)) ? acc_t(0) : p * ((lt2 - ls2) - D) * (ln2 * cg);
     } else if constexpr (kDiv == kReverseKL) {
-      g_s = (q == acc_t(0)) ? acc_t(0) : q * (ln2 * (ls2 - lt2) - D) * cg;
+      g_s = (q == acc_t(0)) ? acc_t(0) : q * ((ls2 - lt2) - D) * (ln2 * cg);
       g_t = (p - q) * cg;
     } else {
       const acc_t lm = dlog(b1 * p + b0 * q);
@@ -297,15 +341,13 @@ __device__ __forceinline__ void process_row(const Params<scalar_t, acc_t>& P, in
 
   const acc_t k2 = P.k2;
   const int64_t ncache = kCache ? P.cache_vecs : 0;
-  constexpr bool kAt = (kDiv == kKL), kAs = (kDiv == kReverseKL);
 
-  // ---- pass 1: online log-sum-exp of s2 and t2 (+ the KL / reverse-KL numerator)
+  // ---- pass 1: online sums of 2^((x - m) k2) per input (+ the KL / reverse-KL numerator)
   Pair<acc_t> st{lse_identity<acc_t>(), lse_identity<acc_t>()};
   auto add_scalar = [&](int64_t j) {
-    const acc_t s1[1] = {static_cast<acc_t>(xs[j]) * k2};
-    const acc_t t1[1] = {static_cast<acc_t>(xt[j]) * k2};
-    lse_add<kAs>(st.s, s1, t1);
-    lse_add<kAt>(st.t, t1, s1);
+    const acc_t s1[1] = {static_cast<acc_t>(xs[j])};
+    const acc_t t1[1] = {static_cast<acc_t>(xt[j])};
+    pair_add<kDiv>(st, s1, t1, k2);
   };
   for (int64_t j = tid; j < sp.head; j += kGroup) add_scalar(j);
 #pragma unroll 2
@@ -324,27 +366,26 @@ __device__ __forceinline__ void process_row(const Params<scalar_t, acc_t>& P, in
     acc_t s[kN], t[kN];
 #pragma unroll
     for (int i = 0; i < kN; ++i) {
-      s[i] = static_cast<acc_t>(vs.v[i]) * k2;
-      t[i] = static_cast<acc_t>(vt.v[i]) * k2;
+      s[i] = static_cast<acc_t>(vs.v[i]);
+      t[i] = static_cast<acc_t>(vt.v[i]);
     }
-    lse_add<kAs>(st.s, s, t);
-    lse_add<kAt>(st.t, t, s);
+    pair_add<kDiv>(st, s, t, k2);
   }
   for (int64_t j = sp.tail0 + tid; j < V; j += kGroup) add_scalar(j);
-  st = group_reduce<kGroup>(st, scratch);
+  st = group_reduce<kGroup, kDiv>(st, scratch, k2);
 
-  const acc_t ms = st.s.m == neg_inf<acc_t>() ? acc_t(0) : st.s.m;
-  const acc_t mt = st.t.m == neg_inf<acc_t>() ? acc_t(0) : st.t.m;
-  const acc_t lse2_s = ms + dlog2(st.s.z), lse2_t = mt + dlog2(st.t.z);
-  // lse2_s - lse2_t for the loss, without the cancellation of two numbers of size ~log2(V):
-  const acc_t lse2_diff = (ms - mt) + dlog2(st.s.z / st.t.z);
+  // Row maxima (-inf for a row of all -inf: then x - m is NaN below, as the NaN contract says).
+  const acc_t ms = st.s.m, mt = st.t.m;
+  const acc_t lse2_s = dlog2(st.s.z), lse2_t = dlog2(st.t.z);
+  // log2(Z_s / Z_t) for the loss, without the cancellation of two numbers of size ~log2(V):
+  const acc_t lse2_diff = dlog2(st.s.z / st.t.z);
   GradFn<kDiv, acc_t> fn{lse2_s, lse2_t, acc_t(0), c * P.inv_t, acc_t(0), acc_t(0), P.beta, acc_t(1) - P.beta};
 
   // Visits every element of the row as (j, s2, t2) for scalars and (j, s2[kN], t2[kN]) for vectors,
   // vectors in reverse order of pass 1 (see the header), cached ones from shared memory.
   auto for_row = [&](auto&& on_scalar, auto&& on_vec) {
     for (int64_t j = sp.tail0 + tid; j < V; j += kGroup)
-      on_scalar(j, static_cast<acc_t>(xs[j]) * k2, static_cast<acc_t>(xt[j]) * k2);
+      on_scalar(j, (static_cast<acc_t>(xs[j]) - ms) * k2, (static_cast<acc_t>(xt[j]) - mt) * k2);
     if (tid < sp.nvec) {
       for (int64_t k = tid + (sp.nvec - 1 - tid) / kGroup * kGroup; k >= 0; k -= kGroup) {
         const int64_t j = sp.head + k * kN;
@@ -359,21 +400,23 @@ __device__ __forceinline__ void process_row(const Params<scalar_t, acc_t>& P, in
         acc_t s[kN], t[kN];
 #pragma unroll
         for (int i = 0; i < kN; ++i) {
-          s[i] = static_cast<acc_t>(vs.v[i]) * k2;
-          t[i] = static_cast<acc_t>(vt.v[i]) * k2;
+          s[i] = (static_cast<acc_t>(vs.v[i]) - ms) * k2;
+          t[i] = (static_cast<acc_t>(vt.v[i]) - mt) * k2;
         }
         on_vec(j, s, t);
       }
     }
     for (int64_t j = tid; j < sp.head; j += kGroup)
-      on_scalar(j, static_cast<acc_t>(xs[j]) * k2, static_cast<acc_t>(xt[j]) * k2);
+      on_scalar(j, (static_cast<acc_t>(xs[j]) - ms) * k2, (static_cast<acc_t>(xt[j]) - mt) * k2);
   };
 
   acc_t D;
   if constexpr (kDiv == kKL) {
-    D = ln2 * (st.t.a / st.t.z + lse2_diff);
+    fn.D = st.t.a / st.t.z + lse2_diff;  // base 2
+    D = ln2 * fn.D;
   } else if constexpr (kDiv == kReverseKL) {
-    D = ln2 * (st.s.a / st.s.z - lse2_diff);
+    fn.D = st.s.a / st.s.z - lse2_diff;
+    D = ln2 * fn.D;
   } else {
     // ---- JSD pass 2: KL(p||m) and KL(q||m)
     const acc_t b1 = fn.b1, b0 = fn.b0;
@@ -395,7 +438,6 @@ __device__ __forceinline__ void process_row(const Params<scalar_t, acc_t>& P, in
     fn.kl_q = kq;
     D = b1 * kp + b0 * kq;
   }
-  fn.D = D;
   if (tid == 0) P.loss[row] = c * D;
   if (gs == nullptr && gt == nullptr) return;
 

@@ -1,3 +1,4 @@
+// fastkd:cpu-dispatch
 // fastkd::embedding_ascent_ / embedding_ascent_multi_ — fused in-place gradient step on token
 // embeddings, CPU kernel (at::vec SIMD within a row, at::parallel_for over rows of every tensor of
 // the list). The CUDA kernel is in embedding_ascent.cu, the Triton kernel in
@@ -16,6 +17,7 @@
 //   e  = x; rows whose mask is False are not read or written (embeds and buffer stay bit-identical).
 // Each row is loaded once into two per-thread scratch rows (x and g in the compute type), all the
 // passes above run on that scratch (it stays in L1), and the row is stored once.
+#include "cpu_dispatch.h"
 #include "embedding_ascent.h"
 
 #include <ATen/Dispatch.h>
@@ -27,6 +29,8 @@
 #include <vector>
 
 namespace fastkd {
+namespace CPU_CAPABILITY {
+namespace embedding_ascent_impl {  // one namespace per file: the level's files compile as one unit
 namespace {
 
 using at::vec::Vectorized;
@@ -328,7 +332,16 @@ void embedding_ascent_multi_cpu(at::TensorList embeds, at::TensorList grads, at:
 }
 
 }  // namespace
+}  // namespace embedding_ascent_impl
+using embedding_ascent_impl::embedding_ascent_cpu;
+using embedding_ascent_impl::embedding_ascent_multi_cpu;
+}  // namespace CPU_CAPABILITY
+}  // namespace fastkd
 
+FASTKD_CPU_KERNEL(embedding_ascent_cpu)
+FASTKD_CPU_KERNEL(embedding_ascent_multi_cpu)
+
+#ifdef FASTKD_CPU_BASE
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def(
       "embedding_ascent_(Tensor(a!) embeds, Tensor grad, Tensor? origin, Tensor? mask, Tensor(b!)? momentum_buffer, "
@@ -340,8 +353,7 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
 }
 
 TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
-  m.impl("embedding_ascent_", &embedding_ascent_cpu);
-  m.impl("embedding_ascent_multi_", &embedding_ascent_multi_cpu);
+  m.impl("embedding_ascent_", FASTKD_CPU_DISPATCH(embedding_ascent_cpu));
+  m.impl("embedding_ascent_multi_", FASTKD_CPU_DISPATCH(embedding_ascent_multi_cpu));
 }
-
-}  // namespace fastkd
+#endif

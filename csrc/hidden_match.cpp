@@ -1,3 +1,4 @@
+// fastkd:cpu-dispatch
 // fastkd::hidden_match — fused multi-layer hidden-state matching (projection + MSE / cosine / NMSE),
 // CPU kernel. The CUDA kernel is in hidden_match.cu, the Triton kernel in kernels/hidden_match.py, the
 // reference in fastkd/ops/hidden_match.py; the loss math and its gradient coefficients are written
@@ -20,6 +21,7 @@
 // shape), never as an [L, N, Ht] tensor, and the gradients are complete when the forward returns
 // (backward is a scale).
 // bfloat16/float16 inputs are computed in float32 (tiles converted on the fly), float64 in float64.
+#include "cpu_dispatch.h"
 #include "hidden_match.h"
 
 #include <ATen/Dispatch.h>
@@ -31,6 +33,8 @@
 #include <vector>
 
 namespace fastkd {
+namespace CPU_CAPABILITY {
+namespace hidden_match_impl {  // one namespace per file: the level's files compile as one unit
 namespace {
 
 using at::vec::Vectorized;
@@ -280,7 +284,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> hidden_ma
 }
 
 }  // namespace
+}  // namespace hidden_match_impl
+using hidden_match_impl::hidden_match_cpu;
+}  // namespace CPU_CAPABILITY
+}  // namespace fastkd
 
+FASTKD_CPU_KERNEL(hidden_match_cpu)
+
+#ifdef FASTKD_CPU_BASE
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def(
       "hidden_match(Tensor student, Tensor teacher, Tensor? weight, Tensor? bias, Tensor row_scale, int loss, "
@@ -288,6 +299,5 @@ TORCH_LIBRARY_FRAGMENT(fastkd, m) {
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("hidden_match", &hidden_match_cpu); }
-
-}  // namespace fastkd
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("hidden_match", FASTKD_CPU_DISPATCH(hidden_match_cpu)); }
+#endif

@@ -1,3 +1,4 @@
+// fastkd:cpu-dispatch
 // fastkd::nearest_tokens — top-k vocabulary entries for each embedding, streaming over the
 // vocabulary, CPU kernel. The CUDA kernel is in nearest_tokens.cu, the Triton kernel in
 // kernels/nearest_tokens.py, the reference and the documentation in fastkd/ops/nearest_tokens.py.
@@ -14,7 +15,7 @@
 // among similarities, farthest for l2), and its score is reported as NaN.
 //
 // Two paths, both streaming over the vocabulary (the [N, V] score matrix never exists):
-// * int8 (the default for N >= 32, V >= 512, k <= 48, finite inputs): an exact int8 GEMM of
+// * int8 (the default for N >= 32, V >= 512, k <= 48, H <= 133,144, finite inputs): an exact int8 GEMM of
 //   quantised rows gives every score up to a proven error bound; each row keeps the columns whose
 //   bound reaches its running top-k threshold as candidates and scores only those exactly (see the
 //   comment above run_int8). About 4x faster than float32 GEMM tiles on AVX-512 VNNI machines, with
@@ -30,6 +31,7 @@
 // tile; the int8 path adds the int8 copies of the embeddings and the vocabulary ((N + V) H bytes)
 // and the candidate lists; the float path adds, for bfloat16/float16 inputs, float32 copies of one
 // row tile and one vocabulary tile.
+#include "cpu_dispatch.h"
 #include "nearest_tokens.h"
 
 #include <ATen/Dispatch.h>
@@ -44,6 +46,8 @@
 #include <vector>
 
 namespace fastkd {
+namespace CPU_CAPABILITY {
+namespace nearest_tokens_impl {  // one namespace per file: the level's files compile as one unit
 namespace {
 
 using at::vec::Vectorized;
@@ -294,6 +298,10 @@ constexpr size_t kOverflowAt = 8192;
 constexpr int64_t kInt8MinRows = 32;
 constexpr int64_t kInt8MinVocab = 512;
 constexpr int64_t kInt8MaxK = 48;
+// The int8 GEMM accumulates in int32 (at::_int_mm): |q_e . q_w| <= 127 * 127 * H must stay below
+// 2^31, so hidden sizes above 133,144 take the float path (wider rows are rare and the float GEMM
+// is then long enough to amortise anyway).
+constexpr int64_t kInt8MaxH = std::numeric_limits<int32_t>::max() / (127 * 127);
 
 struct Quantized {
   std::vector<int8_t> q;                          // [rows, H]
@@ -635,7 +643,8 @@ std::tuple<at::Tensor, at::Tensor> nearest_tokens_cpu(const at::Tensor& embeds, 
   at::Tensor scores = at::empty({E.size(0), k}, E.options().dtype(acc));
   if (E.size(0) == 0) return {ids, scores};
   const bool int8_path =
-      E.size(0) >= kInt8MinRows && Wm.size(0) >= kInt8MinVocab && E.size(1) > 0 && k <= kInt8MaxK;
+      E.size(0) >= kInt8MinRows && Wm.size(0) >= kInt8MinVocab && E.size(1) > 0 && E.size(1) <= kInt8MaxH &&
+      k <= kInt8MaxK;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, E.scalar_type(), "fastkd_nearest_tokens_cpu", [&] {
     if (!int8_path || !run_int8<scalar_t>(E, Wm, k, metric, ids, scores))
       run_fp<scalar_t>(E, Wm, k, metric, ids, scores);
@@ -644,11 +653,17 @@ std::tuple<at::Tensor, at::Tensor> nearest_tokens_cpu(const at::Tensor& embeds, 
 }
 
 }  // namespace
+}  // namespace nearest_tokens_impl
+using nearest_tokens_impl::nearest_tokens_cpu;
+}  // namespace CPU_CAPABILITY
+}  // namespace fastkd
 
+FASTKD_CPU_KERNEL(nearest_tokens_cpu)
+
+#ifdef FASTKD_CPU_BASE
 TORCH_LIBRARY_FRAGMENT(fastkd, m) {
   m.def("nearest_tokens(Tensor embeds, Tensor embedding_matrix, int k, int metric) -> (Tensor ids, Tensor scores)");
 }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("nearest_tokens", &nearest_tokens_cpu); }
-
-}  // namespace fastkd
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("nearest_tokens", FASTKD_CPU_DISPATCH(nearest_tokens_cpu)); }
+#endif

@@ -1,5 +1,8 @@
-// fastkd::scale_grad_ — multiply a gradient that a forward pass already wrote, in place, by the
+// fastkd::scale_grad_kernel_ — multiply a gradient that a forward pass already wrote, in place, by the
 // upstream gradient: grad[i, ...] *= scale (scale 0-d) or scale[i] (scale [N]).
+// The CPU and CUDA kernels of the op fastkd::scale_grad_ (fastkd/ops/scale_grad.py: the one
+// torch.library.custom_op, which declares the mutation, bumps the version counter and picks the
+// backend); this raw kernel op is only called from there, below autograd.
 // Used by backward of the fused losses: they write d(loss)/d(input) during the forward, so backward
 // is one in-place scale, and no work at all when the upstream gradient is the scalar 1
 // (checked here on the CPU value, and on the device inside the CUDA kernel: never a host sync).
@@ -51,8 +54,8 @@ void scale_grad_cpu(at::Tensor grad, const at::Tensor& scale) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def("scale_grad_(Tensor(a!) grad, Tensor scale) -> ()"); }
+TORCH_LIBRARY_FRAGMENT(fastkd, m) { m.def("scale_grad_kernel_(Tensor(a!) grad, Tensor scale) -> ()"); }
 
-TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("scale_grad_", &scale_grad_cpu); }
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) { m.impl("scale_grad_kernel_", &scale_grad_cpu); }
 
 }  // namespace fastkd

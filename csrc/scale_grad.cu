@@ -1,4 +1,4 @@
-// fastkd::scale_grad_ — CUDA implementation: registration and launch of the kernels in scale_grad.cuh
+// fastkd::scale_grad_kernel_ — CUDA implementation: registration and launch of the kernels in scale_grad.cuh
 // (which describes them: device-side check of the upstream gradient, no work when it is 1).
 #include "common.h"
 
@@ -69,6 +69,6 @@ void scale_grad_cuda(at::Tensor grad, const at::Tensor& scale) {
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("scale_grad_", &scale_grad_cuda); }
+TORCH_LIBRARY_IMPL(fastkd, CUDA, m) { m.impl("scale_grad_kernel_", &scale_grad_cuda); }
 
 }  // namespace fastkd

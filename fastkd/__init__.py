@@ -46,7 +46,8 @@ def _alias_source_kernels() -> None:
 _alias_source_kernels()
 
 from fastkd import nn  # noqa: E402
-from fastkd.backends import BACKENDS, BackendUnavailableError, available_backends  # noqa: E402
+from fastkd.backends import BACKENDS, available_backends  # noqa: E402
+from fastkd.errors import BackendUnavailableError, FastKDError  # noqa: E402
 from fastkd.ops.distill_loss import distill_loss, reference_distill_loss  # noqa: E402
 from fastkd.ops.embedding_ascent import (  # noqa: E402
     embedding_ascent_,
@@ -65,6 +66,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "DistillConfig",
+    "FastKDError",
     "__version__",
     "available_backends",
     "distill",
@@ -90,7 +92,7 @@ _LAZY = {
     "distill": "fastkd.loop",
     "DistillConfig": "fastkd.loop",
     "DistillResult": "fastkd.loop",
-    "evaluate": "fastkd.loop",
+    "evaluate": "fastkd.models",
 }
 
 

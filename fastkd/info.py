@@ -32,8 +32,9 @@ def report() -> str:
         lib = _ext.library()
         lines.append(
             f"fastkd._C built for torch {info.get('torch', '?')}, CUDA kernels: {'yes' if lib.cuda_built() else 'no'}, "
-            f"CPU vector ISA: {lib.cpu_capability()}, threads: {torch.get_num_threads()}"
+            f"threads: {torch.get_num_threads()}"
         )
+        lines.append(_ext.cpu_capability_line())
     lines.append(
         f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '0')}  FASTKD_BACKEND={os.environ.get('FASTKD_BACKEND', '')}"
     )

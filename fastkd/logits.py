@@ -31,12 +31,14 @@ from typing import Any
 
 import torch
 
+from fastkd.errors import FastKDError
+
 FORMAT = "fastkd-teacher-logits"
 VERSION = 1
 INDEX = "index.json"
 
 
-class TeacherLogitsError(ValueError):
+class TeacherLogitsError(FastKDError, ValueError):
     """An offline-logits folder is missing, malformed, or does not match the student."""
 
 

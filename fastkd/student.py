@@ -30,13 +30,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from fastkd.errors import StudentConfigError
+
 INIT_CHOICES = ("auto", "teacher", "embeddings", "random")
 _INTERMEDIATE_NAMES = ("intermediate_size", "hidden_dim", "ffn_dim", "n_inner")
 _LAYER_KEY = re.compile(r"\.(layer|layers|h|block|blocks)\.(\d+)\.")
-
-
-class StudentConfigError(ValueError):
-    """The requested student size is impossible or pointless for this teacher."""
 
 
 def _intermediate_name(config: Any) -> str | None:

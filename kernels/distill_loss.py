@@ -1,21 +1,30 @@
 """Triton kernel of the fused temperature-softmax distillation loss (``fastkd.distill_loss``).
 
-Math (per row; s = student / T, t = teacher / T, q = softmax(s), p = softmax(t), c = loss_scale * row_scale):
+Math (per row; q = softmax(x_s / T), p = softmax(x_t / T), c = loss_scale * row_scale), in shifted form:
+u_s = (x_s - max x_s) / T, u_t = (x_t - max x_t) / T, Z = sum exp(u), log q = u_s - log Z_s,
+log p = u_t - log Z_t:
 
-    KL        D = sum p (log p - log q)            dD/ds = q - p               dD/dt = p (log p - log q - D)
-    REVERSE   D = sum q (log q - log p)            dD/ds = q (log q - log p - D)   dD/dt = p - q
+    KL        D = sum p (u_t - u_s) + log Z_s - log Z_t     dD/ds = q - p      dD/dt = p (log p - log q - D)
+    REVERSE   D = sum q (u_s - u_t) + log Z_t - log Z_s     dD/ds = q (log q - log p - D)   dD/dt = p - q
     JSD(b)    m = b p + (1 - b) q,  D = b KL(p||m) + (1 - b) KL(q||m)
               dD/ds = (1 - b) q (log q - log m - KL(q||m))     dD/dt = b p (log p - log m - KL(p||m))
 
+Every term is a difference of shifted logits (x - max is exact in floating point), so a large common
+offset of the logits (1e6, 1e30) costs no precision; the unshifted `sum p (t - s) + lse_s - lse_t`
+would cancel two numbers of the offset's size.
+
 The kernel writes ``c * D`` per row and the gradients ``c / T * dD/d(s, t)`` in the input dtype, so
-backward is one in-place scale by the upstream gradient (``scale_grad_kernel``, which does nothing
+backward is one in-place scale by the upstream gradient (``kernels/scale_grad.py``, which does nothing
 when that gradient is the scalar 1: the check happens on the device).
 
-One program per row. Pass 1 is an online softmax over both rows with per-lane running maxima,
-which also accumulates the KL / reverse-KL numerators; pass 2 recomputes p and q and writes the
-gradients (JSD needs a pass 2 for KL(.||m) and a pass 3 for its gradients). Zero probabilities
-contribute nothing, so -inf logits (masked vocabulary entries) are legitimate; NaN propagates.
-Row offsets are int64, so tensors of more than 2**31 elements are addressed correctly.
+One program per row. Pass 1 is an online softmax over both rows with per-lane running maxima of the
+raw logits, which also accumulates the KL / reverse-KL numerator sum e_w (u_w - u_o) relative to the
+current maxima (rescaled and shifted when either maximum grows); pass 2 recomputes p and q from the
+row maxima and writes the gradients (JSD needs a pass 2 for KL(.||m) and a pass 3 for its
+gradients). Zero probabilities contribute nothing, so -inf logits (masked vocabulary entries) are
+legitimate. NaN contract: NaN or +inf in a kept row, or a row that is all -inf (undefined softmax),
+gives NaN loss and NaN gradients for that row. Row offsets are int64, so tensors of more than 2**31
+elements are addressed correctly.
 """
 
 from __future__ import annotations
@@ -36,27 +45,25 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
-def _online_update(m, z, a, x, y, HAS_A: tl.constexpr):
-    """One step of a per-lane online log-sum-exp of x, with a = sum exp(x - m) * (x - y) when HAS_A."""
+def _online_update(m, z, x, inv_t):
+    """One step of a per-lane online sum of exp((x - m) / T) with m the running raw maximum.
+
+    Returns (m_new, z_new, e, f, d): e = exp((x - m_new) / T), f = exp((m - m_new) / T) the factor of
+    the old sum, d = (m_new - m) / T the shift of the old terms (0 when m did not change)."""
     m_new = tl.maximum(m, x)
-    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new).to(m.dtype)
-    alpha = tl.exp(m - m_safe)  # m == -inf gives 0
-    e = tl.exp(x - m_safe)  # x == -inf gives 0
-    z = z * alpha + e
-    if HAS_A:
-        a = a * alpha + tl.where(e == 0.0, 0.0, e * (x - y))
-    return m_new, z, a
+    grew = m_new != m
+    f = tl.where(grew, tl.where(m == float("-inf"), 0.0, tl.exp((m - m_new) * inv_t)), 1.0).to(z.dtype)
+    d = tl.where(grew, (m_new - m) * inv_t, 0.0).to(z.dtype)
+    e = tl.where(x == float("-inf"), 0.0, tl.exp((x - m_new) * inv_t)).to(z.dtype)
+    z = z * f + e
+    return m_new, z, e, f, d
 
 
 @triton.jit
-def _finish(m, z, a):
-    """Combine the lanes: returns (lse, sum exp(x - lse) * (x - y))."""
-    mm = tl.max(m, axis=0)
-    mm_safe = tl.where(mm == float("-inf"), 0.0, mm)
-    f = tl.where(m == float("-inf"), 0.0, tl.exp(m - mm_safe))
-    zz = tl.sum(z * f, axis=0)
-    aa = tl.sum(a * f, axis=0)
-    return mm_safe + tl.log(zz), aa / zz
+def _a_update(a, z_w_old, f_w, d_w, d_o, e_w, u_w, u_o):
+    """a = sum e_w (u_w - u_o) relative to the current maxima, after both maxima moved by d_w, d_o."""
+    old = tl.where(z_w_old == 0.0, 0.0, f_w * (a + z_w_old * (d_o - d_w)))
+    return old + tl.where(e_w == 0.0, 0.0, e_w * (u_w - u_o))
 
 
 @triton.jit
@@ -104,43 +111,60 @@ def distill_loss_kernel(
                 tl.store(gt_row + idx, tl.zeros([BLOCK], dtype=ACC).to(gt_ptr.dtype.element_ty), mask=msk)
         return
 
-    # ---- pass 1: online log-sum-exp of s and t (and the KL / reverse-KL numerators)
+    # ---- pass 1: per-lane online sums of exp((x - m) / T), m the running raw maxima, and the
+    # KL / reverse-KL numerator a = sum e_w (u_w - u_o) relative to the current maxima
     m_s = tl.full([BLOCK], float("-inf"), ACC)
     m_t = tl.full([BLOCK], float("-inf"), ACC)
     z_s = tl.zeros([BLOCK], ACC)
     z_t = tl.zeros([BLOCK], ACC)
-    a_s = tl.zeros([BLOCK], ACC)
-    a_t = tl.zeros([BLOCK], ACC)
+    a = tl.zeros([BLOCK], ACC)
     for off in range(0, V, BLOCK):
         idx = off + cols
         msk = idx < V
-        s = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-        t = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-        m_s, z_s, a_s = _online_update(m_s, z_s, a_s, s, t, DIV == REVERSE_KL)
-        m_t, z_t, a_t = _online_update(m_t, z_t, a_t, t, s, DIV == KL)
-    lse_s, ra_s = _finish(m_s, z_s, a_s)
-    lse_t, ra_t = _finish(m_t, z_t, a_t)
+        xs = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC)
+        xt = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC)
+        zs_old = z_s
+        zt_old = z_t
+        m_s, z_s, e_s, f_s, d_s = _online_update(m_s, z_s, xs, inv_t)
+        m_t, z_t, e_t, f_t, d_t = _online_update(m_t, z_t, xt, inv_t)
+        if DIV == KL:
+            a = _a_update(a, zt_old, f_t, d_t, d_s, e_t, (xt - m_t) * inv_t, (xs - m_s) * inv_t)
+        if DIV == REVERSE_KL:
+            a = _a_update(a, zs_old, f_s, d_s, d_t, e_s, (xs - m_s) * inv_t, (xt - m_t) * inv_t)
+    # combine the lanes at the row maxima M (a row of all -inf has M = -inf: NaN below, as the contract says)
+    M_s = tl.max(m_s, axis=0)
+    M_t = tl.max(m_t, axis=0)
+    g_s = tl.where(m_s == float("-inf"), 0.0, tl.exp((m_s - M_s) * inv_t))
+    g_t = tl.where(m_t == float("-inf"), 0.0, tl.exp((m_t - M_t) * inv_t))
+    Z_s = tl.sum(z_s * g_s, axis=0)
+    Z_t = tl.sum(z_t * g_t, axis=0)
+    lz_s = tl.log(Z_s)
+    lz_t = tl.log(Z_t)
+    if DIV == KL:
+        A = tl.sum(tl.where(z_t == 0.0, 0.0, g_t * (a + z_t * ((M_s - m_s) - (M_t - m_t)) * inv_t)), axis=0)
+    else:
+        A = tl.sum(tl.where(z_s == 0.0, 0.0, g_s * (a + z_s * ((M_t - m_t) - (M_s - m_s)) * inv_t)), axis=0)
 
     cg = c * inv_t
     if DIV != JSD:
         if DIV == KL:
-            D = ra_t + lse_s - lse_t
+            D = A / Z_t + lz_s - lz_t
         else:
-            D = ra_s + lse_t - lse_s
+            D = A / Z_s + lz_t - lz_s
         tl.store(loss_ptr + row, c * D)
         if WRITE_GS or WRITE_GT:
             for off in range(0, V, BLOCK):
                 idx = off + cols
                 msk = idx < V
-                s = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-                t = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-                q = tl.exp(s - lse_s)
-                p = tl.exp(t - lse_t)
+                s = (tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) - M_s) * inv_t
+                t = (tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) - M_t) * inv_t
+                q = tl.exp(s - lz_s)
+                p = tl.exp(t - lz_t)
                 if DIV == KL:
                     g_s = (q - p) * cg
-                    g_t = tl.where(p == 0.0, 0.0, p * ((t - lse_t) - (s - lse_s) - D) * cg)
+                    g_t = tl.where(p == 0.0, 0.0, p * ((t - lz_t) - (s - lz_s) - D) * cg)
                 else:
-                    g_s = tl.where(q == 0.0, 0.0, q * ((s - lse_s) - (t - lse_t) - D) * cg)
+                    g_s = tl.where(q == 0.0, 0.0, q * ((s - lz_s) - (t - lz_t) - D) * cg)
                     g_t = (p - q) * cg
                 if WRITE_GS:
                     tl.store(gs_row + idx, g_s.to(gs_ptr.dtype.element_ty), mask=msk)
@@ -154,13 +178,13 @@ def distill_loss_kernel(
         for off in range(0, V, BLOCK):
             idx = off + cols
             msk = idx < V
-            s = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-            t = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-            q = tl.exp(s - lse_s)
-            p = tl.exp(t - lse_t)
+            s = (tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) - M_s) * inv_t
+            t = (tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) - M_t) * inv_t
+            q = tl.exp(s - lz_s)
+            p = tl.exp(t - lz_t)
             lm = tl.log(b1 * p + b0 * q)
-            kp += tl.where(p == 0.0, 0.0, p * ((t - lse_t) - lm))
-            kq += tl.where(q == 0.0, 0.0, q * ((s - lse_s) - lm))
+            kp += tl.where(p == 0.0, 0.0, p * ((t - lz_t) - lm))
+            kq += tl.where(q == 0.0, 0.0, q * ((s - lz_s) - lm))
         klp = tl.sum(kp, axis=0)
         klq = tl.sum(kq, axis=0)
         tl.store(loss_ptr + row, c * (b1 * klp + b0 * klq))
@@ -168,39 +192,17 @@ def distill_loss_kernel(
             for off in range(0, V, BLOCK):
                 idx = off + cols
                 msk = idx < V
-                s = tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-                t = tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) * inv_t
-                q = tl.exp(s - lse_s)
-                p = tl.exp(t - lse_t)
+                s = (tl.load(s_row + idx, mask=msk, other=float("-inf")).to(ACC) - M_s) * inv_t
+                t = (tl.load(t_row + idx, mask=msk, other=float("-inf")).to(ACC) - M_t) * inv_t
+                q = tl.exp(s - lz_s)
+                p = tl.exp(t - lz_t)
                 lm = tl.log(b1 * p + b0 * q)
                 if WRITE_GS:
-                    g_s = tl.where(q == 0.0, 0.0, b0 * q * ((s - lse_s) - lm - klq) * cg)
+                    g_s = tl.where(q == 0.0, 0.0, b0 * q * ((s - lz_s) - lm - klq) * cg)
                     tl.store(gs_row + idx, g_s.to(gs_ptr.dtype.element_ty), mask=msk)
                 if WRITE_GT:
-                    g_t = tl.where(p == 0.0, 0.0, b1 * p * ((t - lse_t) - lm - klp) * cg)
+                    g_t = tl.where(p == 0.0, 0.0, b1 * p * ((t - lz_t) - lm - klp) * cg)
                     tl.store(gt_row + idx, g_t.to(gt_ptr.dtype.element_ty), mask=msk)
-
-
-@triton.jit
-def scale_grad_kernel(
-    g_ptr,  # gradient [N, M] contiguous, modified in place
-    sc_ptr,  # upstream gradient: one fp32 value (PER_ROW False) or [N]
-    M,  # elements per row
-    PER_ROW: tl.constexpr,
-    BLOCK: tl.constexpr,
-    ACC: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    chunk = tl.program_id(1).to(tl.int64)
-    if PER_ROW:
-        sc = tl.load(sc_ptr + row)
-    else:
-        sc = tl.load(sc_ptr)
-    if sc != 1.0:  # the common case (loss.backward()) moves no bytes
-        idx = chunk * BLOCK + tl.arange(0, BLOCK)
-        msk = idx < M
-        g = tl.load(g_ptr + row * M + idx, mask=msk).to(ACC)
-        tl.store(g_ptr + row * M + idx, (g * sc.to(ACC)).to(g_ptr.dtype.element_ty), mask=msk)
 
 
 def _f32_pair(x: float) -> tuple[float, float]:
@@ -246,22 +248,3 @@ def distill_loss_forward(
         )  # fmt: skip
     loss = rows.sum() if reduce else rows
     return loss, gs, gt
-
-
-def scale_grad_(grad: torch.Tensor, scale: torch.Tensor) -> None:
-    """grad[i] *= scale (0-d) or scale[i] ([N]), in place; no work when a 0-d scale is 1."""
-    if grad.numel() == 0:
-        return
-    rows = grad.shape[0] if grad.dim() >= 1 else 1
-    M = grad.numel() // rows
-    block = min(4096, triton.next_power_of_2(max(M, 16)))
-    per_row = scale.dim() > 0
-    scale_grad_kernel[(rows, triton.cdiv(M, block))](
-        grad,
-        scale,
-        M,
-        PER_ROW=per_row,
-        BLOCK=block,
-        ACC=tl.float64 if grad.dtype == torch.float64 else tl.float32,
-        num_warps=4,
-    )

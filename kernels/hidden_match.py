@@ -25,8 +25,8 @@ Kernels, all layers in each launch (grid axis 2 = layer):
   and dW = dP^T S.
 
 The dP buffer ``[L, N, Ht]`` (input dtype) lives only during the call; nothing is saved for
-backward except the gradients, which backward scales in place (``scale_grad_kernel`` of
-``kernels/distill_loss.py``). Offsets are int64 (program ids cast before pointer arithmetic).
+backward except the gradients, which backward scales in place (``kernels/scale_grad.py``).
+Offsets are int64 (program ids cast before pointer arithmetic).
 """
 
 from __future__ import annotations
@@ -203,6 +203,16 @@ def hm_rows_kernel(
 
 
 @triton.jit
+def _tile_offsets(r, c, s_r, s_c):
+    """Element offsets r * s_r + c * s_c of a [len(r), len(c)] tile, in int64.
+
+    r, c are int32 index vectors and the strides int32 arguments when they fit, so the products
+    would wrap at 2**31 (the K index times a row stride of N*Ht or N*Hs elements in the weight
+    gradient); both are widened before multiplying."""
+    return r.to(tl.int64)[:, None] * s_r + c.to(tl.int64)[None, :] * s_c
+
+
+@triton.jit
 def hm_bmm_kernel(
     a_ptr,  # A [Z, M, K] with strides (sa_z, sa_m, sa_k); sa_z = 0 broadcasts
     b_ptr,  # B [Z, K, Nc] with strides (sb_z, sb_k, sb_n)
@@ -237,8 +247,8 @@ def hm_bmm_kernel(
     for k0 in range(0, K, BK):
         kk = k0 + ks
         kmask = kk < K
-        a = tl.load(a_base + rows[:, None] * sa_m + kk[None, :] * sa_k, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        b = tl.load(b_base + kk[:, None] * sb_k + cols[None, :] * sb_n, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        a = tl.load(a_base + _tile_offsets(rows, kk, sa_m, sa_k), mask=rmask[:, None] & kmask[None, :], other=0.0)
+        b = tl.load(b_base + _tile_offsets(kk, cols, sb_k, sb_n), mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = _dot(a, b, acc, UPCAST, PREC)
     off = z * M * Nc + rows[:, None] * Nc + cols[None, :]
     tl.store(c_ptr + off, acc.to(c_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])

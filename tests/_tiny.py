@@ -199,8 +199,3 @@ def config(method: str, out_dir: str, **kw):
     base.update(kw)
     return DistillConfig(**base)
 
-
-def has_op(name: str) -> bool:
-    import fastkd
-
-    return hasattr(fastkd, name)

@@ -1,5 +1,5 @@
 """The CUDA kernels of embedding_ascent_ and nearest_tokens, run on the host by the CUDA emulation of
-tests/cuda_emu/ (tests/cuda_emu/emu_embed.cpp, built here with g++): machines without a GPU test the
+tests/cuda_emu/ (tests/cuda_emu/emu_embed.cpp, built by tests/cuda_emu/__init__.py): machines without a GPU test the
 kernels' logic (block reductions, masks, the multi-tensor row search, the per-thread top-k lists and
 their block-wide merge, ties, NaN). The host code of csrc/*.cu is mirrored in Python below; on a GPU
 the cuda backend runs the real thing in every other test."""
@@ -8,41 +8,18 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
-import pytest
 import torch
 
-EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
-DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+from tests import cuda_emu
+
+DTYPE_CODE = cuda_emu.DTYPE_CODE
 NO_ID = 2**63 - 1
 
 
 @functools.cache
 def lib():
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is needed to build the CUDA kernel emulation")
-    src = EMU_DIR / "emu_embed.cpp"
-    deps = [src, EMU_DIR / "cuda_host_emu.h", *sorted(CSRC.glob("*.cuh"))]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in deps) + torch.__version__.encode()).hexdigest()[:16]
-    path = Path(tempfile.gettempdir()) / f"fastkd_cuda_emu_embed_{key}.so"
-    if not path.exists():
-        from torch.utils.cpp_extension import include_paths
-
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
-        cmd += [f"-I{CSRC}", f"-I{EMU_DIR}", *(f"-I{p}" for p in include_paths()), str(src), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the CUDA emulation failed:\n{r.stderr[-4000:]}"
-        os.replace(tmp, path)
-    so = ctypes.CDLL(str(path))
+    so = cuda_emu.load("emu_embed.cpp")
     vp, pp, i64, i64p, f64, i32 = (
         ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int64, ctypes.POINTER(ctypes.c_int64),
         ctypes.c_double, ctypes.c_int,

@@ -6,7 +6,6 @@ import io
 import json
 import sys
 import tarfile
-import types
 from pathlib import Path
 
 import pytest
@@ -238,13 +237,7 @@ def test_unknown_asset_and_bad_split():
 
 def _fake_data_module(monkeypatch):
     registered = {}
-    fake_data = types.ModuleType("fastkd.data")
-    fake_data.register_source = registered.__setitem__
-    monkeypatch.setitem(sys.modules, "fastkd.data", fake_data)
-    import fastkd
-
-    monkeypatch.setattr(fastkd, "data", fake_data, raising=False)
-    monkeypatch.setattr(A.importlib.util, "find_spec", lambda name: True)
+    monkeypatch.setattr(A.fdata, "register_source", registered.__setitem__)
     return registered
 
 
@@ -259,7 +252,7 @@ def test_register_sources_with_prepared_assets(fake, tmp_path, monkeypatch):
         registered["wordnet"]("train")
 
 
-def test_registered_on_import_prepare_lazily(fake, tmp_path, monkeypatch):
+def test_register_sources_prepares_lazily(fake, tmp_path, monkeypatch):
     registered = _fake_data_module(monkeypatch)
     monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "lazy"))
     assert A.register_sources() == ["movie_reviews", "wordnet"]
@@ -270,7 +263,18 @@ def test_registered_on_import_prepare_lazily(fake, tmp_path, monkeypatch):
 
 
 def test_load_rows_rejects_unlabeled(tmp_path):
+    from fastkd.errors import DataError
+
     p = tmp_path / "x.jsonl"
     p.write_text('{"text": "a", "label": 1}\n\n{"text": "b"}\n')
-    with pytest.raises(A.AssetError, match="line 3"):
+    with pytest.raises(DataError, match="row 1 needs a text column"):
         A.load_rows(p)
+
+
+def test_importing_assets_registers_nothing():
+    import subprocess
+    import sys
+
+    code = "import fastkd.assets, fastkd.data as d; print(d.registered_sources())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,7 +11,7 @@ import sys
 import _tiny
 import pytest
 
-from fastkd.cli import OPTIONAL_COMMANDS, build_parser, main
+from fastkd.cli import MODULE_COMMANDS, build_parser, main
 from fastkd.data import load_labeled, load_text
 from fastkd.loop import DistillConfig
 
@@ -148,12 +147,10 @@ def test_help_explains_every_option_with_its_default(capsys):
         assert "(default" in sub_text and "--device" in sub_text
 
 
-def test_optional_subcommands_follow_their_modules():
+def test_every_subcommand_is_always_there():
     parser = build_parser()
     sub = next(a for a in parser._actions if a.dest == "command")
-    for name, module in OPTIONAL_COMMANDS.items():
-        assert (name in sub.choices) == (importlib.util.find_spec(module) is not None)
-    assert {"distill", "eval", "generate"} <= set(sub.choices)
+    assert {"distill", "eval", "generate", *MODULE_COMMANDS} <= set(sub.choices)
 
 
 def test_python_dash_m_fastkd():
@@ -162,3 +159,63 @@ def test_python_dash_m_fastkd():
                          timeout=300)  # fmt: skip
     assert res.returncode == 0, res.stderr
     assert "distill" in res.stdout and "generate" in res.stdout and "eval" in res.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# bad input on the command line: exit status 2, one line on stderr, no traceback
+# --------------------------------------------------------------------------------------------
+def _corrupt_checkpoint(tmp_path, how):
+    out = tmp_path / "run"
+    assert main(["distill", *_common(out), "--method", "ood", "--max-steps", "2", "--save-every", "1"]) == 0
+    from fastkd.checkpoint import find_latest
+
+    folder = find_latest(str(out))
+    if how == "truncated":
+        p = os.path.join(folder, "student.safetensors")
+        with open(p, "r+b") as f:
+            f.truncate(100)
+    else:
+        with open(os.path.join(folder, "state.json"), "w") as f:
+            f.write("{not json")
+    return out
+
+
+def _bad_cli_cases():
+    yield "garbage config", lambda t: ["distill", "--config", _write(t / "c.yaml", "::: [\n"), *_common(t / "o")], "cannot parse config"
+    yield "binary config", lambda t: ["distill", "--config", _write(t / "c.yaml", b"\xff\xfe\x00"), *_common(t / "o")], "cannot read config"
+    yield "method_options 3", lambda t: ["distill", "--config", _write(t / "c.yaml", "method_options: 3\n"), *_common(t / "o")], "method_options"
+    yield "threads -1", lambda t: ["distill", *_common(t / "o"), "--threads", "-1"], "threads must be an integer"
+    yield "seed 2**70", lambda t: ["distill", *_common(t / "o"), "--seed", str(2**70)], "seed must be an integer in"
+    yield "lr inf", lambda t: ["distill", *_common(t / "o"), "--lr", "inf"], "lr must be a finite number"
+    yield "lr 1e30 nan step", lambda t: ["distill", *_common(t / "o"), "--method", "ood", "--lr", "1e30", "--max-grad-norm", "0", "--max-steps", "6"], "non-finite"
+    yield "warmup -1", lambda t: ["distill", *_common(t / "o"), "--warmup-steps", "-1"], "warmup_steps must be"
+    yield "eval-max-rows 0", lambda t: ["distill", *_common(t / "o"), "--eval-max-rows", "0"], "eval_max_rows must be"
+    yield "max-length too long", lambda t: ["distill", *_common(t / "o"), "--max-length", "100000"], "position embeddings"
+    yield "temperature 1e30", lambda t: ["distill", *_common(t / "o"), "--temperature", "1e30"], "temperature must be at most"
+    yield "resume without checkpoint", lambda t: ["distill", *_common(t / "o"), "--resume"], "holds no checkpoint"
+    yield "out-dir is a file", lambda t: ["distill", *_common(_write(t / "f", "x"))], "is a file"
+    yield "out-dir under a file", lambda t: ["distill", *_common(t / "f2" / "run")] if _write(t / "f2", "x") else [], "is a file"
+    yield "truncated checkpoint", lambda t: ["distill", *_common(_corrupt_checkpoint(t, "truncated")), "--method", "ood", "--max-steps", "4", "--resume"], "corrupt checkpoints"
+    yield "invalid state.json", lambda t: ["distill", *_common(_corrupt_checkpoint(t, "state")), "--method", "ood", "--max-steps", "4", "--resume"], "corrupt checkpoints"
+    yield "eval batch-size 0", lambda t: ["eval", "--model", _tiny.teacher_dir(), "--data", _tiny.data_files()["eval"], "--batch-size", "0"], "--batch-size must be"
+    yield "eval limit -1", lambda t: ["eval", "--model", _tiny.teacher_dir(), "--data", _tiny.data_files()["eval"], "--limit", "-1"], "--limit must be"
+
+
+def _write(path, content):
+    mode = "wb" if isinstance(content, bytes) else "w"
+    with open(path, mode) as f:
+        f.write(content)
+    return str(path)
+
+
+@pytest.mark.parametrize(("make_argv", "message"), [pytest.param(a, m, id=n) for n, a, m in _bad_cli_cases()])
+def test_bad_input_exits_2_with_one_line_and_no_traceback(tmp_path, capsys, make_argv, message):
+    argv = make_argv(tmp_path)
+    capsys.readouterr()
+    code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"fastkd {argv[0]}: error:") and message in lines[0], lines[0]
+    assert "Traceback" not in err

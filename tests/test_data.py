@@ -53,7 +53,7 @@ def test_load_labeled_glue_pairs_and_label_names(tmp_path):
         {"text": "p0", "text_pair": "h0", "label": 1},
         {"text": "p1", "text_pair": "h1", "label": 0},
     ]
-    with pytest.raises(fdata.DataError, match="label 'Yes' is not an integer"):
+    with pytest.raises(fdata.DataError, match="label 'Yes' is a name"):
         fdata.load_labeled(str(p))
 
 
@@ -259,3 +259,23 @@ def test_datasets_hub_name_and_split_with_a_stand_in_module(monkeypatch):
     assert fdata.load_text("dictcorpus") == ["a"]  # no split asked: the only one
     with pytest.raises(fdata.DataError, match="has no split 'validation'"):
         fdata.load_text("dictcorpus:validation")
+
+
+def test_macro_f1_averages_over_the_classes_in_labels_or_predictions_by_hand():
+    # labels [0, 1, 0, 0], predictions [0, 2, 0, 1] (a 4-class model; class 3 never occurs)
+    # class 0: tp 2, 3 true, 2 predicted -> F1 = 2*2 / (3 + 2) = 0.8
+    # class 1: tp 0, 1 true, 1 predicted -> F1 = 0
+    # class 2: tp 0, 0 true, 1 predicted -> F1 = 0 (counted: scikit-learn's labels=None takes the
+    #          union of the classes in y_true and y_pred)
+    # class 3: in neither -> not counted (averaging over all 4 model classes would give 0.2)
+    m = classification_metrics([0, 2, 0, 1], [0, 1, 0, 0])
+    assert m["macro_f1"] == pytest.approx(0.8 / 3)
+    assert m["accuracy"] == pytest.approx(0.5)
+
+
+def test_one_metrics_implementation():
+    import fastkd.models
+    import fastkd.teacher
+
+    assert not hasattr(fastkd.teacher, "classification_metrics")
+    assert fastkd.models.classification_metrics is classification_metrics

@@ -161,12 +161,12 @@ def test_demo_reuses_the_cached_teacher(patched, tmp_path, monkeypatch):
     assert json.loads((tmp_path / "b" / "results.json").read_text())["teacher"]["source"] == "cached"
 
 
-def test_demo_missing_asset_exits_1(monkeypatch, tmp_path, capsys):
+def test_demo_missing_asset_exits_2(monkeypatch, tmp_path, capsys):
     def prepare(*a, **k):
         raise A.AssetError("could not obtain the MiniLM encoder: no network")
 
     monkeypatch.setattr(A, "prepare", prepare)
-    assert D.main(["--quick", "-o", str(tmp_path / "o")]) == 1
+    assert D.main(["--quick", "-o", str(tmp_path / "o")]) == 2
     assert "fastkd demo: error: could not obtain the MiniLM encoder" in capsys.readouterr().err
 
 

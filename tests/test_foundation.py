@@ -153,3 +153,105 @@ def test_kernels_package_importable():
 
     assert hasattr(k, "distill_loss_kernel")
     assert fastkd.kernels.__file__.endswith(os.path.join("kernels", "__init__.py"))
+
+
+# --------------------------------------------------------------------------------------------
+# The registry: supports(), the cached choice
+# --------------------------------------------------------------------------------------------
+def _op_with_supports(name: str) -> tuple[Op, list]:
+    calls: list = []
+    op = Op(name)
+    op.register("torch")(lambda x, k: ("torch", x, k))
+    op.register("cpu", supports=lambda x, k: calls.append(k) or (None if k <= 4 else f"k = {k} > 4"))(
+        lambda x, k: ("cpu", x, k)
+    )
+    return op, calls
+
+
+def test_supports_named_backend_raises_with_the_reason(monkeypatch):
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    if not _ext.available():
+        pytest.skip("needs the compiled cpu backend")
+    op, _ = _op_with_supports("dummy_supports_named")
+    cpu = torch.device("cpu")
+    assert op.pick(cpu, "cpu", (None, 4)) == "cpu"
+    with pytest.raises(BackendUnavailableError, match=r"backend 'cpu' cannot run these inputs: k = 5 > 4"):
+        op.pick(cpu, "cpu", (None, 5))
+    monkeypatch.setenv("FASTKD_BACKEND", "cpu")  # named through the environment: the same
+    with pytest.raises(BackendUnavailableError, match="k = 5 > 4"):
+        op.pick(cpu, None, (None, 5))
+
+
+def test_supports_automatic_choice_skips(monkeypatch):
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    if not _ext.available():
+        pytest.skip("needs the compiled cpu backend")
+    op, calls = _op_with_supports("dummy_supports_auto")
+    cpu = torch.device("cpu")
+    assert op.pick(cpu, None, (None, 3)) == "cpu"
+    assert op.pick(cpu, None, (None, 9)) == "torch"
+    assert calls == [3, 9]  # asked on every call: the inputs differ
+
+
+def test_supports_failing_everywhere_raises():
+    op = Op("dummy_supports_none")
+    op.register("torch", supports=lambda k: "never")(lambda k: k)
+    with pytest.raises(BackendUnavailableError, match="cannot run these inputs: never"):
+        op.pick(torch.device("cpu"), "torch", (1,))
+
+
+def test_choice_is_cached_and_keyed_on_the_environment(monkeypatch):
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    op = Op("dummy_cached")
+    op.register("torch")(lambda: "torch")
+    op.register("cpu")(lambda: "cpu")
+    cpu = torch.device("cpu")
+    resolved = []
+    real = op.candidates
+    monkeypatch.setattr(op, "candidates", lambda *a: resolved.append(a) or real(*a))
+    first = op.pick(cpu)
+    assert op.pick(cpu) == first and len(resolved) == 1  # the second call is a look-up
+    monkeypatch.setenv("FASTKD_BACKEND", "torch")  # a new environment: a new key, resolved again
+    assert op.pick(cpu) == "torch" and len(resolved) == 2
+    monkeypatch.setenv("FASTKD_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="FASTKD_BACKEND must be one of"):
+        op.pick(cpu)
+    monkeypatch.delenv("FASTKD_BACKEND")
+    assert op.pick(cpu) == first and len(resolved) == 3
+    assert op.pick(cpu, "torch") == "torch" and len(resolved) == 4  # the backend argument is part of the key
+
+
+def test_triton_choice_keyed_on_triton_interpret(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    monkeypatch.delenv("FASTKD_BACKEND", raising=False)
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert DISTILL_OP.pick(cpu, "triton") == "triton"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    with pytest.raises(BackendUnavailableError, match="TRITON_INTERPRET"):
+        DISTILL_OP.pick(cpu, "triton")
+
+
+def test_register_keeps_the_old_signature():
+    op = Op("dummy_compat")
+    op.register("torch")(lambda x: x + 1)
+    op.register("cpu", "cuda", prepare=lambda: None)(lambda x: x + 2)
+    assert op(op.pick(torch.device("cpu"), "torch"), 1) == 2
+    assert op.select(torch.device("cpu"), "torch") == "torch"
+
+
+def test_no_private_torch_c_calls_in_the_op_layer():
+    # scale_grad_ is a torch.library.custom_op with mutates_args; nothing in the op layer reaches
+    # into torch._C (private and unversioned).
+    roots = [os.path.join(ROOT, "fastkd", "ops"), os.path.join(ROOT, "fastkd", "nn")]
+    files = [os.path.join(r, f) for r in roots for f in os.listdir(r) if f.endswith(".py")]
+    files.append(os.path.join(ROOT, "fastkd", "backends.py"))
+    offenders = [f for f in files if "torch._C" in open(f, encoding="utf-8").read()]
+    assert not offenders
+
+
+def test_hidden_match_does_not_reach_into_distill_loss():
+    src = open(os.path.join(ROOT, "fastkd", "ops", "hidden_match.py"), encoding="utf-8").read()
+    assert "from fastkd.ops import distill_loss" not in src and "fastkd.ops.distill_loss" not in src
+    assert "from fastkd.ops.scale_grad import scale_saved_grads" in src

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import itertools
+import math
 import os
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,9 +14,10 @@ from conftest import DEVICE, backend_params
 
 import fastkd
 from fastkd.nn import HiddenStateMatcher
-from fastkd.nn.hidden import uniform_layer_map
+from fastkd.nn.hidden_match import uniform_layer_map
 from fastkd.ops import hidden_match as hm_mod
 from fastkd.ops.hidden_match import OP, hidden_match, reference_hidden_match
+from tests import cuda_emu
 
 BACKENDS = backend_params(OP)
 LOSSES = ("mse", "cosine", "nmse")
@@ -414,30 +411,12 @@ def test_torch_compile(backend):
 # GPU test its logic: strided passes, block reductions, grid-stride rows, bias rows, in-place dP,
 # excluded rows (not read), zero norms. On a GPU the cuda backend runs the real thing above.
 # ---------------------------------------------------------------------------------------------
-_EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
-_CSRC = Path(__file__).resolve().parents[1] / "csrc"
-_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2, torch.float16: 3}
+_DTYPE_CODE = cuda_emu.DTYPE_CODE
 
 
 @functools.cache
 def _emu_lib():
-    gxx = shutil.which("g++")
-    if gxx is None:
-        pytest.skip("g++ is needed to build the CUDA kernel emulation")
-    src = _EMU_DIR / "emu_hidden_match.cpp"
-    deps = [src, _EMU_DIR / "cuda_host_emu.h"] + sorted(_CSRC.glob("*.cuh")) + [_CSRC / "hidden_match_math.h"]
-    key = hashlib.sha256(b"".join(p.read_bytes() for p in deps) + torch.__version__.encode()).hexdigest()[:16]
-    lib_path = Path(tempfile.gettempdir()) / f"fastkd_cuda_emu_hidden_{key}.so"
-    if not lib_path.exists():
-        from torch.utils.cpp_extension import include_paths
-
-        tmp = lib_path.with_suffix(f".{os.getpid()}.tmp")
-        cmd = [gxx, "-std=c++20", "-O1", "-shared", "-fPIC", "-Wall", "-Wno-unknown-pragmas"]
-        cmd += [f"-I{_CSRC}", f"-I{_EMU_DIR}", *(f"-I{p}" for p in include_paths()), str(src), "-o", str(tmp)]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"building the CUDA emulation failed:\n{r.stderr[-4000:]}"
-        os.replace(tmp, lib_path)
-    lib = ctypes.CDLL(str(lib_path))
+    lib = cuda_emu.load("emu_hidden_match.cpp", ("hidden_match_math.h",))
     vp, i64, f64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double, ctypes.c_int
     lib.fastkd_emu_hidden_rows.restype = None
     lib.fastkd_emu_hidden_rows.argtypes = [i32, i64, vp, vp, i64, vp, vp, vp, vp, vp, i64, i64, i64, f64, i64]
@@ -570,6 +549,26 @@ def test_bad_inputs():
         hidden_match(S[0, 0], Tt[0, 0], W, b)
     with pytest.raises(ValueError, match="backend must be one of"):
         hidden_match(S, Tt, W, b, backend="tpu")
+    with pytest.raises(ValueError, match="layer_weights must be finite"):
+        hidden_match(S, Tt, W, b, layer_weights=torch.tensor([1.0, math.nan, 1.0], device=S.device))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_layer_is_a_one_line_error(backend):
+    S = torch.randn(0, 2, 3, 4, device=DEVICE)
+    with pytest.raises(ValueError, match="student_states must hold at least one layer, got L = 0"):
+        hidden_match(S, S, backend=backend)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_no_token_gives_zero(backend, reduction):
+    # N = 0 tokens: 0 on every backend (the torch backend divided 0 by 0)
+    S = torch.randn(2, 0, 4, device=DEVICE, requires_grad=True)
+    out = hidden_match(S, S.detach() + 1, reduction=reduction, backend=backend)
+    assert out.item() == 0.0
+    out.backward()
+    assert S.grad.shape == S.shape
 
 
 @pytest.mark.skipif(not fastkd._ext.available(), reason="needs the compiled library")
@@ -700,6 +699,22 @@ def test_matcher_same_width_without_projection_and_maps():
     m = HiddenStateMatcher(8, 16, 2, 4, layer_map=[(1, 1), (2, 3)], layer_weights=[2.0, 1.0], bias=False)
     assert m.weight.shape == (2, 16, 8) and m.bias is None
     assert m(hs_s, tuple(torch.randn(2, 3, 16) for _ in range(5))).shape == ()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"eps": -1.0}, "eps must be a positive finite number"),
+        ({"eps": math.nan}, "eps must be a positive finite number"),
+        ({"attention": "kl", "attention_weight": math.nan}, "attention_weight must be a finite number"),
+        ({"attention": "kl", "attention_weight": -1.0}, "attention_weight must be a finite number"),
+        ({"layer_weights": [1.0, math.inf, 1.0]}, "layer_weights must be finite"),
+    ],
+    ids=["eps<0", "eps-nan", "attention_weight-nan", "attention_weight<0", "layer_weights-inf"],
+)
+def test_matcher_rejects_bad_numbers_at_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        HiddenStateMatcher(8, 16, 2, 4, **kwargs)
 
 
 def test_matcher_bad_arguments():

@@ -122,6 +122,22 @@ def test_ties_lowest_id_first(backend, metric, dtype):
     assert torch.equal(ids, ids2)
 
 
+@pytest.mark.parametrize("backend", [p for p in BACKENDS if p.id in ("cuda", "triton")])
+def test_named_fused_backend_refuses_k_above_its_limit(backend):
+    # The cuda and Triton kernels hold at most MAX_K_FUSED entries per row: named for a larger k
+    # they say so (they used to run the reference quietly); the automatic choice takes the next one.
+    from fastkd.ops.nearest_tokens import MAX_K_FUSED
+
+    k = MAX_K_FUSED + 1
+    e, w = _data(3, k + 7, 6, seed=5)
+    with pytest.raises(fastkd.BackendUnavailableError, match=rf"backend '{backend}' cannot run these inputs: k = {k}"):
+        fastkd.nearest_tokens(e, w, k=k, backend=backend)
+    ids, _ = fastkd.nearest_tokens(e, w, k=MAX_K_FUSED, backend=backend)  # at the limit: runs
+    assert torch.equal(ids, reference_nearest_tokens(e, w, MAX_K_FUSED, "cosine")[0])
+    ids, _ = fastkd.nearest_tokens(e, w, k=k)  # automatic: another backend
+    assert torch.equal(ids, reference_nearest_tokens(e, w, k, "cosine")[0])
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_k_equals_vocabulary_is_a_full_sort(backend):
     e, w = _data(6, 50, 10, seed=4)
@@ -326,6 +342,7 @@ def test_torch_compile_fullgraph(backend):
         ((4, 8), (10, 8), {"metric": "euclid"}, ValueError, "metric must be one of"),
         ((4, 8), (10, 8), {"backend": "tpu"}, ValueError, "backend must be one of"),
         ((), (10, 8), {}, ValueError, "embeds must have shape"),
+        ((4, 0), (10, 0), {}, ValueError, "embeds must have a non-empty last dimension H"),
     ],
 )
 def test_bad_input(e, w, kw, exc, match):

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import random
 
 import pytest
 import torch
 
 from fastkd import teacher as T
+from fastkd.models import predict_logits
 
 POS = ["good", "great", "fine", "superb", "lovely"]
 NEG = ["bad", "awful", "dull", "poor", "boring"]
@@ -49,14 +49,6 @@ def encoder(tmp_path_factory):
     return tiny_encoder(tmp_path_factory.mktemp("enc") / "tiny-bert")
 
 
-def test_classification_metrics_by_hand():
-    m = T.classification_metrics([1, 1, 0, 0], [1, 0, 0, 0], 2)
-    assert m["accuracy"] == pytest.approx(0.75)
-    assert m["macro_f1"] == pytest.approx((0.8 + 2 / 3) / 2)
-    assert m["mcc"] == pytest.approx(2 / math.sqrt(12))
-    assert T.classification_metrics([0, 0], [0, 0], 2)["mcc"] == 0.0  # undefined -> 0
-
-
 def test_finetune_learns_saves_and_loads(encoder, tmp_path):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, pipeline
 
@@ -69,7 +61,7 @@ def test_finetune_learns_saves_and_loads(encoder, tmp_path):
     assert meta["settings"]["epochs"] == 4 and len(meta["history"]) == 4
     model = AutoModelForSequenceClassification.from_pretrained(out)
     tok = AutoTokenizer.from_pretrained(out)
-    logits = T.predict(model, tok, dev, max_length=16)
+    logits = predict_logits(model, tok, dev, max_length=16)
     acc = (logits.argmax(-1) == torch.tensor([r["label"] for r in dev])).float().mean().item()
     assert acc == pytest.approx(metrics["accuracy"])  # the saved model is the one that was scored
     clf = pipeline("text-classification", model=str(out))
@@ -116,18 +108,49 @@ def test_bad_inputs(encoder, tmp_path):
         T.finetune(tmp_path / "missing-model", rows, rows, tmp_path / "x", progress=False)
 
 
-def test_read_labeled_formats(tmp_path):
-    (tmp_path / "a.jsonl").write_text('{"text": "x", "label": 1}\n{"text": "y", "text_pair": "z", "label": 0}\n')
-    (tmp_path / "a.csv").write_text('text,label\n"x, quoted",1\n')
-    (tmp_path / "a.tsv").write_text("text\ttext_pair\tlabel\nx\ty\t2\n")
-    (tmp_path / "bad.csv").write_text("sentence,label\nx,1\n")
-    assert T.read_labeled(str(tmp_path / "a.jsonl"))[1] == {"text": "y", "text_pair": "z", "label": 0}
-    assert T.read_labeled(str(tmp_path / "a.csv")) == [{"text": "x, quoted", "text_pair": None, "label": 1}]
-    assert T.read_labeled(str(tmp_path / "a.tsv")) == [{"text": "x", "text_pair": "y", "label": 2}]
-    with pytest.raises(T.TeacherError, match="columns text and label"):
-        T.read_labeled(str(tmp_path / "bad.csv"))
-    with pytest.raises(T.TeacherError, match="no such file"):
-        T.read_labeled(str(tmp_path / "none.jsonl"))
+def test_label_names_map_to_sorted_ids_and_travel_with_the_teacher(encoder, tmp_path, capsys):
+    """A CSV whose label column holds names: the teacher maps them (sorted, stable), saves id2label /
+    label2id, and every later reader of that task maps names through the teacher's label2id."""
+    import csv
+
+    from fastkd.cli import main as cli_main
+
+    names = {0: "sports", 1: "politics", 2: "tech"}  # sorted: politics=0, sports=1, tech=2
+    rng = random.Random(0)
+
+    def write(path, n):
+        with open(path, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["text", "label"])
+            for _ in range(n):
+                k = rng.randrange(3)
+                w.writerow([" ".join(rng.choices(FILLER, k=4) + [["ball", "vote", "chip"][k]]), names[k]])
+
+    write(tmp_path / "train.csv", 48)
+    write(tmp_path / "dev.csv", 12)
+    out = tmp_path / "teacher"
+    argv = ["--model", str(encoder), "--train", str(tmp_path / "train.csv"), "--dev", str(tmp_path / "dev.csv"),
+            "--epochs", "1", "--batch-size", "8", "--max-length", "16", "-o", str(out)]  # fmt: skip
+    assert T.main(argv) == 0
+    assert "labels ['politics', 'sports', 'tech']" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    assert config["label2id"] == {"politics": 0, "sports": 1, "tech": 2}
+    assert config["id2label"] == {"0": "politics", "1": "sports", "2": "tech"}
+    # `fastkd eval` reads the same named labels through the teacher's label2id
+    assert cli_main(["eval", "--model", str(out), "--data", str(tmp_path / "dev.csv"), "--max-length", "16"]) == 0
+    assert json.loads(capsys.readouterr().out)["rows"] == 12
+    # a name the teacher does not know is a one-line error naming it, exit status 2
+    (tmp_path / "odd.csv").write_text("text,label\nsome text,weather\n")
+    assert cli_main(["eval", "--model", str(out), "--data", str(tmp_path / "odd.csv")]) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if "error" in line.lower()]
+    assert len(err) == 1 and "'weather'" in err[0] and "politics" in err[0] and err[0].startswith("fastkd eval: error:")
+
+
+def test_label_names_and_integers_do_not_mix(tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\na,1\nb,pos\n")
+    (tmp_path / "dev.csv").write_text("text,label\na,1\n")
+    with pytest.raises(T.TeacherError, match="mixes names"):
+        T.read_labeled_splits(str(tmp_path / "train.csv"), str(tmp_path / "dev.csv"))
 
 
 def test_cli(encoder, tmp_path, capsys):
@@ -154,5 +177,5 @@ def test_cli(encoder, tmp_path, capsys):
     assert "saved the teacher to" in capsys.readouterr().out
     assert T.main(argv) == 0
     assert "reused the cached teacher" in capsys.readouterr().out
-    assert T.main([*argv[:4], "--train", str(tmp_path / "nope.jsonl")]) == 1
+    assert T.main([*argv[:4], "--train", str(tmp_path / "nope.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err

@@ -32,10 +32,7 @@ from torch import Tensor, nn
 
 import fastkd
 from fastkd.data import ShuffledStream, encode
-
-
-class OptionError(ValueError):
-    """An unknown or invalid method option."""
+from fastkd.errors import OptionError
 
 
 @dataclass
@@ -99,6 +96,7 @@ class MethodContext:
     divergence: str
     seed: int
     micro_batch_size: int = 8
+    batch_size: int = 0  # rows per optimizer step over all ranks and micro-batches (0: micro_batch_size)
     rank: int = 0
     world: int = 1
     ood_texts: list[str] | None = None
@@ -289,14 +287,50 @@ class TextSampler:
     both kinds. Which half a row falls in, and the partner, come from the row's own seeded RNG.
     """
 
-    def __init__(self, texts: Sequence[str], seed: int, pair_task: bool) -> None:
+    BUCKET_CHUNKS = 16  # a length bucket is drawn from this many batches' worth of the stream
+
+    def __init__(self, texts: Sequence[str], seed: int, pair_task: bool, *, bucket: int = 0) -> None:
         self.texts = list(texts)
         self.stream = ShuffledStream(len(self.texts), seed)
         self.pair_task = pair_task
         self.seed = seed
+        self.bucket = bucket
+        self._chunk_cache: dict[int, list[int]] = {}
+
+    def _bucketed(self, chunk: int) -> list[int]:
+        """The text indices of one chunk of the stream, reordered into length buckets.
+
+        With ``bucket = b`` the stream is cut into chunks of ``16 b`` positions; a chunk's texts are
+        sorted by length, cut into 16 groups of ``b`` similar lengths, and the groups are put in a
+        seeded random order. A batch of ``b`` rows at an aligned position is one group, so it pads
+        to a length close to its rows' own (less padding, the same texts, still a pure function of
+        the position: resume reads what the uninterrupted run read).
+        """
+        got = self._chunk_cache.get(chunk)
+        if got is None:
+            from fastkd.data import mix_seed
+
+            size = self.bucket * self.BUCKET_CHUNKS
+            idx = self.stream.indices(chunk * size, size)
+            by_len = sorted(range(size), key=lambda j: (len(self.texts[idx[j]]), j))
+            groups = [by_len[g * self.bucket : (g + 1) * self.bucket] for g in range(self.BUCKET_CHUNKS)]
+            order = torch.randperm(
+                self.BUCKET_CHUNKS, generator=torch.Generator().manual_seed(mix_seed(self.seed, 11, chunk))
+            )
+            got = [idx[j] for g in order.tolist() for j in groups[g]]
+            if len(self._chunk_cache) > 2:
+                self._chunk_cache.clear()
+            self._chunk_cache[chunk] = got
+        return got
+
+    def _indices(self, offset: int, count: int) -> list[int]:
+        if self.bucket <= 0:
+            return self.stream.indices(offset, count)
+        size = self.bucket * self.BUCKET_CHUNKS
+        return [self._bucketed(p // size)[p % size] for p in range(offset, offset + count)]
 
     def rows(self, offset: int, count: int) -> tuple[list[str], list[str | None] | None]:
-        idx = self.stream.indices(offset, count)
+        idx = self._indices(offset, count)
         texts = [self.texts[i] for i in idx]
         if not self.pair_task:
             return texts, None

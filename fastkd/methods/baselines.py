@@ -83,7 +83,12 @@ class OutOfDomain(Method):
 
     def setup(self) -> None:
         assert self.ctx.ood_texts is not None
-        self.sampler = TextSampler(self.ctx.ood_texts, self.ctx.seed, self.ctx.pair_task)
+        self.sampler = TextSampler(
+            self.ctx.ood_texts,
+            self.ctx.seed,
+            self.ctx.pair_task,
+            bucket=self.ctx.batch_size or self.ctx.micro_batch_size,
+        )
 
     def batch(self, info: StepInfo) -> list[View]:
         texts, pairs = self.sampler.rows(info.offset, info.batch_size)

@@ -19,24 +19,35 @@ What follows the paper
 What is reconstruction
     * Text crosses between the generator's and the teacher's tokenizers as text (they differ in
       general), so no gradient flows from the teacher into the generator. We tune the generator with
-      REINFORCE (policy gradient, batch-mean baseline, normalised advantages): the reward of a
-      sampled rewrite is ``spec_weight * p_teacher(intended label | text) + div_weight * (1 - max
-      word-bigram Jaccard similarity to the other samples of the batch)``. The paper describes an
-      end-to-end learnable framework; with a different tokenizer on each side a score-function
-      estimator is the faithful way to optimise the same two objectives.
+      REINFORCE (the paper describes an end-to-end learnable framework; with a different tokenizer
+      on each side a score-function estimator optimises the same objectives). The reward of a
+      sampled rewrite is ``spec_weight * min(p_teacher(intended label | text), spec_cap) / spec_cap``
+      (specificity that saturates: past ``spec_cap`` more confidence earns nothing, so the
+      generator is not pushed to caricatures) ``+ div_weight * (1 - max word-bigram Jaccard to the
+      other samples and to the last `memory` generated texts)`` (diversity over the pool, not one
+      batch) ``+ balance_weight * K * (1/K - share of the text's teacher label among recent texts)``
+      (class balance over the pool) ``- kl_weight * KL`` to the reference (untuned) LM, estimated
+      per token on the sample (the usual penalty that keeps a tuned LM fluent).
+    * Variance: the baseline of a sample is the mean reward of the *other* samples with the same
+      intended label (leave-one-out, grouped by prompt label), the advantage is divided by the
+      batch's standard deviation. Batches of ``tune_batch`` rewrites.
     * Control: each rewrite is conditioned on an intended label through the prompt ("Rewrite the
       following text as a {label} {task}"), labels drawn uniformly, so the class balance of the
       generated data is set by construction and specificity is measured against the intended label.
       Label words come from ``label_words`` or the teacher's ``id2label``.
-    * Cost control: only the top ``tune_layers`` blocks of the generator are tuned (all when 0); the
-      student trains on a pool of generated texts (``pool_size``), of which ``refresh_fraction`` is
-      regenerated every ``refresh_every`` steps after ``tune_steps`` generator updates; at step 0 the
-      generator is tuned, then the pool filled.
-    * For pair tasks the rewritten sentence is paired with a second OOD sentence.
+    * Pair tasks: the rewritten sentence is paired with a second OOD sentence, and the teacher
+      scores the pair (in tuning and when labelling the pool).
+    * Cost: only the top ``tune_layers`` blocks of the generator are tuned (all when 0); generation
+      is batched (``gen_batch``) with the KV cache and bounded (``max_new_tokens``, prompts cut to
+      ``source_max_words``). The pool is best generated once (``fastkd generate``, or
+      :func:`generate_dataset` with a cache folder) and given as ``pool_file`` with
+      ``refresh_every=0``: the run then never loads the generator. Otherwise the student trains
+      on a pool of ``pool_size`` texts, of which ``refresh_fraction`` is regenerated every
+      ``refresh_every`` steps after ``tune_steps`` generator updates.
     * ``source_fraction`` (ours, default 0): that share of each batch is the untransformed OOD
       source text, the generator's input. A small budget affords only a few hundred generated texts,
       which a student memorises; mixing in the general-domain text it was rewritten from keeps the
-      student's inputs diverse (the demo's CPU budget chooses it on the dev split).
+      student's inputs diverse.
 """
 
 from __future__ import annotations
@@ -81,7 +92,13 @@ class T3Options:
     tune_lr: float = opt(1e-5, "generator learning rate (Adam)")
     tune_layers: int = opt(2, "tune only the top N generator blocks (0: all parameters)")
     spec_weight: float = opt(1.0, "reward weight of specificity (teacher confidence in the intended label)")
-    div_weight: float = opt(0.5, "reward weight of diversity (1 - max bigram Jaccard within the batch)")
+    spec_cap: float = opt(0.9, "specificity saturates: min(p_intended, spec_cap) / spec_cap")
+    div_weight: float = opt(0.5, "reward weight of diversity (1 - max bigram Jaccard to the batch and the pool memory)")
+    balance_weight: float = opt(
+        0.5, "reward weight of class balance (teacher labels under-represented in the pool memory)"
+    )
+    kl_weight: float = opt(0.05, "KL penalty to the reference (untuned) LM, per generated token, in the reward")
+    memory: int = opt(512, "recent generated texts that diversity and class balance are measured against")
 
     def check(self) -> None:
         if self.chat not in ("auto", "yes", "no"):
@@ -91,8 +108,10 @@ class T3Options:
                 raise ValueError(f"{name} must be >= 1")
         if self.pool_size < 1 and not self.pool_file:
             raise ValueError("pool_size must be >= 1")
-        if min(self.refresh_every, self.tune_steps, self.tune_layers) < 0:
-            raise ValueError("refresh_every, tune_steps and tune_layers must be >= 0")
+        if min(self.refresh_every, self.tune_steps, self.tune_layers, self.memory) < 0:
+            raise ValueError("refresh_every, tune_steps, tune_layers and memory must be >= 0")
+        if not 0.0 < self.spec_cap <= 1.0 or min(self.kl_weight, self.balance_weight, self.div_weight) < 0:
+            raise ValueError("spec_cap must be in (0, 1]; kl_weight, balance_weight and div_weight >= 0")
         if not 0.0 < self.top_p <= 1.0 or self.gen_temperature <= 0 or self.tune_lr <= 0:
             raise ValueError("top_p must be in (0, 1]; gen_temperature and tune_lr positive")
         if not 0.0 <= self.refresh_fraction <= 1.0:
@@ -118,6 +137,58 @@ def bigram_diversity(texts: Sequence[str]) -> list[float]:
                 best = max(best, len(a & b) / max(1, len(a | b)))
         out.append(1.0 - best)
     return out
+
+
+def _bigrams(text: str) -> set:
+    w = text.lower().split()
+    return {tuple(w[i : i + 2]) for i in range(max(1, len(w) - 1))} if w else set()
+
+
+def pool_diversity(texts: Sequence[str], memory: Sequence[set]) -> list[float]:
+    """``1 - max Jaccard`` of each text's word bigrams to the other texts and to the ``memory`` bigram sets."""
+    grams = [_bigrams(t) for t in texts]
+    out = []
+    for i, a in enumerate(grams):
+        best = 0.0
+        for j, b in enumerate(list(grams) + list(memory)):
+            if j != i and (a or b):
+                best = max(best, len(a & b) / max(1, len(a | b)))
+        out.append(1.0 - best)
+    return out
+
+
+def pool_statistics(rows: Sequence[dict], num_labels: int, sample: int = 300) -> dict[str, Any]:
+    """What a generated pool looks like: size, distinct texts and bigrams, self-similarity, class balance.
+
+    ``distinct_2`` is distinct word bigrams / all bigrams; ``mean_max_jaccard`` the mean over (a sample
+    of) rows of the largest bigram Jaccard similarity to another row; ``label_shares`` the teacher's
+    labels; ``intended_agreement`` how often the teacher's label is the intended one.
+    """
+    texts = [r["text"] for r in rows]
+    grams = [_bigrams(t) for t in texts]
+    allg = [g for t in texts for g in zip(t.lower().split(), t.lower().split()[1:])]
+    sub = grams[:sample]
+    jac = []
+    for i, a in enumerate(sub):
+        best = 0.0
+        for j, b in enumerate(sub):
+            if i != j and (a or b):
+                best = max(best, len(a & b) / max(1, len(a | b)))
+        jac.append(best)
+    labels = [int(r["label"]) for r in rows if r.get("label") is not None]
+    shares = [labels.count(k) / max(1, len(labels)) for k in range(num_labels)]
+    agree = [int(r["label"]) == int(r["intended_label"]) for r in rows if r.get("intended_label") is not None]
+    conf = [float(r["teacher_confidence"]) for r in rows if r.get("teacher_confidence") is not None]
+    return {
+        "rows": len(rows),
+        "distinct_texts": len(set(texts)) / max(1, len(texts)),
+        "distinct_2": len(set(allg)) / max(1, len(allg)),
+        "mean_max_jaccard": sum(jac) / max(1, len(jac)),
+        "mean_words": sum(len(t.split()) for t in texts) / max(1, len(texts)),
+        "label_shares": [round(x, 4) for x in shares],
+        "intended_agreement": sum(agree) / max(1, len(agree)),
+        "mean_intended_confidence": sum(conf) / max(1, len(conf)),
+    }
 
 
 def _clean(text: str) -> str:
@@ -176,6 +247,11 @@ class Rewriter:
                 block.requires_grad_(True)
         self.params = [p for p in self.lm.parameters() if p.requires_grad]
         self.optimizer = torch.optim.Adam(self.params, lr=options.tune_lr)
+        # the reference LM of the KL penalty: the tuned parameters as loaded (the rest never changes)
+        names = {id(p): n for n, p in self.lm.named_parameters()}
+        self.reference = {names[id(p)]: p.detach().clone() for p in self.params}
+        self.memory: list[set] = []  # bigram sets of recent texts (pool-level diversity)
+        self.memory_labels: list[int] = []  # the teacher's labels of recent texts (pool-level balance)
         self.num_labels = int(teacher.config.num_labels)
         self.label_words = self._label_words()
         self.use_chat = options.chat == "yes" or (
@@ -210,7 +286,7 @@ class Rewriter:
         with self.autocast():
             out = self.lm.generate(
                 **enc, do_sample=True, top_p=self.opt.top_p, temperature=self.opt.gen_temperature,
-                max_new_tokens=self.opt.max_new_tokens, pad_token_id=self.lm_tok.pad_token_id,
+                max_new_tokens=self.opt.max_new_tokens, pad_token_id=self.lm_tok.pad_token_id, use_cache=True,
             )  # fmt: skip
         p_len = enc["input_ids"].shape[1]
         new = out[:, p_len:]
@@ -232,31 +308,81 @@ class Rewriter:
         with self.autocast():
             return self.teacher(**enc).logits.float().softmax(-1)
 
-    def token_logprobs(self, seq: Tensor, mask: Tensor, p_len: int) -> tuple[Tensor, Tensor]:
-        """Log-probabilities ``[B, G]`` of the generated tokens under the current LM, and their mask."""
+    def token_logprobs(self, seq: Tensor, mask: Tensor, p_len: int, reference: bool = False) -> tuple[Tensor, Tensor]:
+        """Log-probabilities ``[B, G]`` of the generated tokens under the current LM (the reference LM
+        with ``reference``), and their mask."""
         kw: dict[str, Tensor] = {"input_ids": seq, "attention_mask": mask}
         if _accepts(self.lm, "position_ids"):  # left padding: positions as generate() counted them
             kw["position_ids"] = (mask.cumsum(-1) - 1).clamp_min(0)
         with self.autocast():
-            logits = self.lm(**kw).logits[:, p_len - 1 : -1].float()
+            if reference:
+                from torch.func import functional_call
+
+                with torch.no_grad():
+                    out = functional_call(self.lm, self.reference, args=(), kwargs=kw, strict=False)
+                logits = out.logits[:, p_len - 1 : -1].float()
+            else:
+                logits = self.lm(**kw).logits[:, p_len - 1 : -1].float()
         gen = seq[:, p_len:]
         lp = torch.log_softmax(logits, -1).gather(2, gen.unsqueeze(-1)).squeeze(-1)
         return lp, mask[:, p_len:].float()
 
-    def tune_step(
-        self, sources: Sequence[str], labels: Sequence[int], reduce: Callable[[list], None] | None = None
-    ) -> dict[str, float]:
-        """One REINFORCE update; returns the batch's mean specificity, diversity and reward."""
-        texts, seq, mask, p_len = self.sample(sources, labels)
+    def remember(self, texts: Sequence[str], labels: Sequence[int]) -> None:
+        """Add texts (and the teacher's labels of them) to the memory of recent texts."""
+        if self.opt.memory <= 0:
+            return
+        self.memory = (self.memory + [_bigrams(t) for t in texts])[-self.opt.memory :]
+        self.memory_labels = (self.memory_labels + [int(y) for y in labels])[-self.opt.memory :]
+
+    def rewards(
+        self, texts: Sequence[str], labels: Sequence[int], pairs: Sequence[str | None] | None = None
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Reward per text (before the KL penalty) and its parts: specificity (saturating), diversity
+        against the batch and the memory, class balance against the memory."""
         y = torch.tensor(list(labels), device=self.device)
-        spec = self.teacher_probs(texts).gather(1, y[:, None]).squeeze(1)
-        div = torch.tensor(bigram_diversity(texts), device=self.device)
-        reward = self.opt.spec_weight * spec + self.opt.div_weight * div
-        adv = reward - reward.mean()
-        if len(texts) > 1:
-            adv = adv / (reward.std() + 1e-6)
+        probs = self.teacher_probs(texts, pairs)
+        p = probs.gather(1, y[:, None]).squeeze(1)
+        spec = p.clamp(max=self.opt.spec_cap) / self.opt.spec_cap
+        div = torch.tensor(pool_diversity(texts, self.memory), device=self.device)
+        k = self.num_labels
+        seen = torch.bincount(torch.tensor(self.memory_labels + probs.argmax(-1).tolist()), minlength=k).float()
+        share = (seen / seen.sum()).to(self.device)
+        balance = (1.0 / k - share[probs.argmax(-1)]) * k  # > 0 for a class the pool lacks
+        reward = self.opt.spec_weight * spec + self.opt.div_weight * div + self.opt.balance_weight * balance
+        return reward, {"specificity": spec, "p_intended": p, "diversity": div, "balance": balance, "probs": probs}
+
+    def tune_step(
+        self, sources: Sequence[str], labels: Sequence[int], reduce: Callable[[list], None] | None = None,
+        pairs: Sequence[str | None] | None = None,
+    ) -> dict[str, float]:  # fmt: skip
+        """One REINFORCE update with a KL penalty to the reference LM; returns the batch's mean reward parts.
+
+        Advantage: reward minus the leave-one-out mean of the other samples with the same intended
+        label (the label changes the prompt, so it is the natural baseline group; the batch mean when
+        a group has one sample), divided by the batch's standard deviation.
+        """
+        texts, seq, mask, p_len = self.sample(sources, labels)
+        reward, parts = self.rewards(texts, labels, pairs)
         lp, gmask = self.token_logprobs(seq, mask, p_len)
-        seq_lp = (lp * gmask).sum(1) / gmask.sum(1).clamp_min(1.0)
+        n_tok = gmask.sum(1).clamp_min(1.0)
+        kl = torch.zeros_like(reward)
+        if self.opt.kl_weight > 0:
+            ref_lp, _ = self.token_logprobs(seq, mask, p_len, reference=True)
+            kl = ((lp.detach() - ref_lp) * gmask).sum(1) / n_tok  # per-token KL estimate on the sample
+        total = reward - self.opt.kl_weight * kl
+        y = torch.tensor(list(labels), device=self.device)
+        base = torch.empty_like(total)
+        for i in range(len(texts)):
+            same = (y == y[i]).clone()
+            same[i] = False
+            others = torch.ones_like(same)
+            others[i] = False
+            group = same if same.any() else others
+            base[i] = total[group].mean() if group.any() else total[i]
+        adv = total - base
+        if len(texts) > 1:
+            adv = adv / (total.std() + 1e-6)
+        seq_lp = (lp * gmask).sum(1) / n_tok
         loss = -(adv.detach() * seq_lp).mean()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -265,10 +391,14 @@ class Rewriter:
         torch.nn.utils.clip_grad_norm_(self.params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.remember(texts, parts["probs"].argmax(-1).tolist())
         return {
-            "t3_specificity": float(spec.mean()),
-            "t3_diversity": float(div.mean()),
-            "t3_reward": float(reward.mean()),
+            "t3_specificity": float(parts["specificity"].mean()),
+            "t3_p_intended": float(parts["p_intended"].mean()),
+            "t3_diversity": float(parts["diversity"].mean()),
+            "t3_balance": float(parts["balance"].mean()),
+            "t3_kl_ref": float(kl.mean()),
+            "t3_reward": float(total.mean()),
         }
 
     def generate(
@@ -285,6 +415,7 @@ class Rewriter:
                 texts, *_ = self.sample(src, lab)
                 pr = pairs[i : i + bs] if pairs is not None else None
                 probs = self.teacher_probs(texts, pr)
+                self.remember(texts, probs.argmax(-1).tolist())
                 for j, t in enumerate(texts):
                     rows.append(
                         {
@@ -317,15 +448,29 @@ class T3(Method):
         ctx = self.ctx
         assert ctx.ood_texts is not None
         self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
-        self.rewriter = Rewriter(
-            ctx.teacher, ctx.tokenizer, self.opt, device=ctx.device, max_length=ctx.max_length,
-            autocast=ctx.autocast, progress=ctx.progress,
-        )  # fmt: skip
         self.pool: list[dict] = []
         self.pool_next = 0
         if self.opt.pool_file:
             rows = [r for r in _read_pool(self.opt.pool_file)]
             self.pool = rows[: self.opt.pool_size] if self.opt.pool_size else rows
+        # a pool generated once and never refreshed needs no generator in the run (no 135 M-parameter LM)
+        self.needs_lm = not self.pool or self.opt.refresh_every > 0
+        self._rewriter: Rewriter | None = None
+        if self.needs_lm:
+            self._load_rewriter()
+
+    def _load_rewriter(self) -> Rewriter:
+        if self._rewriter is None:
+            ctx = self.ctx
+            self._rewriter = Rewriter(
+                ctx.teacher, ctx.tokenizer, self.opt, device=ctx.device, max_length=ctx.max_length,
+                autocast=ctx.autocast, progress=ctx.progress,
+            )  # fmt: skip
+        return self._rewriter
+
+    @property
+    def rewriter(self) -> Rewriter:
+        return self._load_rewriter()
 
     def _draw(self, n: int, generator: torch.Generator) -> tuple[list[str], list[int], list[str | None] | None]:
         sources, pairs = self.sampler.random_rows(n, generator)
@@ -335,9 +480,9 @@ class T3(Method):
     def _tune(self, generator: torch.Generator) -> dict[str, float]:
         stats: dict[str, float] = {}
         for _ in range(self.opt.tune_steps):
-            sources, labels, _ = self._draw(self.opt.tune_batch, generator)
+            sources, labels, pairs = self._draw(self.opt.tune_batch, generator)
             for k, v in self.rewriter.tune_step(
-                sources, labels, self.ctx.reduce_grads if self.ctx.world > 1 else None
+                sources, labels, self.ctx.reduce_grads if self.ctx.world > 1 else None, pairs=pairs
             ).items():
                 stats[k] = stats.get(k, 0.0) + v / self.opt.tune_steps
         return stats
@@ -377,6 +522,11 @@ class T3(Method):
         return [view]
 
     def state_dict(self) -> dict[str, Any]:
+        if self._rewriter is None:
+            return {
+                "pool": [{k: r.get(k) for k in ("text", "text_pair", "intended_label")} for r in self.pool],
+                "pool_next": self.pool_next,
+            }
         return {
             "generator": self.rewriter.trainable_state(),
             "generator_optimizer": self.rewriter.optimizer.state_dict(),
@@ -387,13 +537,26 @@ class T3(Method):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not state:
             return
-        self.rewriter.load_trainable_state(state["generator"])
-        self.rewriter.optimizer.load_state_dict(state["generator_optimizer"])
+        if "generator" in state:
+            self.rewriter.load_trainable_state(state["generator"])
+            self.rewriter.optimizer.load_state_dict(state["generator_optimizer"])
         self.pool = [dict(r) for r in state["pool"]]
         self.pool_next = int(state["pool_next"])
 
 
 def _read_pool(path: str) -> list[dict]:
+    if path.endswith((".jsonl", ".json")):  # `fastkd generate` output: keep the pairs
+        import json
+
+        rows = []
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip():
+                    r = json.loads(line)
+                    rows.append(
+                        {"text": r["text"], "text_pair": r.get("text_pair"), "intended_label": r.get("intended_label")}
+                    )
+        return rows
     texts = load_text(path)
     return [{"text": t, "text_pair": None, "intended_label": None} for t in texts]
 
@@ -401,23 +564,71 @@ def _read_pool(path: str) -> list[dict]:
 def generate_dataset(
     teacher: nn.Module, tokenizer: Any, ood_texts: Sequence[str], options: T3Options, *, num_rows: int,
     device: torch.device, max_length: int = 64, seed: int = 0, pair_task: bool = False, progress: bool = True,
+    cache: str | os.PathLike | None = None, info: dict[str, Any] | None = None,
 ) -> list[dict]:  # fmt: skip
     """Tune a T3 rewriter (``options.tune_steps`` updates) and generate ``num_rows`` labelled rows.
 
     Rows: ``{"text", "text_pair", "label" (the teacher's), "intended_label", "teacher_confidence",
     "source"}`` — usable as OOD text (``--ood``) or, with the teacher's labels, as labeled data.
+    With ``cache`` (a folder), the rows are kept in ``<cache>/t3-<hash>.jsonl`` (hash of the teacher
+    weights, the OOD text, the options and the sizes) and reused. ``info`` (a dict) receives the
+    tuning history, the pool statistics (:func:`pool_statistics`), the timings and the cache path.
     """
+    import hashlib
+    import json
+    import time
+    from dataclasses import asdict
+
+    info = info if info is not None else {}
+    path = None
+    if cache is not None:
+        h = hashlib.sha256()
+        for name, tensor in sorted(teacher.state_dict().items()):
+            h.update(name.encode())
+            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        for t in ood_texts:
+            h.update(t.encode("utf-8", "replace") + b"\n")
+        h.update(json.dumps([asdict(options), num_rows, max_length, seed, pair_task, 2], sort_keys=True).encode())
+        path = os.path.join(str(cache), f"t3-{h.hexdigest()[:16]}.jsonl")
+        meta_path = path[: -len(".jsonl")] + ".json"
+        if os.path.isfile(path) and os.path.isfile(meta_path):
+            with open(meta_path, encoding="utf-8") as f:
+                info.update(json.load(f))
+            info["cached"] = True
+            with open(path, encoding="utf-8") as f:
+                return [json.loads(line) for line in f if line.strip()]
     teacher.to(device).eval().requires_grad_(False)
+    t0 = time.perf_counter()
     rewriter = Rewriter(teacher, tokenizer, options, device=device, max_length=max_length, progress=progress)
     sampler = TextSampler(ood_texts, seed, pair_task)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     from tqdm.auto import tqdm
 
-    for _ in tqdm(range(options.tune_steps), desc="t3 tune", disable=not progress, leave=False):
-        sources, _ = sampler.random_rows(options.tune_batch, g)
+    history = []
+    t_load = time.perf_counter() - t0
+    for i in tqdm(range(options.tune_steps), desc="t3 tune", disable=not progress, leave=False):
+        sources, pairs = sampler.random_rows(options.tune_batch, g)
         labels = torch.randint(rewriter.num_labels, (len(sources),), generator=g).tolist()
-        rewriter.tune_step(sources, labels)
+        history.append({"update": i + 1, **rewriter.tune_step(sources, labels, pairs=pairs)})
+    t_tune = time.perf_counter() - t0 - t_load
     sources, pairs = sampler.random_rows(num_rows, g)
     labels = torch.randint(rewriter.num_labels, (num_rows,), generator=g).tolist()
-    return rewriter.generate(sources, labels, pairs)
+    rows = rewriter.generate(sources, labels, pairs)
+    info.update(
+        {
+            "tune_history": history, "pool": pool_statistics(rows, rewriter.num_labels),
+            "load_s": round(t_load, 1), "tune_s": round(t_tune, 1),
+            "generate_s": round(time.perf_counter() - t0 - t_load - t_tune, 1), "cached": False,
+        }
+    )  # fmt: skip
+    if path is not None:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        os.replace(path + ".tmp", path)
+        with open(path[: -len(".jsonl")] + ".json", "w", encoding="utf-8") as f:
+            json.dump(info, f, indent=1)
+        info["path"] = path
+    return rows

@@ -23,12 +23,31 @@ What follows the papers
     * For pair tasks the student sees pairs built from OOD sentences.
 
 What is reconstruction (the papers leave it open, or our setting differs)
-    * Generator: MATE-KD uses a pretrained masked LM of the teacher's vocabulary. No such model ships
-      offline, so by default the generator is built from the teacher itself: its embeddings and its
-      bottom ``generator_layers`` blocks, with a masked-LM head whose decoder is tied to the (frozen)
-      teacher word embeddings and whose transform starts as the identity — at start it proposes
-      tokens whose embeddings are close to the contextual state at the masked position. A real
-      masked LM with the teacher's vocabulary can be passed as ``generator_path``.
+    * Generator: MATE-KD uses a pretrained masked LM of the teacher's vocabulary. None ships offline,
+      so by default the generator is built from the teacher itself (its embeddings and bottom
+      ``generator_layers`` blocks under a masked-LM head whose decoder is tied to the frozen word
+      embeddings) and then *trained as a masked LM on the OOD text* before any adversarial step
+      (:mod:`fastkd.methods.mlm_generator`: ``pretrain_steps`` steps, 15% masking, the decoder
+      bias starting at the log unigram frequencies; cached by a hash of the teacher weights, the
+      text and the settings). Its held-out MLM accuracy is reported next to the unigram baseline's
+      (always the most frequent word), and a generator below ``min_gen_lift`` times that baseline
+      is refused: without the training its fills were spread over half the vocabulary, the same
+      top-5 at every position, so the "adversarial" view was random-token noise. A real masked LM
+      with the teacher's vocabulary can be passed as ``generator_path`` (it is checked the same way).
+    * Fill vocabulary: special tokens and placeholders (``[unused12]``, ...) get ``-inf`` logits in
+      training and when filling, so they never appear in the adversarial text.
+    * The generator's adversarial update minimises ``-KL(teacher || student) + gen_mlm_weight *
+      MLM loss`` of the original OOD tokens at the masked positions: the second term keeps it a
+      language model of the OOD text while it searches for disagreement (MATE-KD has no such term;
+      its tiny generator learning rate plays that role, and a from-scratch generator needs more).
+    * Schedule: MATE-KD's ratio of ``gen_steps`` generator updates per ``gen_every`` student steps,
+      spread evenly (one update every ``gen_every // gen_steps`` steps), so a short run gets its
+      share of updates instead of one burst at step 0. ``gen_lr`` (1e-4) is ours: MATE-KD's 5e-7
+      is for a pretrained generator over a far longer run.
+    * The loop logs, per log window, the KD loss on the clean (``kd_ood``) and on the adversarial
+      view (``kd_adversarial``): the adversarial one should be higher, or the generator is not
+      finding disagreement; the generator's own ``gen_divergence`` and ``gen_mlm_loss`` are logged
+      at its updates.
     * The straight-through estimator: the forward pass uses the hard Gumbel sample (a plain
       embedding lookup, cheaper than the dense ``one_hot @ E``); the backward pass routes the
       gradient through the soft sample (``grad @ E^T``), which is what the straight-through
@@ -142,13 +161,28 @@ class ZeroShotKD(Method):
     class Options:
         generator: str = opt("mlm", "adversarial generator: 'mlm' (token level, MATE-KD) or 'embedding' (ascent)")
         mask_prob: float = opt(0.3, "fraction of OOD tokens the masked-LM generator refills")
-        gen_steps: int = opt(10, "generator updates at the start of each cycle (mlm)")
+        gen_steps: int = opt(10, "generator updates per cycle of gen_every student steps (mlm), spread evenly")
         gen_every: int = opt(100, "student steps per cycle (mlm); 0 never updates the generator")
         gen_lr: float = opt(1e-4, "generator learning rate (Adam)")
         gen_batch: int = opt(0, "rows per generator update; 0 = the student's micro-batch")
+        gen_mlm_weight: float = opt(
+            1.0, "weight of the masked-LM loss on the OOD tokens in the generator's adversarial update (keeps it an LM)"
+        )
         gumbel_tau: float = opt(1.0, "Gumbel-softmax temperature")
         generator_layers: int = opt(2, "teacher blocks the default masked-LM generator is built from")
         generator_path: str | None = opt(None, "a masked LM with the teacher's vocabulary (path or hub id)")
+        pretrain_steps: int = opt(300, "masked-LM training steps of the default generator on the OOD text (cached)")
+        pretrain_batch: int = opt(32, "rows per masked-LM training step")
+        pretrain_lr: float = opt(3e-4, "masked-LM training learning rate (Adam)")
+        pretrain_seed: int = opt(
+            0, "seed of the masked-LM training and its held-out split (not the run's: one per corpus)"
+        )
+        min_gen_lift: float = opt(
+            1.0, "refuse adversarial training unless held-out MLM accuracy >= this x the unigram baseline's"
+        )
+        generator_cache: str | None = opt(
+            "auto", "folder for trained generators: auto ($FASTKD_CACHE or ~/.cache/fastkd), a path, or none"
+        )
         embed_steps: int = opt(1, "gradient-ascent steps per batch (embedding)")
         embed_radius: float = opt(0.15, "L2 ball radius around the clean embeddings, x mean word-embedding norm")
         embed_step_size: float = opt(0.0, "ascent step, x mean word-embedding norm; 0 = 1.25 * radius / steps")
@@ -163,27 +197,70 @@ class ZeroShotKD(Method):
                 raise ValueError(f"mask_prob must be in (0, 1], got {self.mask_prob}")
             if self.gumbel_tau <= 0 or self.gen_lr <= 0 or self.embed_radius <= 0:
                 raise ValueError("gumbel_tau, gen_lr and embed_radius must be positive")
-            if min(self.gen_steps, self.gen_every, self.gen_batch, self.embed_steps) < 0:
-                raise ValueError("gen_steps, gen_every, gen_batch and embed_steps must be >= 0")
+            if min(self.gen_steps, self.gen_every, self.gen_batch, self.embed_steps, self.pretrain_steps) < 0:
+                raise ValueError("gen_steps, gen_every, gen_batch, embed_steps and pretrain_steps must be >= 0")
+            if self.pretrain_batch < 1 or self.pretrain_lr <= 0 or self.gen_mlm_weight < 0 or self.min_gen_lift < 0:
+                raise ValueError("pretrain_batch >= 1, pretrain_lr > 0, gen_mlm_weight >= 0 and min_gen_lift >= 0")
 
     def setup(self) -> None:
         ctx = self.ctx
         assert ctx.ood_texts is not None
-        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
+        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size)
         self.uses_embeddings = self.opt.generator == "embedding"
         self.mask_id = ctx.tokenizer.mask_token_id
         self.generator: nn.Module | None = None
+        self.generator_info: dict[str, Any] = {}
+        self.gen_interval = 0
         if self.opt.generator == "mlm":
             if self.mask_id is None:
                 raise ValueError("zskd generator=mlm needs a tokenizer with a mask token; use -O generator=embedding")
+            from fastkd.methods import mlm_generator as M
+
+            gen_texts = list(ctx.ood_texts)  # single sentences (pair rows are built from these)
+            length = min(ctx.max_length, 64)
             if self.opt.generator_path:
                 from transformers import AutoModelForMaskedLM
 
                 gen = AutoModelForMaskedLM.from_pretrained(self.opt.generator_path)
                 if gen.get_input_embeddings().weight.shape[0] != ctx.teacher.get_input_embeddings().weight.shape[0]:
                     raise ValueError("generator_path: the masked LM's vocabulary differs from the teacher's tokenizer")
+                gen.to(ctx.device)
+                ban = M.fill_ban_mask(ctx.tokenizer, gen.get_input_embeddings().weight.shape[0])
+                train, heldout = M.split_texts(gen_texts, self.opt.pretrain_seed)
+                info = M.evaluate_mlm(gen, ctx.tokenizer, heldout, ban, train_texts=train[:5000], max_length=length)
+                info["cached"] = False
             else:
-                gen = build_mlm_generator(ctx.teacher, self.opt.generator_layers)
+                cache = self.opt.generator_cache
+                if cache == "auto":
+                    from fastkd.assets import cache_dir
+
+                    cache = str(cache_dir())
+                elif cache is not None and cache.lower() == "none":
+                    cache = None
+                gen, info = M.pretrained_generator(
+                    lambda: build_mlm_generator(ctx.teacher, self.opt.generator_layers), ctx.tokenizer, gen_texts,
+                    steps=self.opt.pretrain_steps, batch_size=self.opt.pretrain_batch, lr=self.opt.pretrain_lr,
+                    mask_prob=0.15, max_length=length, seed=self.opt.pretrain_seed, cache=cache, progress=ctx.progress,
+                    device=ctx.device,
+                )  # fmt: skip
+            self.generator_info = info
+            need = self.opt.min_gen_lift * info["unigram_accuracy"]
+            if info["mlm_accuracy"] < need:
+                raise ValueError(
+                    f"zskd: the masked-LM generator fills {100 * info['mlm_accuracy']:.1f}% of held-out OOD tokens "
+                    f"right, below {self.opt.min_gen_lift} x the unigram baseline's {100 * info['unigram_accuracy']:.1f}%:"
+                    " it is not a language model, so its fills would be noise, not adversarial text. Train it longer "
+                    "(-O pretrain_steps=N) or give one with -O generator_path=..."
+                )
+            if ctx.progress:
+                import sys
+
+                print(
+                    f"[zskd] generator: held-out MLM accuracy {100 * info['mlm_accuracy']:.1f}% (unigram baseline "
+                    f"{100 * info['unigram_accuracy']:.1f}%){' (cached)' if info.get('cached') else ''}",
+                    file=sys.stderr, flush=True,
+                )  # fmt: skip
+            self.ban = M.fill_ban_mask(ctx.tokenizer, gen.get_input_embeddings().weight.shape[0]).to(ctx.device)
             gen.get_input_embeddings().weight.requires_grad_(False)
             out_emb = gen.get_output_embeddings()
             if out_emb is not None:
@@ -192,6 +269,8 @@ class ZeroShotKD(Method):
             self.generator = gen
             self.gen_params = [p for p in gen.parameters() if p.requires_grad]
             self.gen_opt = torch.optim.Adam(self.gen_params, lr=self.opt.gen_lr)
+            # spread the gen_steps updates of each gen_every-step cycle evenly: one every `interval` steps
+            self.gen_interval = max(1, self.opt.gen_every // max(1, self.opt.gen_steps)) if self.opt.gen_steps else 0
         mean_norm = ctx.teacher.get_input_embeddings().weight.detach().float().norm(dim=-1).mean().item()
         self.radius = self.opt.embed_radius * mean_norm
         step = self.opt.embed_step_size * mean_norm
@@ -221,8 +300,10 @@ class ZeroShotKD(Method):
         with self.ctx.autocast():
             if head is not None:
                 hidden = self.generator.base_model(**kw).last_hidden_state
-                return head(hidden[pick]).float()
-            return self.generator(**kw).logits[pick].float()
+                logits = head(hidden[pick]).float()
+            else:
+                logits = self.generator(**kw).logits[pick].float()
+        return logits.masked_fill(self.ban, float("-inf"))  # special / placeholder tokens never fill
 
     def _embeds(self, model: nn.Module, view: View, pick: Tensor, y_soft: Tensor, index: Tensor) -> Tensor:
         weight = model.get_input_embeddings().weight
@@ -249,26 +330,31 @@ class ZeroShotKD(Method):
         t_logits = self._forward_embeds(ctx.teacher, view, self._embeds(ctx.teacher, view, pick, y_soft, index))
         s_logits = self._forward_embeds(ctx.student, view, self._embeds(ctx.student, view, pick, y_soft, index))
         divergence = ctx.kd(s_logits, t_logits)
-        grads = torch.autograd.grad(-divergence, self.gen_params, allow_unused=True)
+        # stay a language model of the OOD text: the masked-LM loss of the original tokens
+        mlm = torch.nn.functional.cross_entropy(logits, view.input_ids[pick])
+        objective = -divergence + self.opt.gen_mlm_weight * mlm
+        grads = torch.autograd.grad(objective, self.gen_params, allow_unused=True)
         for p, g in zip(self.gen_params, grads):
             p.grad = g
         ctx.reduce_grads(self.gen_params)
         self.gen_opt.step()
         self.gen_opt.zero_grad(set_to_none=True)
-        return float(divergence.detach())
+        return float(divergence.detach()), float(mlm.detach())
 
     def before_step(self, step: int, generator: torch.Generator) -> dict[str, float]:
-        if self.generator is None or self.opt.gen_every == 0 or step % self.opt.gen_every != 0:
+        if self.generator is None or self.opt.gen_every == 0 or not self.gen_interval:
+            return {}
+        if step % self.gen_interval != 0:
             return {}
         rows = self.opt.gen_batch or self.ctx.micro_batch_size
         student = self.ctx.student
         was_training = student.training
         student.eval()
         try:
-            divs = [self._generator_update(generator, rows) for _ in range(self.opt.gen_steps)]
+            div, mlm = self._generator_update(generator, rows)
         finally:
             student.train(was_training)
-        return {"gen_divergence": sum(divs) / len(divs)} if divs else {}
+        return {"gen_divergence": div, "gen_mlm_loss": mlm}
 
     @torch.no_grad()
     def _token_adversary(self, view: View, generator: torch.Generator) -> View:
@@ -285,9 +371,7 @@ class ZeroShotKD(Method):
     # ---- embedding-space generator ---------------------------------------------------------------
     def _embedding_adversary(self, view: View) -> View:
         ctx = self.ctx
-        ascent = getattr(fastkd, "embedding_ascent_", None)
-        if ascent is None:
-            raise RuntimeError("zskd generator=embedding needs fastkd.embedding_ascent_ (not in this fastkd build)")
+        ascent = fastkd.embedding_ascent_
         weight = ctx.teacher.get_input_embeddings().weight.detach()
         origin = weight.index_select(0, view.input_ids.reshape(-1)).reshape(*view.input_ids.shape, -1)
         x = origin.clone()

@@ -12,7 +12,10 @@ All fused backends share one op schema::
 
 on ``[N, V]`` logits. The forward writes the gradients (already multiplied by the reduction
 weights in ``row_scale`` and by ``loss_scale``); backward scales them in place by the upstream
-gradient with ``scale_grad_``, which does nothing when that gradient is the scalar 1.
+gradient (``fastkd.ops.scale_grad.scale_saved_grads``, shared with ``hidden_match``), which does
+nothing when that gradient is the scalar 1. In eager mode a thin ``torch.autograd.Function`` calls
+the same op and the same backward without ``torch.library``'s Python autograd wrapper (its cost
+equals the whole loss at classification sizes); under ``torch.compile`` the registered autograd runs.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from torch import Tensor
 
 from fastkd import _ext
 from fastkd.backends import Op
+from fastkd.ops.scale_grad import scale_saved_grads
 
 DIVERGENCES: dict[str, int] = {"kl": 0, "reverse_kl": 1, "jsd": 2}
 REDUCTIONS: tuple[str, ...] = ("batchmean", "mean", "sum", "none")
@@ -36,9 +40,12 @@ OP = Op("distill_loss")
 # Reference (pure PyTorch): the CPU fallback, the test oracle and the benchmark baseline.
 # --------------------------------------------------------------------------------------------
 def _xlogy_diff(w: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """w * (a - b) with zero where w == 0 (also in the gradient), even if a - b is inf or NaN."""
-    pos = w > 0
-    return w * torch.where(pos, a - b, torch.zeros((), dtype=a.dtype, device=a.device))
+    """w * (a - b) with zero where w == 0 (also in the gradient), even if a - b is inf or NaN there.
+
+    Only an exact zero is dropped: a NaN weight (a NaN logit in the row) keeps its term, so NaN
+    reaches the loss and both gradients (the NaN contract of :func:`distill_loss`)."""
+    keep = w != 0  # True for NaN
+    return w * torch.where(keep, a - b, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
 def divergence_rows(
@@ -62,7 +69,7 @@ def divergence_rows(
     mix = beta * p + (1.0 - beta) * q
     # Where m = 0 (p = q = 0, e.g. a vocabulary entry masked at -inf in both) both terms are 0; log(1)
     # keeps log's infinite derivative at 0 out of the backward (0 * inf would be NaN).
-    lm = torch.log(torch.where(mix > 0, mix, torch.ones((), dtype=mix.dtype, device=mix.device)))
+    lm = torch.log(torch.where(mix != 0, mix, torch.ones((), dtype=mix.dtype, device=mix.device)))
     return beta * _xlogy_diff(p, lt, lm).sum(-1) + (1.0 - beta) * _xlogy_diff(q, ls, lm).sum(-1)
 
 
@@ -109,6 +116,12 @@ def reference_distill_loss(
 # --------------------------------------------------------------------------------------------
 # Validation: clear errors that name the argument.
 # --------------------------------------------------------------------------------------------
+_FLOATS = frozenset((torch.float32, torch.float64, torch.bfloat16, torch.float16))
+_NUMBER = (float, int)
+# temperature**2 (the loss scale) and 1 / temperature must be finite, nonzero float32 numbers
+T_MIN, T_MAX = 1e-18, 1e18
+
+
 def _check_inputs(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -118,7 +131,30 @@ def _check_inputs(
     reduction: str,
     labels: Tensor | None,
     mask: Tensor | None,
+    ignore_index: int = -100,
 ) -> None:
+    # The common valid call: a handful of comparisons (this runs on every call; the detailed checks
+    # below only run to name what is wrong).
+    if (
+        labels is None
+        and mask is None
+        and type(student_logits) is Tensor
+        and type(teacher_logits) is Tensor
+        and student_logits.dtype in _FLOATS
+        and teacher_logits.dtype in _FLOATS
+        and student_logits.shape == teacher_logits.shape
+        and student_logits.dim() >= 1
+        and student_logits.shape[-1] > 0
+        and type(temperature) in _NUMBER
+        and T_MIN <= temperature <= T_MAX
+        and type(beta) in _NUMBER
+        and 0.0 <= beta <= 1.0
+        and divergence in DIVERGENCES
+        and reduction in REDUCTIONS
+        and type(ignore_index) is int
+        and student_logits.device == teacher_logits.device
+    ):
+        return
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if not isinstance(x, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -149,12 +185,19 @@ def _check_inputs(
         raise TypeError(f"temperature must be a positive finite number, got {type(temperature).__name__}")
     if not (math.isfinite(temperature) and temperature > 0):
         raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    if not (T_MIN <= temperature <= T_MAX):
+        raise ValueError(
+            f"temperature must be in [{T_MIN:g}, {T_MAX:g}] (temperature**2 scales the loss and must stay a finite, "
+            f"nonzero float32), got {temperature}"
+        )
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int (the label of rows to exclude), got {ignore_index!r}")
     lead = tuple(student_logits.shape[:-1])
     if labels is not None:
         if (
@@ -192,8 +235,31 @@ def _keep_rows(labels: Tensor | None, mask: Tensor | None, ignore_index: int) ->
     return keep
 
 
+def _loss_scale(temperature: float, scale_by_t2: bool) -> float:
+    """``temperature**2`` (Hinton's factor) or 1, in float64 (validation keeps it a finite float32)."""
+    return float(temperature) ** 2 if scale_by_t2 else 1.0
+
+
 def _row_scale(keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype) -> Tensor:
     """Per-row weights of the reduction (float32; float64 for float64 logits), on device, no host sync."""
+    if keep is None and not torch.compiler.is_compiling():
+        # Without a mask the weights depend on the shape only: reuse them (no kernel ever writes them)
+        key = (N, V, reduction, device, dtype)
+        w = _ROW_SCALES.get(key)
+        if w is None:
+            if len(_ROW_SCALES) >= 64:
+                _ROW_SCALES.clear()
+            w = _ROW_SCALES[key] = _row_scale_uncached(None, N, V, reduction, device, dtype)
+        return w
+    return _row_scale_uncached(keep, N, V, reduction, device, dtype)
+
+
+_ROW_SCALES: dict[tuple, Tensor] = {}
+
+
+def _row_scale_uncached(
+    keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype
+) -> Tensor:
     if keep is None:
         if reduction == "batchmean":
             return torch.full((N,), 1.0 / max(N, 1), device=device, dtype=dtype)
@@ -232,67 +298,26 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(gs, gt)
 
 
-def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
+def _make_backward(backend: str | None):
+    """The registered backward: ``scale_saved_grads`` (in place eagerly, out of place under tracing)."""
+
     def backward(ctx, g_loss, _g_gs, _g_gt):
         if g_loss is None:  # the loss itself did not reach the output (materialize_grads is off)
             return (None,) * 10
         gs, gt = ctx.saved_tensors
-        scale = g_loss.to(torch.float64 if torch.float64 in (gs.dtype, gt.dtype) else torch.float32)
-        scale = scale.contiguous()
-        d_s = d_t = None
-        # The saved gradients are this op's own outputs, used once: scale them in place. A second
-        # backward through the same graph (retain_graph=True) is refused by autograd's version check:
-        # the in-place scale bumps the buffers' version counters (see _register_compiled).
-        # While AOTAutograd traces backward (fake/functional tensors) an in-place update of a saved
-        # output is not allowed in the traced graph: scale out of place there.
-        traced = type(gs) is not Tensor or type(gt) is not Tensor
-        row_scale = scale if scale.dim() == 0 else scale[:, None]
-        if ctx.grad_student:
-            if traced:
-                d_s = (gs * row_scale).to(gs.dtype)
-            else:
-                scale_grad_(gs, scale)
-                d_s = gs
-        if ctx.grad_teacher:
-            if traced:
-                d_t = (gt * row_scale).to(gt.dtype)
-            else:
-                scale_grad_(gt, scale)
-                d_t = gt
+        d_s, d_t = scale_saved_grads(
+            (gs if ctx.grad_student else None, gt if ctx.grad_teacher else None), g_loss, backend
+        )
         return d_s, d_t, None, None, None, None, None, None, None, None
 
     return backward
 
 
-_impl_lib: torch.library.Library | None = None
-
-
 def _register_compiled() -> None:
-    global _impl_lib
     if _ext.library() is None:
         return
     torch.library.register_fake("fastkd::distill_loss")(_fake)
-
-    @torch.library.register_fake("fastkd::scale_grad_")
-    def _scale_fake(grad, scale):
-        return None
-
-    # A C++ op that mutates an argument does not bump its version counter by itself (torch.library
-    # custom_op does it in an ADInplaceOrView kernel; this is the same kernel for the C++ op), so
-    # without it a second backward would silently scale the saved gradient twice.
-    op = torch.ops.fastkd.scale_grad_.default
-    after = torch._C._after_ADInplaceOrView_keyset
-
-    def _scale_grad_inplace_or_view(keyset, grad, scale):
-        torch.autograd.graph.increment_version(grad)
-        return op.redispatch(keyset & after, grad, scale)
-
-    _impl_lib = torch.library.Library("fastkd", "IMPL")  # kept alive: it owns the registration
-    _impl_lib.impl("scale_grad_", _scale_grad_inplace_or_view, "ADInplaceOrView", with_keyset=True)
-
-    torch.library.register_autograd(
-        "fastkd::distill_loss", _make_backward(torch.ops.fastkd.scale_grad_), setup_context=_setup_context
-    )
+    torch.library.register_autograd("fastkd::distill_loss", _make_backward(None), setup_context=_setup_context)
 
 
 _register_compiled()
@@ -301,7 +326,7 @@ _triton_ops: dict[str, object] = {}
 
 
 def _triton_op():
-    """The Triton custom ops, defined on first use (importing triton is not free)."""
+    """The Triton custom op, defined on first use (importing triton is not free)."""
     if _triton_ops:
         return _triton_ops["distill_loss"]
     from fastkd.kernels import distill_loss as tk
@@ -323,15 +348,31 @@ def _triton_op():
             student, teacher, row_scale, temperature, divergence, beta, loss_scale, reduce, grad_student, grad_teacher
         )
 
-    @torch.library.custom_op("fastkd::scale_grad_triton_", mutates_args=("grad",))
-    def scale_grad_triton_(grad: Tensor, scale: Tensor) -> None:
-        tk.scale_grad_(grad, scale)
-
     distill_loss_triton.register_fake(_fake)
-    distill_loss_triton.register_autograd(_make_backward(scale_grad_triton_), setup_context=_setup_context)
+    distill_loss_triton.register_autograd(_make_backward("triton"), setup_context=_setup_context)
     _triton_ops["distill_loss"] = distill_loss_triton
-    _triton_ops["scale_grad_"] = scale_grad_triton_
     return distill_loss_triton
+
+
+class _EagerFusedLoss(torch.autograd.Function):
+    """The eager fast path: the same ``torch.ops.fastkd.*`` op and the same backward helper as the
+    registered autograd, without ``torch.library``'s Python autograd wrapper (about 100 us per call,
+    as much as the whole loss at classification sizes). Under ``torch.compile`` the registered
+    autograd runs instead, so the op is traced without graph breaks.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, op, backend, row_scale, rest):  # rest: the op's other arguments
+        # grad mode is off in here: the op's registered autograd passes straight to its kernel
+        loss, gs, gt = op(student, teacher, row_scale, *rest)
+        ctx.backend = backend
+        ctx.save_for_backward(gs if rest[-2] else None, gt if rest[-1] else None)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g_loss):
+        d_s, d_t = scale_saved_grads(ctx.saved_tensors, g_loss, ctx.backend)
+        return d_s, d_t, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -339,6 +380,7 @@ def _triton_op():
 # --------------------------------------------------------------------------------------------
 def _fused(
     op: Callable,
+    scale_backend: str | None,
     student_logits: Tensor,
     teacher_logits: Tensor,
     keep: Tensor | None,
@@ -352,8 +394,9 @@ def _fused(
     V = student_logits.shape[-1]
     if teacher_logits.dtype != student_logits.dtype:
         teacher_logits = teacher_logits.to(student_logits.dtype)
-    s2 = student_logits.reshape(-1, V)
-    t2 = teacher_logits.reshape(-1, V)
+    two_d = student_logits.dim() == 2
+    s2 = student_logits if two_d else student_logits.reshape(-1, V)
+    t2 = teacher_logits if two_d else teacher_logits.reshape(-1, V)
     if s2.stride(-1) != 1 or s2.stride(0) != V:
         s2 = s2.contiguous()
     if t2.stride(-1) != 1 or t2.stride(0) != V:
@@ -366,12 +409,16 @@ def _fused(
         div = "kl"
     elif div == "jsd" and beta == 1.0:
         div = "reverse_kl"
-    loss, _, _ = op(
-        s2, t2, row_scale, float(temperature), DIVERGENCES[div], float(beta),
-        float(temperature) ** 2 if scale_by_t2 else 1.0, reduction != "none",
-        student_logits.requires_grad and torch.is_grad_enabled(),
-        teacher_logits.requires_grad and torch.is_grad_enabled(),
+    grad = torch.is_grad_enabled()
+    g_s, g_t = grad and student_logits.requires_grad, grad and teacher_logits.requires_grad
+    args = (
+        float(temperature), DIVERGENCES[div], float(beta), _loss_scale(temperature, scale_by_t2), reduction != "none",
+        g_s, g_t,
     )  # fmt: skip
+    if (g_s or g_t) and not torch.compiler.is_compiling():
+        loss = _EagerFusedLoss.apply(s2, t2, op, scale_backend, row_scale, args)
+    else:
+        loss, _, _ = op(s2, t2, row_scale, *args)
     return loss.reshape(lead) if reduction == "none" else loss
 
 
@@ -386,12 +433,12 @@ def _torch_impl(student_logits, teacher_logits, keep, temperature, divergence, b
 
 @OP.register("cpu", "cuda")  # fastkd._C: the dispatcher picks the CPU or CUDA kernel
 def _compiled_impl(*args):
-    return _fused(torch.ops.fastkd.distill_loss, *args)
+    return _fused(torch.ops.fastkd.distill_loss.default, None, *args)
 
 
 @OP.register("triton", prepare=_triton_op)  # defines the custom op outside traced code
 def _triton_impl(*args):
-    return _fused(_triton_op(), *args)
+    return _fused(_triton_op(), "triton", *args)
 
 
 def distill_loss(
@@ -444,7 +491,7 @@ def distill_loss(
     The fused backends compute the gradients in the forward pass and scale them in place in
     backward, so a second backward through the same graph (``retain_graph=True``) raises.
     """
-    _check_inputs(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, mask)
+    _check_inputs(student_logits, teacher_logits, temperature, divergence, beta, reduction, labels, mask, ignore_index)
     keep = _keep_rows(labels, mask, ignore_index)
-    name = OP.pick(student_logits.device, backend)
-    return OP(name, student_logits, teacher_logits, keep, temperature, divergence, beta, reduction, scale_by_t2)
+    args = (student_logits, teacher_logits, keep, temperature, divergence, beta, reduction, scale_by_t2)
+    return OP(OP.pick(student_logits.device, backend, args), *args)

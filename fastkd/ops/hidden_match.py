@@ -15,8 +15,8 @@ All fused backends share one op schema::
 ``row_scale`` holds the reduction weights (layer weight x mask / count). With ``reduce`` the op
 returns the weighted sum and, in the same call, the gradients of that sum for the inputs whose
 flag is set (the projected states exist one tile or one layer group at a time and are never kept);
-backward then scales them in place by the upstream gradient with ``scale_grad_`` (no work when that
-gradient is the scalar 1). Recomputing in backward instead would repeat the projection GEMM, a
+backward then scales them in place by the upstream gradient (``fastkd.ops.scale_grad``, shared with
+``distill_loss``; no work when that gradient is the scalar 1). Recomputing in backward instead would repeat the projection GEMM, a
 third more matmul FLOPs than this op needs in total (3 GEMMs: P, dS, dW). Without ``reduce``
 (``reduction="none"``) the forward only computes the per-row losses and backward calls the op again
 with ``row_scale`` multiplied by the upstream gradient.
@@ -37,6 +37,7 @@ from torch import Tensor
 
 from fastkd import _ext
 from fastkd.backends import Op
+from fastkd.ops.scale_grad import scale_saved_grads
 
 LOSSES: dict[str, int] = {"mse": 0, "cosine": 1, "nmse": 2}
 REDUCTIONS: tuple[str, ...] = ("mean", "sum", "none")
@@ -112,8 +113,8 @@ def reference_hidden_match(
     total = torch.stack([r.sum() for r in rows]).sum()
     if reduction == "sum":
         return total
-    count = rows[0].numel() if keep is None else keep.sum().to(acc).clamp_min(1.0)
-    return total / (count * L)
+    count = max(rows[0].numel(), 1) if keep is None else keep.sum().to(acc).clamp_min(1.0)
+    return total / (count * L)  # no token (N = 0): 0, as the fused backends
 
 
 def _layer_weight_values(layer_weights, L: int) -> list[float] | Tensor | None:
@@ -174,6 +175,8 @@ def _check_inputs(
     eps: float,
 ) -> None:
     L, Hs, Ht = S.shape[0], S.shape[-1], T.shape[-1]
+    if L == 0:
+        raise ValueError(f"student_states must hold at least one layer, got L = 0 (shape {tuple(S.shape)})")
     if T.shape[0] != L:
         raise ValueError(
             f"student_states and teacher_states must have the same number of layers, got {L} and {T.shape[0]}"
@@ -234,6 +237,9 @@ def _check_inputs(
                 )
             if layer_weights.device != S.device:
                 raise ValueError(f"layer_weights must be on {S.device}, got {layer_weights.device}")
+            # a host read of L numbers (a synchronisation on a GPU): NaN weights would silently poison the loss
+            if not bool(torch.isfinite(layer_weights.detach()).all()):
+                raise ValueError(f"layer_weights must be finite, got {layer_weights.detach().cpu().tolist()}")
         else:
             try:
                 vals = [float(x) for x in layer_weights]
@@ -298,7 +304,7 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(student, teacher, weight, bias, row_scale)
 
 
-def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
+def _make_backward(op: Callable, backend: str | None):
     def backward(ctx, g_loss, _gs, _gw, _gb, _gt):
         if g_loss is None:  # the loss itself received no gradient
             return (None,) * 12
@@ -310,37 +316,10 @@ def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
                     "fastkd.hidden_match: a gradient was requested for an input whose grad_* flag was False in the "
                     "forward; pass the flags that match requires_grad (fastkd.hidden_match does)"
                 )
-            grads = list(ctx.saved_tensors)
-            acc = torch.float64 if any(g.dtype == torch.float64 for g in grads) else torch.float32
-            scale = g_loss.to(acc).contiguous()
-            out: list[Tensor | None] = []
-            traced = any(type(g) is not Tensor for g in grads)
-            # On CPU the upstream gradient can be read for free: at exactly 1 (loss.backward()) the
-            # saved gradients are returned untouched, so backward is free and can run again.
-            unit = not traced and scale.device.type == "cpu" and scale.dim() == 0 and float(scale) == 1.0
-            for w, g in zip(want, grads):
-                if not w:
-                    out.append(None)
-                elif traced:
-                    # torch.compile / AOTAutograd tracing (functional or fake tensors): a traced graph
-                    # may not mutate a forward output; the scale is written out of place and the
-                    # compiler plans the buffers itself.
-                    out.append(g * scale.to(g.dtype))
-                elif unit:
-                    out.append(g)
-                else:
-                    # The saved gradients are this op's own outputs: scale them in place (the CUDA and
-                    # Triton kernels skip the work when the upstream gradient is 1, without a host
-                    # sync) and bump their version, so that a second backward through the same graph
-                    # (retain_graph=True) fails autograd's saved-tensor check instead of scaling twice.
-                    # (scale_grad_ normally bumps it itself: the Triton custom op, and the C++ op through the
-                    # ADInplaceOrView kernel fastkd.ops.distill_loss registers.)
-                    ver = g._version
-                    scale_grad_(g, scale)
-                    if g._version == ver:
-                        torch.autograd.graph.increment_version(g)
-                    out.append(g)
-            d_s, d_w, d_b, d_t = out
+            grads = [g if w else None for g, w in zip(ctx.saved_tensors, want)]
+            # The saved gradients are this op's own outputs: the shared helper scales them (in place
+            # eagerly, bumping their version; untouched for a CPU upstream gradient of exactly 1).
+            d_s, d_w, d_b, d_t = scale_saved_grads(grads, g_loss, backend)
         else:
             student, teacher, weight, bias, row_scale = ctx.saved_tensors
             rs = (row_scale * g_loss.to(row_scale.dtype)).contiguous()
@@ -354,12 +333,12 @@ def _make_backward(op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
 def _register_compiled() -> None:
     if _ext.library() is None:
         return
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastkd::hidden_match", "CPU"):
+    if not hasattr(torch.ops.fastkd, "hidden_match"):
         return  # a stale build without this op: the reference backend serves
     torch.library.register_fake("fastkd::hidden_match")(_fake)
     torch.library.register_autograd(
         "fastkd::hidden_match",
-        _make_backward(torch.ops.fastkd.hidden_match, torch.ops.fastkd.scale_grad_),
+        _make_backward(torch.ops.fastkd.hidden_match, None),
         setup_context=_setup_context,
     )
 
@@ -395,15 +374,8 @@ def _triton_op():
             grad_teacher,
         )  # fmt: skip
 
-    # The in-place scale by the upstream gradient is distill_loss's Triton custom op (one definition,
-    # registered by distill_loss's own lazy setup).
-    from fastkd.ops import distill_loss as dl
-
-    dl._triton_op()
-    scale_op = dl._triton_ops["scale_grad_"]
-
     hidden_match_triton.register_fake(_fake)
-    hidden_match_triton.register_autograd(_make_backward(hidden_match_triton, scale_op), setup_context=_setup_context)
+    hidden_match_triton.register_autograd(_make_backward(hidden_match_triton, "triton"), setup_context=_setup_context)
     _triton_ops["hidden_match"] = hidden_match_triton
     return hidden_match_triton
 

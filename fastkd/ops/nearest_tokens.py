@@ -77,6 +77,8 @@ def _check_inputs(embeds: Tensor, embedding_matrix: Tensor, k: int, metric: str)
         )
     if embeds.dim() < 1:
         raise ValueError("embeds must have shape [..., H] with at least one dimension, got a 0-d tensor")
+    if embeds.shape[-1] == 0:
+        raise ValueError(f"embeds must have a non-empty last dimension H, got shape {tuple(embeds.shape)}")
     if not isinstance(embedding_matrix, Tensor):
         raise TypeError(f"embedding_matrix must be a torch.Tensor, got {type(embedding_matrix).__name__}")
     if not embedding_matrix.is_floating_point():
@@ -151,17 +153,20 @@ def _cpu_impl(e2, matrix, k, metric):
     return torch.ops.fastkd.nearest_tokens(e2, matrix, k, METRICS[metric])
 
 
-@OP.register("cuda")
-def _cuda_impl(e2, matrix, k, metric):
+def _fused_supports(e2, matrix, k, metric) -> str | None:
+    """The CUDA and Triton kernels keep the running top-k in registers: k <= MAX_K_FUSED."""
     if k > MAX_K_FUSED:
-        return reference_nearest_tokens(e2, matrix, k, metric)
+        return f"k = {k} is more than the {MAX_K_FUSED} its running top-k holds (the cpu and torch backends take any k)"
+    return None
+
+
+@OP.register("cuda", supports=_fused_supports)
+def _cuda_impl(e2, matrix, k, metric):
     return torch.ops.fastkd.nearest_tokens(e2, matrix, k, METRICS[metric])
 
 
-@OP.register("triton", prepare=_triton_op)  # defines the custom op outside traced code
+@OP.register("triton", prepare=_triton_op, supports=_fused_supports)  # defines the custom op outside traced code
 def _triton_impl(e2, matrix, k, metric):
-    if k > MAX_K_FUSED:
-        return reference_nearest_tokens(e2, matrix, k, metric)
     return _triton_op()(e2, matrix, k, METRICS[metric])
 
 
@@ -198,8 +203,9 @@ def nearest_tokens(
     per thread, and (on its default int8 path) int8 copies of the inputs, ``(N + V) H`` bytes, plus
     a few dozen candidates per row; Triton: the outputs only; CUDA: the outputs, a float32 copy of
     16-bit embeddings and one score tile of at most 2**24 entries. The ``cuda`` and ``triton``
-    backends keep the running top-k in registers, for ``k <= 128``; larger ``k`` runs on the
-    reference.
+    backends keep the running top-k in registers, for ``k <= 128``: the automatic choice runs a
+    larger ``k`` on the next backend (the reference on a GPU); naming one of them for it raises
+    :class:`fastkd.BackendUnavailableError`.
 
     The CPU kernel's default path (N >= 32, V >= 512, k <= 48, finite inputs) bounds every score
     with an exact int8 GEMM of quantised rows and a proven error bound, and scores exactly only the
@@ -214,7 +220,8 @@ def nearest_tokens(
     if e2.dtype != dtype:
         e2 = e2.to(dtype)
     matrix = embedding_matrix if embedding_matrix.dtype == dtype else embedding_matrix.to(dtype)
-    name = OP.pick(embeds.device, backend)
+    args = (e2, matrix, k, metric)
+    name = OP.pick(embeds.device, backend, args)
     with torch.no_grad():
-        ids, scores = OP(name, e2, matrix, k, metric)
+        ids, scores = OP(name, *args)
     return ids.reshape(*lead, k), scores.reshape(*lead, k)

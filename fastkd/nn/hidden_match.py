@@ -105,6 +105,14 @@ class HiddenStateMatcher(torch.nn.Module):
             raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
         if attention is not None and attention not in ATTENTION_LOSSES:
             raise ValueError(f"attention must be None or one of {ATTENTION_LOSSES}, got {attention!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
+            raise ValueError(f"eps must be a positive finite number, got {eps!r}")
+        if (
+            isinstance(attention_weight, bool)
+            or not isinstance(attention_weight, (int, float))
+            or not (math.isfinite(attention_weight) and attention_weight >= 0)
+        ):
+            raise ValueError(f"attention_weight must be a finite number >= 0, got {attention_weight!r}")
         if not project and student_hidden != teacher_hidden:
             raise ValueError(
                 f"project=False needs equal widths, got student_hidden={student_hidden} and "
@@ -114,7 +122,12 @@ class HiddenStateMatcher(torch.nn.Module):
         self.student_layers, self.teacher_layers = student_layers, teacher_layers
         self.pairs: list[tuple[int, int]] = self._resolve_map(layer_map)
         if layer_weights is not None:
-            layer_weights = [float(x) for x in layer_weights]
+            try:
+                layer_weights = [float(x) for x in layer_weights]
+            except (TypeError, ValueError):
+                raise TypeError(f"layer_weights must be a sequence of numbers, got {layer_weights!r}") from None
+            if not all(math.isfinite(x) for x in layer_weights):
+                raise ValueError(f"layer_weights must be finite, got {layer_weights}")
             if len(layer_weights) != len(self.pairs):
                 raise ValueError(
                     f"layer_weights must have one weight per mapped pair ({len(self.pairs)}), got {len(layer_weights)}"

@@ -30,7 +30,7 @@ class DistillationLoss(torch.nn.Module):
         super().__init__()
         # validate the options now, on a dummy pair, so a typo fails at construction
         dummy = torch.zeros(1, 2)
-        _check_inputs(dummy, dummy, temperature, divergence, beta, reduction, None, None)
+        _check_inputs(dummy, dummy, temperature, divergence, beta, reduction, None, None, ignore_index)
         self.temperature = temperature
         self.divergence = divergence
         self.beta = beta

@@ -1,0 +1,58 @@
+// fastkd:cpu-dispatch
+// fastkd::_fast_exp / fastkd::_fast_log: fastkd's float32 exp and log (fast_math.h) applied to a
+// tensor, at the active instruction-set level. For tests (tests/test_numerics.py measures their
+// error against float64 over the whole range), not part of the public API.
+#include "cpu_dispatch.h"
+#include "fast_math.h"
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+namespace fastkd {
+namespace CPU_CAPABILITY {
+namespace fast_math_ops_impl {  // one namespace per file: the level's files compile as one unit
+namespace {
+
+template <bool kLog>
+at::Tensor apply(const at::Tensor& x) {
+  FASTKD_CHECK(x.scalar_type() == at::kFloat, "x must be float32, got ", x.scalar_type());
+  const at::Tensor in = x.contiguous();
+  at::Tensor out = at::empty_like(in);
+  const float* src = in.data_ptr<float>();
+  float* dst = out.data_ptr<float>();
+  using Vec = at::vec::Vectorized<float>;
+  at::parallel_for(0, in.numel(), 1 << 16, [&](int64_t b, int64_t e) {
+    int64_t j = b;
+    for (; j + Vec::size() <= e; j += Vec::size()) {
+      const Vec v = Vec::loadu(src + j);
+      (kLog ? fast_log(v) : fast_exp(v)).store(dst + j);
+    }
+    for (; j < e; ++j) dst[j] = kLog ? fast_log(src[j]) : fast_exp(src[j]);
+  });
+  return out;
+}
+
+at::Tensor fast_exp_cpu(const at::Tensor& x) { return apply<false>(x); }
+at::Tensor fast_log_cpu(const at::Tensor& x) { return apply<true>(x); }
+
+}  // namespace
+}  // namespace fast_math_ops_impl
+using fast_math_ops_impl::fast_exp_cpu;
+using fast_math_ops_impl::fast_log_cpu;
+}  // namespace CPU_CAPABILITY
+}  // namespace fastkd
+
+FASTKD_CPU_KERNEL(fast_exp_cpu)
+FASTKD_CPU_KERNEL(fast_log_cpu)
+
+#ifdef FASTKD_CPU_BASE
+TORCH_LIBRARY_FRAGMENT(fastkd, m) {
+  m.def("_fast_exp(Tensor x) -> Tensor");
+  m.def("_fast_log(Tensor x) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(fastkd, CPU, m) {
+  m.impl("_fast_exp", FASTKD_CPU_DISPATCH(fast_exp_cpu));
+  m.impl("_fast_log", FASTKD_CPU_DISPATCH(fast_log_cpu));
+}
+#endif

@@ -1,0 +1,292 @@
+"""The generators behind the data-free methods, on tiny models: zskd's masked-LM training, asdfd's
+pseudo-embedding prior and soft targets, t3's rewards and the pool statistics, and the quality
+benchmark's bootstrap."""
+
+from __future__ import annotations
+
+import random
+
+import _tiny
+import pytest
+import torch
+
+from fastkd.methods import get_method
+from fastkd.methods import mlm_generator as M
+from fastkd.methods.base import MethodContext
+from fastkd.methods.t3 import pool_diversity, pool_statistics
+from fastkd.methods.zskd import build_mlm_generator
+from fastkd.models import load_classifier
+from fastkd.student import EmbeddingBridge, build_student
+
+needs_ascent = pytest.mark.skipif(not _tiny.has_op("embedding_ascent_"), reason="no fastkd.embedding_ascent_")
+
+
+@pytest.fixture(scope="module")
+def teacher_and_tok():
+    return load_classifier(_tiny.teacher_dir())
+
+
+def _structured_texts(n: int, seed: int) -> list[str]:
+    """OOD text with context a masked LM can learn: each sentence repeats a word after a fixed cue."""
+    rng = random.Random(seed)
+    words = _tiny.OOD_WORDS
+    out = []
+    for _ in range(n):
+        w = rng.choice(words)
+        out.append(f"the {w} and the {w} with a {w}")
+    return out
+
+
+def _ctx(teacher, tok, **kw):
+    student = build_student(teacher, layers=1)
+    base = {
+        "teacher": teacher, "student": student, "tokenizer": tok, "device": torch.device("cpu"), "num_labels": 2,
+        "pair_task": False, "max_length": 24, "temperature": 2.0, "divergence": "kl", "seed": 0,
+        "micro_batch_size": 8, "ood_texts": _structured_texts(200, 1), "bridge": EmbeddingBridge(teacher, student),
+        "progress": False,
+    }  # fmt: skip
+    base.update(kw)
+    return MethodContext(**base)
+
+
+# --------------------------------------------------------------------------------------------
+# zskd: the masked-LM generator
+# --------------------------------------------------------------------------------------------
+def test_fill_ban_mask_covers_specials_and_placeholders():
+    class Tok:
+        all_special_ids = (0, 2)
+
+        def get_vocab(self):
+            return {"[PAD]": 0, "cat": 1, "[CLS]": 2, "[unused3]": 3, "dog": 4, "<extra_id_0>": 5}
+
+    ban = M.fill_ban_mask(Tok(), 7)  # id 6 has no token
+    assert ban.tolist() == [True, False, True, True, False, True, True]
+
+
+def test_mask_positions_only_real_tokens_and_one_per_row():
+    content = torch.tensor([[False, True, True, False], [False, True, False, False], [False] * 4])
+    pick = M.mask_positions(content, 0.0, torch.Generator().manual_seed(0))
+    assert not (pick & ~content).any()
+    assert pick.sum(1).tolist() == [1, 1, 0]
+
+
+def test_generator_learns_masked_lm_and_is_cached(teacher_and_tok, tmp_path):
+    teacher, tok = teacher_and_tok
+    texts = _structured_texts(600, 0)
+    kw = dict(batch_size=32, lr=3e-3, mask_prob=0.15, max_length=16, seed=0, progress=False,
+              device=torch.device("cpu"))  # fmt: skip
+    gen, info = M.pretrained_generator(
+        lambda: build_mlm_generator(teacher, 2), tok, texts, steps=150, cache=str(tmp_path), **kw
+    )
+    before = info["before_training"]["mlm_accuracy"]
+    # the copies of a sentence's word are predictable from context: far above the unigram baseline
+    assert info["mlm_accuracy"] > max(before, info["unigram_accuracy"]) + 0.2, info
+    assert info["cached"] is False and info["positions"] > 50
+    # the same teacher, text and settings: loaded from the cache, same weights, no training
+    again, info2 = M.pretrained_generator(
+        lambda: build_mlm_generator(teacher, 2), tok, texts, steps=150, cache=str(tmp_path), **kw
+    )
+    assert info2["cached"] is True and info2["mlm_accuracy"] == info["mlm_accuracy"]
+    for (n, a), (_, b) in zip(gen.state_dict().items(), again.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=n)
+    # other text: another cache entry
+    _, info3 = M.pretrained_generator(
+        lambda: build_mlm_generator(teacher, 2), tok, texts[:300], steps=5, cache=str(tmp_path), **kw
+    )
+    assert info3["cached"] is False
+
+
+def test_unigram_bias_starts_at_the_unigram_baseline(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    gen = build_mlm_generator(teacher, 2)
+    texts = ["tree tree tree river"] * 50
+    ban = M.fill_ban_mask(tok, gen.get_input_embeddings().weight.shape[0])
+    assert M.init_unigram_bias(gen, tok, texts, ban, 16)
+    bias = gen.get_output_embeddings().bias
+    vocab = tok.get_vocab()
+    assert bias[vocab["tree"]] > bias[vocab["river"]] > bias[vocab["house"]]
+
+
+def test_zskd_fills_are_never_special_and_generator_stays_an_lm(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    cls = get_method("zskd")
+    opts = {"pretrain_steps": 100, "pretrain_lr": 3e-3, "generator_cache": "none", "gen_every": 10, "gen_steps": 5,
+            "mask_prob": 0.5}  # fmt: skip
+    method = cls(_ctx(teacher, tok), cls.parse_options(opts))
+    method.setup()
+    assert method.generator_info["mlm_accuracy"] >= method.generator_info["unigram_accuracy"]
+    # special tokens (and [MASK] itself) never appear where the generator filled
+    view = method.ctx.encode_texts(method.ctx.ood_texts[:16])
+    for seed in range(5):
+        adv = method._token_adversary(view, torch.Generator().manual_seed(seed))
+        changed_ids = adv.input_ids[adv.input_ids != view.input_ids]
+        assert not torch.isin(changed_ids, torch.tensor(method.ctx.special_ids())).any()
+    # updates are spread: 5 per 10 steps, one every 2 steps, each reporting the MLM term
+    logs = [method.before_step(s, torch.Generator().manual_seed(s)) for s in range(10)]
+    assert [bool(x) for x in logs] == [s % 2 == 0 for s in range(10)]
+    assert all("gen_mlm_loss" in x and x["gen_mlm_loss"] >= 0 for x in logs if x)
+
+
+def test_zskd_refuses_a_generator_that_is_not_a_language_model(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    cls = get_method("zskd")
+    method = cls(
+        _ctx(teacher, tok),
+        cls.parse_options({"pretrain_steps": 0, "generator_cache": "none", "min_gen_lift": 50.0}),
+    )
+    with pytest.raises(ValueError, match="not a language model"):
+        method.setup()
+
+
+# --------------------------------------------------------------------------------------------
+# asdfd: soft targets, the manifold prior, snapping, pool statistics
+# --------------------------------------------------------------------------------------------
+def _asdfd(teacher, tok, **opts):
+    cls = get_method("asdfd")
+    method = cls(_ctx(teacher, tok), cls.parse_options(opts))
+    method.setup()
+    return method
+
+
+def test_nearest_words_is_the_brute_force_nearest(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    method = _asdfd(teacher, tok)
+    z = torch.randn(3, 5, method.words.shape[1])
+    got = method.nearest_words(z)
+    d = torch.cdist(z.reshape(-1, z.shape[-1]), method.words)
+    want = method.words[d.argmin(1)].reshape(z.shape)
+    torch.testing.assert_close(got, want)
+    # special tokens are not on the manifold
+    special = teacher.get_input_embeddings().weight[tok.cls_token_id].detach()
+    assert not torch.equal(method.nearest_words(special[None, None])[0, 0], special)
+
+
+def test_soft_targets_cap_the_confidence(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    method = _asdfd(teacher, tok, target_conf_min=0.6, target_conf_max=0.8)
+    y = torch.tensor([0, 1, 1, 0])
+    q = method.soft_targets(y, torch.Generator().manual_seed(0))
+    torch.testing.assert_close(q.sum(1), torch.ones(4))
+    conf = q[torch.arange(4), y]
+    assert (conf >= 0.6).all() and (conf <= 0.8).all() and (q.argmax(1) == y).all()
+
+
+@needs_ascent
+def test_soft_targets_make_a_less_certain_teacher_than_hard_ones(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    conf = {}
+    for name, lo, hi in (("hard", 1.0, 1.0), ("soft", 0.55, 0.7)):
+        method = _asdfd(teacher, tok, construct_steps=10, target_conf_min=lo, target_conf_max=hi, prior_weight=0,
+                        snap=0, div_weight=0, min_len=0)  # fmt: skip
+        z, y, _ = method._construct(32, torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            p = method.ctx.forward(teacher, method._view(z), "teacher").logits.softmax(-1)
+        conf[name] = float(p[torch.arange(32), y].mean())
+    assert conf["soft"] < conf["hard"] - 0.05, conf
+
+
+@needs_ascent
+def test_prior_and_snapping_keep_pseudo_embeddings_near_words(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    dist = {}
+    for name, prior, snap in (("free", 0.0, 0.0), ("prior", 5.0, 0.0), ("snap", 0.0, 1.0)):
+        method = _asdfd(teacher, tok, construct_steps=6, construct_step_size=0.5, prior_weight=prior, snap=snap,
+                        div_weight=0, min_len=0)  # fmt: skip
+        z, _, _ = method._construct(16, torch.Generator().manual_seed(2))
+        dist[name] = float(method.prior(z))
+    assert dist["snap"] < 1e-8  # fully snapped: every row is a real word embedding
+    assert dist["prior"] < 0.7 * dist["free"], dist
+
+
+def test_asdfd_pool_statistics(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    method = _asdfd(teacher, tok, pool_size=8, min_len=0)
+    words = method.words
+    method.pool_z[:4] = words[:1].expand(4, method.n, -1)  # four identical rows of one real word
+    method.pool_y[:4] = torch.tensor([0, 0, 0, 1])
+    method.pool_count = 4
+    stats = method.pool_statistics()
+    assert stats["pool_manifold_dist"] == pytest.approx(0.0, abs=1e-8)
+    assert stats["pool_mean_cosine"] == pytest.approx(1.0, abs=1e-5)
+    assert stats["pool_min_label_share"] == pytest.approx(0.25)
+    # the diversity penalty of a new row identical to the pool is ~1, of an orthogonal-ish one lower
+    same = words[:1].expand(1, method.n, -1).clone()
+    other = words[5:6].expand(1, method.n, -1).clone()
+    assert float(method.diversity_penalty(same, None)) == pytest.approx(1.0, abs=1e-5)
+    assert float(method.diversity_penalty(other, None)) < 1.0
+
+
+# --------------------------------------------------------------------------------------------
+# t3: rewards over the pool, pool statistics
+# --------------------------------------------------------------------------------------------
+def test_pool_diversity_counts_the_memory():
+    assert pool_diversity(["a b c", "x y z"], []) == [1.0, 1.0]
+    memory = [{("a", "b"), ("b", "c")}]
+    assert pool_diversity(["a b c", "x y z"], memory) == [0.0, 1.0]
+
+
+def test_pool_statistics_values():
+    rows = [
+        {"text": "a b c", "label": 0, "intended_label": 0, "teacher_confidence": 0.9},
+        {"text": "a b c", "label": 1, "intended_label": 0, "teacher_confidence": 0.2},
+        {"text": "x y", "label": 1, "intended_label": 1, "teacher_confidence": 0.7},
+        {"text": "p q r s", "label": 1, "intended_label": 1, "teacher_confidence": 0.8},
+    ]
+    st = pool_statistics(rows, 2)
+    assert st["rows"] == 4 and st["distinct_texts"] == 0.75
+    assert st["distinct_2"] == pytest.approx(6 / 8)  # bigrams: ab bc ab bc xy pq qr rs
+    assert st["label_shares"] == [0.25, 0.75]
+    assert st["intended_agreement"] == 0.75
+    assert st["mean_intended_confidence"] == pytest.approx(0.65)
+    assert st["mean_max_jaccard"] == pytest.approx(0.5)  # the two copies score 1, the others 0
+
+
+def test_t3_reward_saturates_and_rewards_the_missing_class(teacher_and_tok):
+    from fastkd.methods.t3 import T3
+
+    teacher, tok = teacher_and_tok
+    opts = T3.parse_options({"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "spec_cap": 0.6,
+                             "div_weight": 0.0, "balance_weight": 1.0})  # fmt: skip
+    from fastkd.methods.t3 import Rewriter
+
+    rw = Rewriter(teacher, tok, opts, device=torch.device("cpu"), max_length=24)
+    texts = ["good great excellent wonderful film", "bad awful terrible boring film"]
+    probs = rw.teacher_probs(texts)
+    assert probs[0, 1] > 0.6 and probs[1, 0] > 0.6  # the tiny teacher is sure of both
+    rw.remember(["x"] * 10, [1] * 10)  # the pool so far: all positive
+    reward, parts = rw.rewards(texts, [1, 0])
+    # specificity saturates at the cap: both are 1 although the probabilities differ
+    assert parts["specificity"].tolist() == pytest.approx([1.0, 1.0])
+    # the negative text fills the class the pool lacks
+    assert parts["balance"][1] > 0 > parts["balance"][0]
+    assert reward[1] > reward[0]
+
+
+def test_t3_tune_step_reports_kl_to_the_reference(teacher_and_tok):
+    from fastkd.methods.t3 import T3, Rewriter
+
+    teacher, tok = teacher_and_tok
+    opts = T3.parse_options({"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "tune_lr": 1e-2})
+    rw = Rewriter(teacher, tok, opts, device=torch.device("cpu"), max_length=24)
+    torch.manual_seed(0)
+    first = rw.tune_step(["tree river house"] * 4, [0, 1, 0, 1])
+    assert first["t3_kl_ref"] == pytest.approx(0.0, abs=1e-4)  # nothing tuned yet: the reference itself
+    for _ in range(3):
+        last = rw.tune_step(["tree river house"] * 4, [0, 1, 0, 1])
+    assert abs(last["t3_kl_ref"]) > 1e-4  # the tuned LM moved away from the reference
+    assert len(rw.memory) > 0
+
+
+# --------------------------------------------------------------------------------------------
+# the quality benchmark's statistics
+# --------------------------------------------------------------------------------------------
+def test_bootstrap_delta():
+    from benchmarks.quality import bootstrap_delta
+
+    rng = random.Random(0)
+    base = ["".join(str(int(rng.random() < 0.7)) for _ in range(400)) for _ in range(3)]
+    same = bootstrap_delta(base, base, draws=500)
+    assert same[0] == pytest.approx(0.0) and same[1] < 0 < same[2]
+    better = ["".join("1" if c == "1" or rng.random() < 0.5 else "0" for c in s) for s in base]
+    d, lo, hi = bootstrap_delta(better, base, draws=500)
+    assert d > 10 and lo > 0 and lo < d < hi
