@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -301,6 +302,14 @@ def _load_rows(data: str) -> list[dict[str, Any]]:
 
 
 def main(args: argparse.Namespace) -> int:
+    try:
+        return _main(args)
+    except TeacherLogitsError as e:
+        print(f"fastkd logits: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args: argparse.Namespace) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     cfg = AutoConfig.from_pretrained(args.teacher)

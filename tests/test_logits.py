@@ -102,3 +102,12 @@ def test_cli(tmp_path):
     tl = TeacherLogits(str(out))
     assert len(tl) == 6 and tl.top_k == 4 and tl.temperature == 2.0
     assert tl.index["source"]["teacher"] == os.path.abspath(causal_lm_dir())
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+    from fastkd.cli import main
+
+    data = write_rows(str(tmp_path / "rows.jsonl"), task_rows(2, seed=14))
+    rc = main(["logits", "--teacher", causal_lm_dir(), "--data", data, "--top-k", "0", "--out", str(tmp_path / "o")])
+    assert rc == 2
+    assert "fastkd logits: error: top_k must be a positive int" in capsys.readouterr().err
