@@ -35,6 +35,7 @@ from fastkd.backends import Op
 from fastkd.ops import distill_loss as _dl
 from fastkd.ops import topk_distill as _tk
 from fastkd.ops.distill_loss import DIVERGENCES, _keep_rows, _row_scale, reference_distill_loss
+from fastkd.ops.scale_grad import scale_saved_grads
 from fastkd.ops.topk_distill import reference_topk_distill_loss
 
 OP = Op("fused_linear_distill")
@@ -207,21 +208,15 @@ def _setup_context(ctx, inputs, output) -> None:
         ctx.save_for_backward(hs, ws, bs, ht, wt, bt, tl, tids, tvals, tlse, row_scale)
 
 
-def _make_backward(get_op: Callable, scale_grad_: Callable[[Tensor, Tensor], None]):
+def _make_backward(get_op: Callable, backend: str | None):
     def backward(ctx, g_loss, *_unused):
         if g_loss is None or not (ctx.grad_student or ctx.grad_teacher):
             return (None,) * 19
         if ctx.reduce:
             grads = list(ctx.saved_tensors)
-            scale = g_loss.to(torch.float64 if grads[0].dtype == torch.float64 else torch.float32).contiguous()
-            traced = any(type(g) is not Tensor for g in grads)
-            for i, g in enumerate(grads):
-                if g.numel() == 0:
-                    continue
-                if traced:
-                    grads[i] = (g * scale).to(g.dtype)
-                else:
-                    scale_grad_(g, scale)
+            # the shared backward of the ops that compute their gradients in the forward pass
+            scaled = scale_saved_grads([g if g.numel() else None for g in grads], g_loss, backend)
+            grads = [g if sg is None else sg for g, sg in zip(grads, scaled)]
         else:
             hs, ws, bs, ht, wt, bt, tl, tids, tvals, tlse, row_scale = ctx.saved_tensors
             temperature, divergence, beta, loss_scale, chunk = ctx.scalars
@@ -246,7 +241,7 @@ def _register_compiled() -> None:
     torch.library.register_fake("fastkd::fused_linear_distill")(_fake)
     torch.library.register_autograd(
         "fastkd::fused_linear_distill",
-        _make_backward(lambda: torch.ops.fastkd.fused_linear_distill.default, torch.ops.fastkd.scale_grad_),
+        _make_backward(lambda: torch.ops.fastkd.fused_linear_distill.default, None),
         setup_context=_setup_context,
     )
 
@@ -277,7 +272,7 @@ def _triton_op():
 
     fused_linear_distill_triton.register_fake(_fake)
     fused_linear_distill_triton.register_autograd(
-        _make_backward(lambda: _triton_ops["fused_linear_distill"], _dl._triton_ops["scale_grad_"]),
+        _make_backward(lambda: _triton_ops["fused_linear_distill"], "triton"),
         setup_context=_setup_context,
     )
     _triton_ops["fused_linear_distill"] = fused_linear_distill_triton

@@ -19,7 +19,6 @@ by the reduction weights; backward scales it in place by the upstream gradient.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
@@ -28,6 +27,7 @@ from fastkd import _ext
 from fastkd.backends import Op
 from fastkd.ops import distill_loss as _dl
 from fastkd.ops.distill_loss import REDUCTIONS, _keep_rows, _row_scale
+from fastkd.ops.scale_grad import scale_saved_grads
 
 OP = Op("topk_distill")
 
@@ -227,17 +227,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.save_for_backward(g)
 
 
-def _make_backward(scale_grad_: Callable[[Tensor, Tensor], None]):
+def _make_backward(backend: str | None):
     def backward(ctx, g_loss, _g_g):
         if g_loss is None or not ctx.grad_student:
             return (None,) * 9
-        (g,) = ctx.saved_tensors
-        scale = g_loss.to(torch.float64 if g.dtype == torch.float64 else torch.float32).contiguous()
-        if type(g) is not Tensor:  # traced by AOTAutograd: out of place
-            d = (g * (scale if scale.dim() == 0 else scale[:, None])).to(g.dtype)
-        else:
-            scale_grad_(g, scale)
-            d = g
+        # the shared backward of the ops that compute their gradients in the forward pass
+        (d,) = scale_saved_grads(ctx.saved_tensors, g_loss, backend)
         return d, None, None, None, None, None, None, None, None
 
     return backward
@@ -247,9 +242,7 @@ def _register_compiled() -> None:
     if _ext.library() is None or not hasattr(torch.ops.fastkd, "topk_distill"):
         return
     torch.library.register_fake("fastkd::topk_distill")(_fake)
-    torch.library.register_autograd(
-        "fastkd::topk_distill", _make_backward(torch.ops.fastkd.scale_grad_), setup_context=_setup_context
-    )
+    torch.library.register_autograd("fastkd::topk_distill", _make_backward(None), setup_context=_setup_context)
 
 
 _register_compiled()
@@ -261,8 +254,6 @@ def _triton_op():
     if _triton_ops:
         return _triton_ops["topk_distill"]
     from fastkd.kernels import topk_distill as tk
-
-    _dl._triton_op()  # defines the Triton scale_grad_ op
 
     @torch.library.custom_op("fastkd::topk_distill_triton", mutates_args=())
     def topk_distill_triton(
@@ -281,7 +272,7 @@ def _triton_op():
         )
 
     topk_distill_triton.register_fake(_fake)
-    topk_distill_triton.register_autograd(_make_backward(_dl._triton_ops["scale_grad_"]), setup_context=_setup_context)
+    topk_distill_triton.register_autograd(_make_backward("triton"), setup_context=_setup_context)
     _triton_ops["topk_distill"] = topk_distill_triton
     return topk_distill_triton
 
