@@ -240,26 +240,27 @@ def _loss_scale(temperature: float, scale_by_t2: bool) -> float:
     return float(temperature) ** 2 if scale_by_t2 else 1.0
 
 
-def _row_scale(keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype) -> Tensor:
-    """Per-row weights of the reduction (float32; float64 for float64 logits), on device, no host sync."""
+def _row_scale_cached(
+    keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype
+) -> Tensor:
+    """:func:`_row_scale`, reused between calls without a mask (the weights then depend on the shape
+    only, and no kernel writes them): the eager fast path of this op."""
     if keep is None and not torch.compiler.is_compiling():
-        # Without a mask the weights depend on the shape only: reuse them (no kernel ever writes them)
         key = (N, V, reduction, device, dtype)
         w = _ROW_SCALES.get(key)
         if w is None:
             if len(_ROW_SCALES) >= 64:
                 _ROW_SCALES.clear()
-            w = _ROW_SCALES[key] = _row_scale_uncached(None, N, V, reduction, device, dtype)
+            w = _ROW_SCALES[key] = _row_scale(None, N, V, reduction, device, dtype)
         return w
-    return _row_scale_uncached(keep, N, V, reduction, device, dtype)
+    return _row_scale(keep, N, V, reduction, device, dtype)
 
 
 _ROW_SCALES: dict[tuple, Tensor] = {}
 
 
-def _row_scale_uncached(
-    keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype
-) -> Tensor:
+def _row_scale(keep: Tensor | None, N: int, V: int, reduction: str, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Per-row weights of the reduction (float32; float64 for float64 logits), on device, no host sync."""
     if keep is None:
         if reduction == "batchmean":
             return torch.full((N,), 1.0 / max(N, 1), device=device, dtype=dtype)
@@ -403,7 +404,7 @@ def _fused(
         t2 = t2.contiguous()
     N = s2.shape[0]
     acc = torch.float64 if s2.dtype == torch.float64 else torch.float32
-    row_scale = _row_scale(keep, N, V, reduction, s2.device, acc)
+    row_scale = _row_scale_cached(keep, N, V, reduction, s2.device, acc)
     div = divergence
     if div == "jsd" and beta == 0.0:
         div = "kl"
