@@ -7,7 +7,9 @@ What happens, in order (each step is a section below):
 
 1. check the configuration, then load the teacher (frozen, eval mode), its tokenizer and the data
    the method is allowed to see: data-free methods read the OOD source and, for evaluation only,
-   the eval split; only ``supervised`` reads the training split;
+   the eval split; only ``supervised`` reads the training split; ``offline`` reads teacher logits
+   stored by ``fastkd logits`` (``--teacher-logits``) and never runs the teacher, whose weights
+   then only shape and initialise the student;
 2. build the student from the teacher (:mod:`fastkd.student`), the optional hidden-state matcher,
    the method (:mod:`fastkd.methods`) and AdamW with linear warmup and decay;
 3. resume from the newest complete checkpoint in ``out_dir/checkpoints`` when asked
