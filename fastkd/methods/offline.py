@@ -11,6 +11,8 @@ architecture, its initialisation and the tokenizer.
 The folder is checked before any work (:func:`open_teacher_logits`): it must be a classifier's
 logits (a causal LM's belong to ``DistillationTrainer``), made with the student's tokenizer, at the
 run's temperature, with one logit per class, and no stored row longer than ``max_length``.
+Stored labels are not attached to the views (no ``ce_weight`` term): ``fastkd logits`` read them
+without the teacher's ``label2id``, and the method is KD only, like the data-free ones.
 """
 
 from __future__ import annotations
