@@ -7,7 +7,9 @@ What happens, in order (each step is a section below):
 
 1. check the configuration, then load the teacher (frozen, eval mode), its tokenizer and the data
    the method is allowed to see: data-free methods read the OOD source and, for evaluation only,
-   the eval split; only ``supervised`` reads the training split;
+   the eval split; only ``supervised`` reads the training split; ``offline`` reads teacher logits
+   stored by ``fastkd logits`` (``--teacher-logits``) and never runs the teacher, whose weights
+   then only shape and initialise the student;
 2. build the student from the teacher (:mod:`fastkd.student`), the optional hidden-state matcher,
    the method (:mod:`fastkd.methods`) and AdamW with linear warmup and decay;
 3. resume from the newest complete checkpoint in ``out_dir/checkpoints`` when asked
@@ -82,10 +84,15 @@ class DistillConfig:
     """
 
     teacher: str = _f("", "fine-tuned teacher: a local folder or hub id of a sequence classifier (required)")
-    method: str = _f("zskd", "distillation method: zskd, asdfd, t3, random, ood or supervised")
+    method: str = _f("zskd", "distillation method: zskd, asdfd, t3, random, ood, supervised or offline")
     ood: str | None = _f(None, "out-of-domain text: file, folder, datasets name or named source (zskd, t3, ood)")
     train: str | None = _f(None, "labeled training data; read only by the supervised upper bound")
     eval: str | None = _f(None, "labeled evaluation data (CSV/TSV/JSONL, dataset or named source)")
+    teacher_logits: str | None = _f(
+        None,
+        "folder of stored teacher logits from `fastkd logits` (method offline): the teacher's weights only "
+        "initialise the student, the teacher never runs",
+    )
     out_dir: str = _f("fastkd-out", "output folder: student/, checkpoint/, metrics.jsonl, result.json")
     student_layers: int | None = _f(None, "student transformer layers (default: half the teacher's)")
     student_hidden: int | None = _f(None, "student hidden size (default: the teacher's)")
@@ -360,7 +367,32 @@ def check_config(cfg: DistillConfig) -> tuple[type, Any]:
         raise DistillError(f"method {cfg.method!r} needs out-of-domain text: give --ood (a file, folder or source)")
     if not method_cls.data_free and not cfg.train:
         raise DistillError(f"method {cfg.method!r} needs the labeled training data: give --train")
+    _check_offline(cfg, method_cls)
     return method_cls, options
+
+
+def _check_offline(cfg: DistillConfig, method_cls: type) -> None:
+    """``--teacher-logits`` goes with the offline method, KL, and no hidden-state matching (the
+    teacher never runs, so there are no teacher hidden states)."""
+    offline = method_cls.needs_teacher_logits
+    if offline and not cfg.teacher_logits:
+        raise DistillError(f"method {cfg.method!r} needs --teacher-logits DIR (written by `fastkd logits`)")
+    if not offline:
+        if cfg.teacher_logits is not None:
+            raise DistillError(f"--teacher-logits is read by method offline only, not {cfg.method!r}")
+        return
+    if not isinstance(cfg.teacher_logits, str) or not os.path.isdir(cfg.teacher_logits):
+        raise DistillError(f"--teacher-logits {cfg.teacher_logits!r} is not a folder (write one with `fastkd logits`)")
+    if cfg.divergence != "kl":
+        raise DistillError(
+            f"divergence must be kl with --teacher-logits (stored top-K logits give KL(teacher||student)), "
+            f"got {cfg.divergence!r}"
+        )
+    if cfg.hidden_weight:
+        raise DistillError(
+            f"hidden_weight must be 0 with --teacher-logits (matching hidden states needs the teacher to run), "
+            f"got {cfg.hidden_weight!r}"
+        )
 
 
 def check_out_dir(out_dir: str) -> None:
@@ -489,9 +521,10 @@ def build_optimizer(
 
 @dataclass
 class Trainee:
-    """The modules one KD term needs: the frozen teacher, the student, the optional matcher."""
+    """The modules one KD term needs: the frozen teacher (None for the offline method, whose views
+    carry the stored teacher logits), the student, the optional matcher."""
 
-    teacher: nn.Module
+    teacher: nn.Module | None
     student: nn.Module
     matcher: nn.Module | None
     hidden_weight: float
@@ -505,13 +538,19 @@ def micro_step_loss(
     hidden = m.matcher is not None
     loss = torch.zeros((), device=ctx.device)
     for view in views:
-        with torch.no_grad():
-            t_out = ctx.forward(m.teacher, view, "teacher", hidden=hidden)
-        s_out = ctx.forward(m.student, view, "student", hidden=hidden)
-        kd = ctx.kd(s_out.logits, t_out.logits)
+        if m.teacher is None:  # offline: the teacher's logits are stored in the view
+            t_out = None
+            s_out = ctx.forward(m.student, view, "student", hidden=hidden)
+            kd = stored_kd(ctx, s_out.logits, view)
+        else:
+            with torch.no_grad():
+                t_out = ctx.forward(m.teacher, view, "teacher", hidden=hidden)
+            s_out = ctx.forward(m.student, view, "student", hidden=hidden)
+            kd = ctx.kd(s_out.logits, t_out.logits)
         term = cfg.kd_weight * kd
         _acc(parts, f"kd_{view.name}", kd / cfg.grad_accum)
         if m.matcher is not None:
+            assert t_out is not None  # refused with --teacher-logits
             hm = m.matcher(s_out.hidden_states, t_out.hidden_states, view.attention_mask)
             term = term + m.hidden_weight * hm
             _acc(parts, "hidden", hm / cfg.grad_accum)
@@ -527,14 +566,30 @@ def micro_step_loss(
     return loss
 
 
-class Evaluator:
-    """Scores the student on the eval rows against the labels and the teacher (its logits once)."""
+def stored_kd(ctx: Any, student_logits: Tensor, view: Any) -> Tensor:
+    """The KD term against the teacher logits a view carries (the offline method): KL(teacher ||
+    student) by ``fastkd.topk_distill_loss`` on the stored top-K ids, logits and full-vocabulary
+    logsumexp at the run's temperature; with K = V it equals ``ctx.kd`` on the live logits."""
+    from fastkd import topk_distill_loss
 
-    def __init__(self, cfg: DistillConfig, teacher: nn.Module, tokenizer: Any, rows: list[dict], device: Any) -> None:
+    t = view.extras
+    return topk_distill_loss(
+        student_logits.float(), t["teacher_ids"], t["teacher_logits"], teacher_logsumexp=t["teacher_lse"],
+        temperature=ctx.temperature,
+    )  # fmt: skip
+
+
+class Evaluator:
+    """Scores the student on the eval rows against the labels and the teacher (its logits once).
+    Without a teacher (the offline method: it never runs) there are no teacher columns."""
+
+    def __init__(
+        self, cfg: DistillConfig, teacher: nn.Module | None, tokenizer: Any, rows: list[dict], device: Any
+    ) -> None:
         self.rows, self.tokenizer, self.device = rows, tokenizer, device
         self.batch_size, self.max_length = cfg.eval_batch_size, cfg.max_length
         self.labels = [r["label"] for r in rows]
-        self.teacher_logits = self._logits(teacher) if rows else None
+        self.teacher_logits = self._logits(teacher) if rows and teacher is not None else None
         self.teacher_metrics = (
             classification_metrics(self.teacher_logits.argmax(-1), self.labels)
             if self.teacher_logits is not None
@@ -547,9 +602,10 @@ class Evaluator:
         )
 
     def __call__(self, student: nn.Module) -> dict[str, float]:
-        assert self.teacher_logits is not None
         logits = self._logits(student)
         m = classification_metrics(logits.argmax(-1), self.labels)
+        if self.teacher_logits is None:
+            return m
         m["agreement"] = float((logits.argmax(-1) == self.teacher_logits.argmax(-1)).float().mean())
         m["kl_to_teacher"] = float(
             F.kl_div(
@@ -640,6 +696,13 @@ def _run(
     if limit is not None and cfg.max_length > limit:
         raise DistillError(f"max_length {cfg.max_length} exceeds the teacher's {limit} position embeddings")
     num_labels = int(teacher.config.num_labels)
+    stored = None  # offline: the teacher's logits come from --teacher-logits; it never runs
+    if cfg.teacher_logits:
+        from fastkd.methods.offline import open_teacher_logits
+
+        stored = open_teacher_logits(
+            cfg.teacher_logits, tokenizer, temperature=cfg.temperature, num_labels=num_labels, max_length=cfg.max_length
+        )
     t_dims = model_dims(teacher.config)
     try:
         s_dims = student_dims(
@@ -679,7 +742,8 @@ def _run(
         pair_task=data.pair_task, max_length=cfg.max_length, temperature=cfg.temperature,
         divergence=cfg.divergence, seed=cfg.seed, micro_batch_size=micro, batch_size=cfg.batch_size, rank=rank,
         world=world,
-        ood_texts=data.ood_texts, train_rows=data.train_rows, bridge=EmbeddingBridge(teacher, student),
+        ood_texts=data.ood_texts, train_rows=data.train_rows, teacher_logits=stored,
+        bridge=EmbeddingBridge(teacher, student),
         autocast=autocast, all_reduce=lambda ts: _all_reduce_mean(ts, world), progress=cfg.progress and rank == 0,
     )  # fmt: skip
     method = method_cls(ctx, options)
@@ -689,7 +753,8 @@ def _run(
         raise DistillError(f"method {cfg.method!r}: {e}") from None
     modules = [student] + ([matcher] if matcher is not None else [])
     params, optimizer = build_optimizer(cfg, modules, method.student_parameters())
-    trainee = Trainee(teacher, student, matcher, hidden_weight)
+    runs_teacher = stored is None
+    trainee = Trainee(teacher if runs_teacher else None, student, matcher, hidden_weight)
 
     def trainer_state() -> dict[str, Any]:
         return {
@@ -716,7 +781,9 @@ def _run(
             ) from None
         last_checkpoint = resume_from
     log = MetricsLog(cfg.out_dir, rank, step)
-    evaluator = Evaluator(cfg, teacher, tokenizer, data.eval_rows, device) if rank == 0 else None
+    evaluator = None
+    if rank == 0:  # the teacher's eval logits once (none offline: it never runs)
+        evaluator = Evaluator(cfg, teacher if runs_teacher else None, tokenizer, data.eval_rows, device)
 
     def checkpoint(at: int, wall: float) -> str | None:
         if rank != 0:

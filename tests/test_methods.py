@@ -151,7 +151,7 @@ def test_teacher_is_frozen_and_unchanged(tmp_path, teacher_and_tok, method, opti
 # options
 # --------------------------------------------------------------------------------------------
 def test_registry_and_option_parsing():
-    assert set(METHODS) == {"zskd", "asdfd", "t3", "random", "ood", "supervised"}
+    assert set(METHODS) == {"zskd", "asdfd", "t3", "random", "ood", "supervised", "offline"}
     assert [m for m, c in METHODS.items() if not c.data_free] == ["supervised"]
     with pytest.raises(OptionError, match=r"unknown method 'nope'.*zskd"):
         get_method("nope")

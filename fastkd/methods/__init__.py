@@ -9,6 +9,7 @@ t3         DFKD-T3 (Bai et al., 2023): OOD text rewritten into task-like text by
 random     random token sequences (baseline floor)
 ood        plain KD on OOD text (baseline)
 supervised KD on the real training data (upper bound; not data-free)
+offline    KD from teacher logits stored by ``fastkd logits`` (the teacher never runs)
 ========== ==================================================================================
 
 Each method is a :class:`fastkd.methods.base.Method` subclass registered here by name; the loop
@@ -20,6 +21,7 @@ from __future__ import annotations
 from fastkd.methods.asdfd import ASDFD
 from fastkd.methods.base import Method, MethodContext, OptionError, StepInfo, View
 from fastkd.methods.baselines import OutOfDomain, RandomTokens, Supervised
+from fastkd.methods.offline import Offline
 from fastkd.methods.t3 import T3
 from fastkd.methods.zskd import ZeroShotKD
 
@@ -42,7 +44,7 @@ def get_method(name: str) -> type[Method]:
         raise OptionError(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
 
 
-for _cls in (ZeroShotKD, ASDFD, T3, RandomTokens, OutOfDomain, Supervised):
+for _cls in (ZeroShotKD, ASDFD, T3, RandomTokens, OutOfDomain, Supervised, Offline):
     register_method(_cls)
 
 __all__ = [
@@ -51,6 +53,7 @@ __all__ = [
     "T3",
     "Method",
     "MethodContext",
+    "Offline",
     "OptionError",
     "OutOfDomain",
     "RandomTokens",

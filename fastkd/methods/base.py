@@ -101,6 +101,7 @@ class MethodContext:
     world: int = 1
     ood_texts: list[str] | None = None
     train_rows: list[dict] | None = None
+    teacher_logits: Any = None  # fastkd.logits.TeacherLogits: the stored rows of the offline method
     bridge: Any = None
     autocast: Callable[[], AbstractContextManager] = nullcontext
     all_reduce: Callable[[Sequence[Tensor]], None] | None = None
@@ -171,6 +172,7 @@ class Method:
     summary: ClassVar[str] = ""
     data_free: ClassVar[bool] = True  # False only for the supervised upper bound
     needs_ood: ClassVar[bool] = False  # reads the out-of-domain text source
+    needs_teacher_logits: ClassVar[bool] = False  # reads stored teacher logits; the teacher never runs
     default_hidden_weight: ClassVar[float] = 0.0
     uses_embeddings: bool = False  # views carry teacher-space embeddings (the loop refits the bridge)
 
