@@ -49,7 +49,8 @@ def test_distill_then_eval(tmp_path, capsys):
 def test_method_options_and_config_file(tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(
-        "method: zskd\nmax_steps: 3\nlr: 0.001\nmethod_options:\n  gen_every: 2\n  gen_steps: 1\n  mask_prob: 0.5\n",
+        "method: zskd\nmax_steps: 3\nlr: 0.001\nmethod_options:\n  gen_every: 2\n  gen_steps: 1\n  mask_prob: 0.5\n"
+        "  min_gen_lift: 0\n",
         encoding="utf-8",
     )
     out = tmp_path / "run"
@@ -58,7 +59,7 @@ def test_method_options_and_config_file(tmp_path, capsys):
     assert code == 0
     saved = json.loads((out / "result.json").read_text())["config"]
     assert saved["max_steps"] == 2 and saved["lr"] == 0.001 and saved["method"] == "zskd"
-    assert saved["method_options"] == {"gen_every": 2, "gen_steps": 1, "mask_prob": "0.4"}
+    assert saved["method_options"] == {"gen_every": 2, "gen_steps": 1, "mask_prob": "0.4", "min_gen_lift": 0}
     jcfg = tmp_path / "run.json"
     jcfg.write_text(json.dumps({"method": "random", "max-steps": 1}), encoding="utf-8")
     assert main(["distill", "--config", str(jcfg), *_common(tmp_path / "j")]) == 0
