@@ -209,7 +209,10 @@ def _compiled_ops():
 def test_opcheck(get_op, reduce, with_lse):
     op = get_op()
     s, ids, tv, t_full = _case(4, 9, 3, seed=7)
-    lse = torch.logsumexp(t_full, -1) if with_lse else None
+    # the raw op takes the teacher's values in the accumulation dtype (float32 here); the public
+    # function casts them
+    tv = tv.to(torch.float32)
+    lse = torch.logsumexp(t_full, -1).to(torch.float32) if with_lse else None
     rs = torch.tensor([0.5, 0.0, 0.25, 0.25], device=DEVICE)
     torch.library.opcheck(op, (s, ids, tv, lse, rs, 2.0, 4.0, reduce, False))
     s.requires_grad_(True)
