@@ -572,7 +572,7 @@ def prepare_task(task: str, cache: str | None, work: Path, meta: dict[str, Any],
         _log(
             f"{task}: zskd generator ready ({time.perf_counter() - t0:.0f} s): {ctx['zskd_generator'].get('mlm_accuracy')}"
         )
-    if "t3" in methods:
+    if "t3" in methods:  # (a run without t3 neither needs nor waits for the pool)
         t0 = time.perf_counter()
         ctx["t3_pool"], info = t3_pool(task, teacher_dir, data, cache, work)
         ctx["t3_info"] = info
@@ -643,7 +643,16 @@ def main(argv: list[str] | None = None) -> int:
                 if (task, method, seed) in done:
                     continue
                 _log(f"{task} {method} seed {seed}")
-                rec = run_one(task, method, seed, ctx, work)
+                try:
+                    rec = run_one(task, method, seed, ctx, work)
+                except Exception as exc:  # record and go on: one broken method must not stop the others
+                    import traceback
+
+                    with open(work / "errors.jsonl", "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"task": task, "method": method, "seed": seed,
+                                            "error": traceback.format_exc()}) + "\n")  # fmt: skip
+                    _log(f"{task} {method} seed {seed}: FAILED {exc!r}")
+                    continue
                 with open(runs_path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
                 _log(f"{task} {method} seed {seed}: test {rec['test_acc']:.1f}% ({rec['wall_s']:.0f} s)")
