@@ -87,8 +87,14 @@ OPTIONS: dict[str, dict[str, Any]] = {
     # gen_mlm_weight / gen_lr: with the default weight 1 the MLM term (~6 nats) outweighed the divergence
     # (~0.1) 60:1 and the adversarial view ended *less* divergent than the clean one (movie seed 0's
     # training log); 0.05 makes the two terms comparable, and 1e-3 lets 4 updates move the generator.
-    "zskd": {"gen_every": 32, "gen_steps": 4, "pretrain_steps": 200, "pretrain_lr": 5e-4, "gen_mlm_weight": 0.05,
-             "gen_lr": 1e-3},  # fmt: skip
+    "zskd": {
+        "gen_every": 32,
+        "gen_steps": 4,
+        "pretrain_steps": 200,
+        "pretrain_lr": 5e-4,
+        "gen_mlm_weight": 0.05,
+        "gen_lr": 1e-3,
+    },
     "asdfd": {"construct_steps": 2, "seq_len": 16},
     "t3": {"source_fraction": 0.5, "refresh_every": 0},
 }
