@@ -304,7 +304,7 @@ def test_quality_summary_columns_and_goals(tmp_path):
 
     runs = []
     for seed in range(3):
-        for method, p in (("ood", 0.6), ("zskd", 0.9), ("asdfd", 0.6), ("t3", 0.3), ("random", 0.5)):
+        for method, p in (("ood", 0.6), ("zskd", 0.9), ("asdfd", 0.7), ("t3", 0.3), ("random", 0.5)):
             c = correct(p)
             runs.append({"task": "movie_reviews", "method": method, "seed": seed, "wall_s": 1.0,
                          "test_acc": 100.0 * c.count("1") / len(c), "test_correct": c})  # fmt: skip
