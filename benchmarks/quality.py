@@ -528,9 +528,14 @@ def _merge_meta(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
 def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
     works = work if isinstance(work, list) else [work]
     runs, meta = [], {}
+    seen = set()
     for w in works:
         if (w / "runs.jsonl").is_file():
-            runs += [json.loads(x) for x in (w / "runs.jsonl").read_text().splitlines() if x.strip()]
+            for x in (w / "runs.jsonl").read_text().splitlines():
+                r = json.loads(x) if x.strip() else None
+                if r is not None and (r["task"], r["method"], r["seed"]) not in seen:  # first record of a run
+                    seen.add((r["task"], r["method"], r["seed"]))
+                    runs.append(r)
         if (w / "meta.json").is_file():
             meta = _merge_meta(meta, json.loads((w / "meta.json").read_text()))
     teachers = meta.get("teachers", {})
