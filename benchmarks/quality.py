@@ -550,8 +550,8 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
               f"transformers {v.get('transformers')}, Python {v.get('python')}.")  # fmt: skip
     b = meta.get("budget", BUDGET)
     md.append(f"Budget per run: {b['steps']} steps x {b['batch_size']} rows, max length {b['max_length']}, "
-              f"lr {b['lr']}, {b['threads']} thread; student 2 layers, hidden 128. Wall time of the whole "
-              f"benchmark: {meta.get('wall_min', '?')} min.")  # fmt: skip
+              f"lr {b['lr']}, {b['threads']} thread; student 2 layers, hidden 128. Sum of the runs' wall times: "
+              f"{sum(r['wall_s'] for r in runs) / 60:.0f} min (they ran in parallel processes).")  # fmt: skip
     for task, t in teachers.items():
         md.append(f"Teacher {task}: test {t['test_acc']:.1f}%, dev {t.get('dev_acc', float('nan')):.1f}% "
                   f"({t.get('train_rows')} training rows, {t.get('epochs')} epoch(s)).")  # fmt: skip
