@@ -286,3 +286,34 @@ def test_bootstrap_delta():
     better = ["".join("1" if c == "1" or rng.random() < 0.5 else "0" for c in s) for s in base]
     d, lo, hi = bootstrap_delta(better, base, draws=500)
     assert d > 10 and lo > 0 and lo < d < hi
+
+
+def test_quality_summary_columns_and_goals(tmp_path):
+    import csv
+
+    from benchmarks import quality as Q
+
+    rng = random.Random(1)
+
+    def correct(p):
+        return "".join(str(int(rng.random() < p)) for _ in range(300))
+
+    runs = []
+    for seed in range(3):
+        for method, p in (("ood", 0.6), ("zskd", 0.9), ("asdfd", 0.7), ("t3", 0.3), ("random", 0.5)):
+            c = correct(p)
+            runs.append({"task": "movie_reviews", "method": method, "seed": seed, "wall_s": 1.0,
+                         "test_acc": 100.0 * c.count("1") / len(c), "test_correct": c})  # fmt: skip
+    rows = Q.summarise(runs, {"movie_reviews": {"test_acc": 80.0}})
+    Q.write_csv(tmp_path / "summary.csv", rows)
+    with open(tmp_path / "summary.csv", newline="") as f:
+        got = list(csv.DictReader(f))
+    assert list(got[0]) == list(Q.COLUMNS)
+    by = {r["method"]: r for r in got}
+    assert by["teacher"]["mean_acc"] == "80.00" and by["ood"]["delta_vs_ood"] == "0.00"
+    assert float(by["zskd"]["delta_ci_low"]) > 0 > float(by["t3"]["delta_ci_high"])
+    assert float(by["zskd"]["pct_of_teacher"]) == pytest.approx(float(by["zskd"]["mean_acc"]) / 0.8, abs=0.01)
+    text = "\n".join(Q.goals(rows))
+    assert "movie_reviews: zskd beats ood with a 95% interval above zero: MET" in text
+    assert "movie_reviews: t3 beats ood with a 95% interval above zero: NOT MET" in text
+    assert "every seed method >= 75% of the teacher: NOT MET (t3)" in text
