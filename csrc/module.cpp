@@ -25,6 +25,9 @@ PyObject* torch_version(PyObject*, PyObject*) { return PyUnicode_FromString(TORC
 PyObject* cpu_capability(PyObject*, PyObject*) {
   try {
     return PyUnicode_FromString(fastkd::dispatch::level_name(fastkd::dispatch::active_level()));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;
@@ -54,6 +57,9 @@ PyObject* set_cpu_capability(PyObject*, PyObject* arg) {
   if (name == nullptr) return nullptr;
   try {
     return PyUnicode_FromString(fastkd::dispatch::level_name(fastkd::dispatch::set_active_level(name)));
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    return nullptr;
   } catch (const std::exception& e) {
     PyErr_SetString(PyExc_ValueError, e.what());
     return nullptr;

@@ -291,28 +291,34 @@ def test_all_minus_inf_row_is_nan(backend, divergence, beta):
 # --------------------------------------------------------------------------------------------
 # int32 overflow guards
 # --------------------------------------------------------------------------------------------
-def test_hidden_match_tile_offsets_are_int64():
-    """kernels/hidden_match.py's _tile_offsets (the bmm kernel's addresses, K index x row stride):
-    with int32 indices and an int32 stride whose products pass 2**31 the offsets must be exact."""
-    if not (INTERPRETED or torch.cuda.is_available()):
-        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
+try:
     import triton
     import triton.language as tl
     from fastkd.kernels.hidden_match import _tile_offsets
 
     @triton.jit
-    def probe(out_ptr, wrapped_ptr, r0, s_r, s_c, R: tl.constexpr, C: tl.constexpr):
+    def _offsets_probe(out_ptr, wrapped_ptr, r0, s_r, s_c, R: tl.constexpr, C: tl.constexpr):
         r = r0 + tl.arange(0, R)  # int32, as k0 + tl.arange in the kernel
         c = tl.arange(0, C)
         idx = tl.arange(0, R)[:, None] * C + tl.arange(0, C)[None, :]
         tl.store(out_ptr + idx, _tile_offsets(r, c, s_r, s_c))
         tl.store(wrapped_ptr + idx, (r[:, None] * s_r + c[None, :] * s_c).to(tl.int64))  # the old int32 form
 
+except ImportError:  # no Triton: the test skips
+    _offsets_probe = None
+
+
+def test_hidden_match_tile_offsets_are_int64():
+    """kernels/hidden_match.py's _tile_offsets (the bmm kernel's addresses, K index x row stride):
+    with int32 indices and an int32 stride whose products pass 2**31 the offsets must be exact."""
+    if _offsets_probe is None or not (INTERPRETED or torch.cuda.is_available()):
+        pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
     R, C = 4, 8
     s_r, s_c = 2**31 // 3 + 7, 1  # int32 arguments; r * s_r passes 2**31 from r = 3 on
-    out = torch.zeros(R * C, dtype=torch.int64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    out = torch.zeros(R * C, dtype=torch.int64, device=dev)
     wrapped = torch.zeros_like(out)
-    probe[(1,)](out, wrapped, 2, s_r, s_c, R=R, C=C)
+    _offsets_probe[(1,)](out, wrapped, 2, s_r, s_c, R=R, C=C)
     r = torch.arange(2, 2 + R, dtype=torch.int64)[:, None]
     c = torch.arange(C, dtype=torch.int64)[None, :]
     expect = (r * s_r + c * s_c).flatten()
