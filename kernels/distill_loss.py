@@ -60,9 +60,18 @@ def _online_update(m, z, x, inv_t):
 
 
 @triton.jit
+def _shifted(x, m, inv_t):
+    """(x - m) / T, and -inf for x = -inf even where the lane maximum m is still -inf (not -inf - -inf = NaN)."""
+    return tl.where(x == float("-inf"), float("-inf"), (x - m) * inv_t)
+
+
+@triton.jit
 def _a_update(a, z_w_old, f_w, d_w, d_o, e_w, u_w, u_o):
-    """a = sum e_w (u_w - u_o) relative to the current maxima, after both maxima moved by d_w, d_o."""
-    old = tl.where(z_w_old == 0.0, 0.0, f_w * (a + z_w_old * (d_o - d_w)))
+    """a = sum e_w (u_w - u_o) relative to the current maxima, after both maxima moved by d_w, d_o.
+
+    a is +inf where e_w > 0 meets u_o = -inf; old terms whose factor f_w underflowed to 0 have zero
+    probability and are dropped (not 0 * inf = NaN)."""
+    old = tl.where((z_w_old == 0.0) | (f_w == 0.0), 0.0, f_w * (a + z_w_old * (d_o - d_w)))
     return old + tl.where(e_w == 0.0, 0.0, e_w * (u_w - u_o))
 
 
@@ -128,9 +137,9 @@ def distill_loss_kernel(
         m_s, z_s, e_s, f_s, d_s = _online_update(m_s, z_s, xs, inv_t)
         m_t, z_t, e_t, f_t, d_t = _online_update(m_t, z_t, xt, inv_t)
         if DIV == KL:
-            a = _a_update(a, zt_old, f_t, d_t, d_s, e_t, (xt - m_t) * inv_t, (xs - m_s) * inv_t)
+            a = _a_update(a, zt_old, f_t, d_t, d_s, e_t, (xt - m_t) * inv_t, _shifted(xs, m_s, inv_t))
         if DIV == REVERSE_KL:
-            a = _a_update(a, zs_old, f_s, d_s, d_t, e_s, (xs - m_s) * inv_t, (xt - m_t) * inv_t)
+            a = _a_update(a, zs_old, f_s, d_s, d_t, e_s, (xs - m_s) * inv_t, _shifted(xt, m_t, inv_t))
     # combine the lanes at the row maxima M (a row of all -inf has M = -inf: NaN below, as the contract says)
     M_s = tl.max(m_s, axis=0)
     M_t = tl.max(m_t, axis=0)
@@ -141,9 +150,9 @@ def distill_loss_kernel(
     lz_s = tl.log(Z_s)
     lz_t = tl.log(Z_t)
     if DIV == KL:
-        A = tl.sum(tl.where(z_t == 0.0, 0.0, g_t * (a + z_t * ((M_s - m_s) - (M_t - m_t)) * inv_t)), axis=0)
+        A = tl.sum(tl.where((z_t == 0.0) | (g_t == 0.0), 0.0, g_t * (a + z_t * ((M_s - m_s) - (M_t - m_t)) * inv_t)), axis=0)
     else:
-        A = tl.sum(tl.where(z_s == 0.0, 0.0, g_s * (a + z_s * ((M_t - m_t) - (M_s - m_s)) * inv_t)), axis=0)
+        A = tl.sum(tl.where((z_s == 0.0) | (g_s == 0.0), 0.0, g_s * (a + z_s * ((M_t - m_t) - (M_s - m_s)) * inv_t)), axis=0)
 
     cg = c * inv_t
     if DIV != JSD:
