@@ -411,17 +411,20 @@ def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     teacher, tok = teacher_and_tok
     cls = get_method("asdfd")
     ctx = _ctx(teacher, tok)
-    method = cls(ctx, cls.parse_options({"construct_steps": 0}))
+    # the guessing itself: hard targets, no manifold prior or snapping (those have their own tests)
+    plain = {"target_conf_min": 1.0, "target_conf_max": 1.0, "prior_weight": 0.0, "snap": 0.0}
+    method = cls(ctx, cls.parse_options({"construct_steps": 0, **plain}))
     method.setup()
-    g = torch.Generator().manual_seed(5)
-    z0, y, _ = method._construct(32, g)
-    method.opt.construct_steps = 8
+    z0, y, _ = method._construct(32, torch.Generator().manual_seed(5))
+    method = cls(ctx, cls.parse_options({"construct_steps": 30, "construct_step_size": 1.0, **plain}))
+    method.setup()
     z1, y1, _ = method._construct(32, torch.Generator().manual_seed(5))
     assert torch.equal(y, y1)
     with torch.no_grad():
         p0 = ctx.forward(teacher, method._view(z0), "teacher").logits.softmax(-1)[torch.arange(32), y]
         p1 = ctx.forward(teacher, method._view(z1), "teacher").logits.softmax(-1)[torch.arange(32), y]
-    assert p1.mean() > p0.mean() + 0.1
+    # the tiny teacher is saturated (0.999 / 0.001) almost everywhere: guessing flips rows to the target
+    assert p1.mean() > p0.mean() + 0.03 and (p1 > 0.5).sum() > (p0 > 0.5).sum()
     assert (z1.norm(dim=-1) <= method.max_norm * (1 + 1e-5)).all()  # inside the range of real embeddings
 
 
@@ -431,7 +434,9 @@ def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
     ctx = _ctx(teacher, tok, student=student)
     cls = get_method("asdfd")
     for visible in (False, True):
-        method = cls(ctx, cls.parse_options({"construct_steps": 2, "visible_start": str(visible).lower()}))
+        # no snapping to word embeddings here: the nearest word rows need not lie in the visible subspace
+        opts = {"construct_steps": 2, "visible_start": str(visible).lower(), "snap": 0.0, "prior_weight": 0.0}
+        method = cls(ctx, cls.parse_options(opts))
         method.setup()
         z, _, _ = method._construct(8, torch.Generator().manual_seed(1))
         hidden_part = (z - ctx.bridge.visible(z)).norm() / z.norm()
