@@ -312,7 +312,7 @@ def test_quality_summary_columns_and_goals(tmp_path):
     by = {r["method"]: r for r in got}
     assert by["teacher"]["mean_acc"] == "80.00" and by["ood"]["delta_vs_ood"] == "0.00"
     assert float(by["zskd"]["delta_ci_low"]) > 0 > float(by["t3"]["delta_ci_high"])
-    assert float(by["zskd"]["pct_of_teacher"]) == pytest.approx(float(by["zskd"]["mean_acc"]) / 0.8, abs=0.01)
+    assert float(by["zskd"]["pct_of_teacher"]) == pytest.approx(float(by["zskd"]["mean_acc"]) / 0.8, abs=0.02)
     text = "\n".join(Q.goals(rows))
     assert "movie_reviews: zskd beats ood with a 95% interval above zero: MET" in text
     assert "movie_reviews: t3 beats ood with a 95% interval above zero: NOT MET" in text
