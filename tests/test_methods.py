@@ -417,7 +417,10 @@ def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     teacher, tok = teacher_and_tok
     cls = get_method("asdfd")
     ctx = _ctx(teacher, tok)
-    method = cls(ctx, cls.parse_options({"construct_steps": 0}))
+    # hard targets, no prior or snapping: the paper's guessing, which makes the teacher confident
+    # (the default soft targets cap it on purpose: test_method_generators.py)
+    hard = {"target_conf_min": 1.0, "target_conf_max": 1.0, "prior_weight": 0, "snap": 0, "div_weight": 0, "min_len": 0}
+    method = cls(ctx, cls.parse_options({"construct_steps": 0, **hard}))
     method.setup()
     g = torch.Generator().manual_seed(5)
     z0, y, _ = method._construct(32, g)
