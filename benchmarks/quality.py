@@ -3,6 +3,8 @@
     python benchmarks/quality.py                          # the stated CPU budget, both tasks, 3 seeds
     python benchmarks/quality.py --time-one movie_reviews ood   # time one run (budget arithmetic)
     python benchmarks/quality.py --report-only            # rebuild summary/table/plot from runs.jsonl
+    python benchmarks/quality.py --report-only --work benchmarks/results/quality --results \
+        benchmarks/results/quality --update-readme README.md  # from the committed results
 
 Not part of CI. Tasks (:mod:`fastkd.assets`, offline):
 
@@ -545,6 +547,8 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
     write_csv(results / "summary.csv", rows)
     plot(results / "quality.png", runs, teachers)
     (results / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    if results.resolve() not in [w.resolve() for w in works]:  # committed: --report-only --work <results>
+        (results / "meta.json").write_text(json.dumps(meta, indent=1))
     md = ["# Quality benchmark (issue 13)", ""]
     v = meta.get("versions", _versions())
     md.append(f"Machine: {v.get('cpu')}, {v.get('cores')} cores shared with other jobs; torch {v.get('torch')}, "

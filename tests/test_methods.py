@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastkd
 from fastkd import data as fdata
-from fastkd.loop import DistillError, distill
+from fastkd.loop import DistillError, distill, evaluate, load_classifier, predict_logits
 from fastkd.methods import METHODS, OptionError, get_method
 from fastkd.methods.asdfd import rotate_pairs
 from fastkd.methods.base import MethodContext, StepInfo
 from fastkd.methods.t3 import T3, bigram_diversity, generate_dataset
 from fastkd.methods.zskd import _StraightThroughEmbed, gumbel_softmax_st
-from fastkd.models import evaluate, load_classifier, predict_logits
 from fastkd.student import (
     EmbeddingBridge,
     StudentConfigError,
@@ -28,14 +28,19 @@ from fastkd.student import (
     student_dims,
 )
 
+HAS_ASCENT = _tiny.has_op("embedding_ascent_")
+HAS_MATCHER = hasattr(fastkd.nn, "HiddenStateMatcher")
+needs_ascent = pytest.mark.skipif(not HAS_ASCENT, reason="fastkd.embedding_ascent_ is not in this build yet")
+needs_matcher = pytest.mark.skipif(not HAS_MATCHER, reason="fastkd.nn.HiddenStateMatcher is not in this build yet")
+
 ZSKD_MLM = {"generator": "mlm", "gen_every": 20, "gen_steps": 2}
 CASES = [
     pytest.param("random", {}, id="random"),
     pytest.param("ood", {}, id="ood"),
     pytest.param("supervised", {}, id="supervised"),
     pytest.param("zskd", ZSKD_MLM, id="zskd-mlm"),
-    pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding"),
-    pytest.param("asdfd", {}, id="asdfd"),
+    pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding", marks=needs_ascent),
+    pytest.param("asdfd", {}, id="asdfd", marks=[needs_ascent, needs_matcher]),
     pytest.param("t3", _tiny.T3_OPTIONS, id="t3"),
 ]
 
@@ -151,7 +156,7 @@ def test_teacher_is_frozen_and_unchanged(tmp_path, teacher_and_tok, method, opti
 # options
 # --------------------------------------------------------------------------------------------
 def test_registry_and_option_parsing():
-    assert set(METHODS) == {"zskd", "asdfd", "t3", "random", "ood", "supervised", "offline"}
+    assert set(METHODS) == {"zskd", "asdfd", "t3", "random", "ood", "supervised"}
     assert [m for m, c in METHODS.items() if not c.data_free] == ["supervised"]
     with pytest.raises(OptionError, match=r"unknown method 'nope'.*zskd"):
         get_method("nope")
@@ -407,36 +412,36 @@ def test_ood_pairs_for_pair_tasks(teacher_and_tok):
     assert (view.token_type_ids == 1).any()
 
 
+@needs_ascent
 def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     teacher, tok = teacher_and_tok
     cls = get_method("asdfd")
     ctx = _ctx(teacher, tok)
-    # the guessing itself: hard targets, no manifold prior or snapping (those have their own tests)
-    plain = {"target_conf_min": 1.0, "target_conf_max": 1.0, "prior_weight": 0.0, "snap": 0.0}
-    method = cls(ctx, cls.parse_options({"construct_steps": 0, **plain}))
+    # hard targets, no prior or snapping: the paper's guessing, which makes the teacher confident
+    # (the default soft targets cap it on purpose: test_method_generators.py)
+    hard = {"target_conf_min": 1.0, "target_conf_max": 1.0, "prior_weight": 0, "snap": 0, "div_weight": 0, "min_len": 0}
+    method = cls(ctx, cls.parse_options({"construct_steps": 0, **hard}))
     method.setup()
-    z0, y, _ = method._construct(32, torch.Generator().manual_seed(5))
-    method = cls(ctx, cls.parse_options({"construct_steps": 30, "construct_step_size": 1.0, **plain}))
-    method.setup()
+    g = torch.Generator().manual_seed(5)
+    z0, y, _ = method._construct(32, g)
+    method.opt.construct_steps = 8
     z1, y1, _ = method._construct(32, torch.Generator().manual_seed(5))
     assert torch.equal(y, y1)
     with torch.no_grad():
         p0 = ctx.forward(teacher, method._view(z0), "teacher").logits.softmax(-1)[torch.arange(32), y]
         p1 = ctx.forward(teacher, method._view(z1), "teacher").logits.softmax(-1)[torch.arange(32), y]
-    # the tiny teacher is saturated (0.999 / 0.001) almost everywhere: guessing flips rows to the target
-    assert p1.mean() > p0.mean() + 0.03 and (p1 > 0.5).sum() > (p0 > 0.5).sum()
+    assert p1.mean() > p0.mean() + 0.1
     assert (z1.norm(dim=-1) <= method.max_norm * (1 + 1e-5)).all()  # inside the range of real embeddings
 
 
+@needs_ascent
 def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
     teacher, tok = teacher_and_tok
     student = build_student(teacher, layers=1, hidden=16, init="embeddings")
     ctx = _ctx(teacher, tok, student=student)
     cls = get_method("asdfd")
     for visible in (False, True):
-        # no snapping to word embeddings here: the nearest word rows need not lie in the visible subspace
-        opts = {"construct_steps": 2, "visible_start": str(visible).lower(), "snap": 0.0, "prior_weight": 0.0}
-        method = cls(ctx, cls.parse_options(opts))
+        method = cls(ctx, cls.parse_options({"construct_steps": 2, "visible_start": str(visible).lower()}))
         method.setup()
         z, _, _ = method._construct(8, torch.Generator().manual_seed(1))
         hidden_part = (z - ctx.bridge.visible(z)).norm() / z.norm()
@@ -444,6 +449,7 @@ def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
         assert (hidden_part < 1e-5) if visible else (hidden_part > 0.1), (visible, float(hidden_part))
 
 
+@needs_ascent
 def test_asdfd_min_len_pads_rows_of_different_lengths(teacher_and_tok):
     teacher, tok = teacher_and_tok
     ctx = _ctx(teacher, tok)

@@ -264,7 +264,10 @@ class ASDFD(Method):
     def _snap(self, z: Tensor) -> Tensor:
         if self.opt.snap <= 0:
             return z
-        return z + self.opt.snap * (self.nearest_words(z) - z)
+        target = self.nearest_words(z)
+        if self.opt.visible_start:  # stay in what the student sees: snap to the visible part of the word
+            target = self.ctx.bridge.visible(target)
+        return z + self.opt.snap * (target - z)
 
     def soft_targets(self, y: Tensor, generator: torch.Generator) -> Tensor:
         """``[B, K]`` targets: class ``y`` gets a probability drawn from [target_conf_min, target_conf_max]."""

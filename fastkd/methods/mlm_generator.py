@@ -131,7 +131,6 @@ def evaluate_mlm(
     The unigram baseline always answers the most frequent allowed token of ``train_texts`` (of
     ``texts`` when none are given).
     """
-    device = next(gen.parameters()).device
     was = gen.training
     gen.eval()
     counts = unigram_counts(tokenizer, train_texts or texts, ban.shape[0], max_length)
@@ -140,6 +139,20 @@ def evaluate_mlm(
     g = torch.Generator().manual_seed(seed)
     right = base = n = 0
     loss = 0.0
+    # small held-out sets: several masking passes (up to 20, until 1,000 positions) for a stable estimate
+    passes = 0
+    while passes == 0 or (n < 1000 and passes < 20):
+        passes += 1
+        right, base, n, loss = _mlm_pass(gen, tokenizer, texts, ban, g, top, mask_prob, max_length, batch_size,
+                                         (right, base, n, loss))  # fmt: skip
+    gen.train(was)
+    n = max(n, 1)
+    return {"mlm_accuracy": right / n, "mlm_loss": loss / n, "unigram_accuracy": base / n, "positions": n}
+
+
+def _mlm_pass(gen, tokenizer, texts, ban, g, top, mask_prob, max_length, batch_size, acc):
+    device = next(gen.parameters()).device
+    right, base, n, loss = acc
     for i in range(0, len(texts), batch_size):
         enc = _encode(tokenizer, texts[i : i + batch_size], max_length, device)
         pick = mask_positions(_content(tokenizer, enc), mask_prob, g)
@@ -152,9 +165,7 @@ def evaluate_mlm(
         base += int((gold == top).sum())
         loss += float(F.cross_entropy(logits, gold, reduction="sum"))
         n += int(gold.numel())
-    gen.train(was)
-    n = max(n, 1)
-    return {"mlm_accuracy": right / n, "mlm_loss": loss / n, "unigram_accuracy": base / n, "positions": n}
+    return right, base, n, loss
 
 
 def train_mlm(

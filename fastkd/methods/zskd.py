@@ -31,7 +31,8 @@ What is reconstruction (the papers leave it open, or our setting differs)
       bias starting at the log unigram frequencies; cached by a hash of the teacher weights, the
       text and the settings). Its held-out MLM accuracy is reported next to the unigram baseline's
       (always the most frequent word), and a generator below ``min_gen_lift`` times that baseline
-      is refused: without the training its fills were spread over half the vocabulary, the same
+      is refused (default 0.5: on text without context, such as random words, a trained generator
+      only matches the baseline, within noise): without the training its fills were spread over half the vocabulary, the same
       top-5 at every position, so the "adversarial" view was random-token noise. A real masked LM
       with the teacher's vocabulary can be passed as ``generator_path`` (it is checked the same way).
     * Fill vocabulary: special tokens and placeholders (``[unused12]``, ...) get ``-inf`` logits in
@@ -178,7 +179,7 @@ class ZeroShotKD(Method):
             0, "seed of the masked-LM training and its held-out split (not the run's: one per corpus)"
         )
         min_gen_lift: float = opt(
-            1.0, "refuse adversarial training unless held-out MLM accuracy >= this x the unigram baseline's"
+            0.5, "refuse adversarial training unless held-out MLM accuracy >= this x the unigram baseline's"
         )
         generator_cache: str | None = opt(
             "auto", "folder for trained generators: auto ($FASTKD_CACHE or ~/.cache/fastkd), a path, or none"
