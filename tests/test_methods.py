@@ -10,14 +10,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import fastkd
 from fastkd import data as fdata
-from fastkd.loop import DistillError, distill, evaluate, load_classifier, predict_logits
+from fastkd.loop import DistillError, distill
 from fastkd.methods import METHODS, OptionError, get_method
 from fastkd.methods.asdfd import rotate_pairs
 from fastkd.methods.base import MethodContext, StepInfo
 from fastkd.methods.t3 import T3, bigram_diversity, generate_dataset
 from fastkd.methods.zskd import _StraightThroughEmbed, gumbel_softmax_st
+from fastkd.models import evaluate, load_classifier, predict_logits
 from fastkd.student import (
     EmbeddingBridge,
     StudentConfigError,
@@ -28,19 +28,14 @@ from fastkd.student import (
     student_dims,
 )
 
-HAS_ASCENT = _tiny.has_op("embedding_ascent_")
-HAS_MATCHER = hasattr(fastkd.nn, "HiddenStateMatcher")
-needs_ascent = pytest.mark.skipif(not HAS_ASCENT, reason="fastkd.embedding_ascent_ is not in this build yet")
-needs_matcher = pytest.mark.skipif(not HAS_MATCHER, reason="fastkd.nn.HiddenStateMatcher is not in this build yet")
-
 ZSKD_MLM = {"generator": "mlm", "gen_every": 20, "gen_steps": 2}
 CASES = [
     pytest.param("random", {}, id="random"),
     pytest.param("ood", {}, id="ood"),
     pytest.param("supervised", {}, id="supervised"),
     pytest.param("zskd", ZSKD_MLM, id="zskd-mlm"),
-    pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding", marks=needs_ascent),
-    pytest.param("asdfd", {}, id="asdfd", marks=[needs_ascent, needs_matcher]),
+    pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding"),
+    pytest.param("asdfd", {}, id="asdfd"),
     pytest.param("t3", _tiny.T3_OPTIONS, id="t3"),
 ]
 
@@ -156,7 +151,7 @@ def test_teacher_is_frozen_and_unchanged(tmp_path, teacher_and_tok, method, opti
 # options
 # --------------------------------------------------------------------------------------------
 def test_registry_and_option_parsing():
-    assert set(METHODS) == {"zskd", "asdfd", "t3", "random", "ood", "supervised"}
+    assert set(METHODS) == {"zskd", "asdfd", "t3", "random", "ood", "supervised", "offline"}
     assert [m for m, c in METHODS.items() if not c.data_free] == ["supervised"]
     with pytest.raises(OptionError, match=r"unknown method 'nope'.*zskd"):
         get_method("nope")
@@ -412,7 +407,6 @@ def test_ood_pairs_for_pair_tasks(teacher_and_tok):
     assert (view.token_type_ids == 1).any()
 
 
-@needs_ascent
 def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     teacher, tok = teacher_and_tok
     cls = get_method("asdfd")
@@ -434,7 +428,6 @@ def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):
     assert (z1.norm(dim=-1) <= method.max_norm * (1 + 1e-5)).all()  # inside the range of real embeddings
 
 
-@needs_ascent
 def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
     teacher, tok = teacher_and_tok
     student = build_student(teacher, layers=1, hidden=16, init="embeddings")
@@ -449,7 +442,6 @@ def test_asdfd_visible_start_lies_in_what_the_student_sees(teacher_and_tok):
         assert (hidden_part < 1e-5) if visible else (hidden_part > 0.1), (visible, float(hidden_part))
 
 
-@needs_ascent
 def test_asdfd_min_len_pads_rows_of_different_lengths(teacher_and_tok):
     teacher, tok = teacher_and_tok
     ctx = _ctx(teacher, tok)
