@@ -197,6 +197,11 @@ def add_generate_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     p.add_argument(
+        "--cache", default=None, metavar="DIR",
+        help="keep the generated rows in DIR, keyed by teacher, text, options and sizes, and reuse them "
+        "(default: none)",
+    )  # fmt: skip
+    p.add_argument(
         "--progress", action=argparse.BooleanOptionalAction, default=True, help="progress bars (default: on)"
     )
     p.add_argument(
@@ -222,14 +227,18 @@ def _run_generate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     teacher, tokenizer = load_classifier(args.teacher, device)
     texts = load_text(args.ood)
+    info: dict = {}
     rows = generate_dataset(
         teacher, tokenizer, texts, options, num_rows=args.num_rows, device=device, max_length=args.max_length,
-        seed=args.seed, pair_task=args.pair, progress=args.progress,
+        seed=args.seed, pair_task=args.pair, progress=args.progress, cache=args.cache, info=info,
     )  # fmt: skip
     write_jsonl(args.out, rows)
     counts = [sum(r["label"] == k for r in rows) for k in range(int(teacher.config.num_labels))]
     conf = sum(r["teacher_confidence"] for r in rows) / len(rows)
-    print(json.dumps({"out": args.out, "rows": len(rows), "teacher_label_counts": counts, "mean_confidence": conf}))
+    summary = {"out": args.out, "rows": len(rows), "teacher_label_counts": counts, "mean_confidence": conf}
+    if args.cache is not None:
+        summary["cached"] = bool(info.get("cached"))
+    print(json.dumps(summary))
     return 0
 
 

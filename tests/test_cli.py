@@ -128,6 +128,25 @@ def test_generate_writes_reusable_jsonl(tmp_path, capsys):
     assert "--generator" in capsys.readouterr().err
 
 
+def test_generate_cache_reuses_the_rows_of_the_same_settings(tmp_path, capsys):
+    def gen(out, rows="6", seed="0"):
+        argv = [
+            "generate", "--teacher", _tiny.teacher_dir(), "--ood", _tiny.data_files()["ood"], "--generator",
+            _tiny.causal_lm_dir(), "--out", str(out), "--num-rows", rows, "--no-progress", "--device", "cpu",
+            "--cache", str(tmp_path / "cache"), "--seed", seed, "-O", "tune_steps=1", "-O", "tune_batch=2",
+            "-O", "max_new_tokens=4",
+        ]  # fmt: skip
+        assert main(argv) == 0
+        return _last_json(capsys.readouterr().out)
+
+    first, again = gen(tmp_path / "a.jsonl"), gen(tmp_path / "b.jsonl")
+    assert first["cached"] is False and again["cached"] is True
+    assert (tmp_path / "a.jsonl").read_text() == (tmp_path / "b.jsonl").read_text()
+    assert len(list((tmp_path / "cache").glob("t3-*.jsonl"))) == 1
+    other = gen(tmp_path / "c.jsonl", seed="1")  # other settings: generated anew, kept beside
+    assert other["cached"] is False and len(list((tmp_path / "cache").glob("t3-*.jsonl"))) == 2
+
+
 def test_help_explains_every_option_with_its_default(capsys):
     with pytest.raises(SystemExit):
         main(["distill", "--help"])
