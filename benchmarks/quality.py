@@ -419,10 +419,62 @@ def plot(path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, A
         if t:
             ax.axhline(t, ls="--", color="k", lw=0.8, label="teacher")
         ax.set_title(task)
-        ax.set_xlabel("wall time per run (min, shared 2-core CPU)")
+        ax.set_xlabel("wall time per run (min, 1 thread of a 2-core CPU)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_evidence(path: Path, runs: list[dict[str, Any]]) -> bool:
+    """The methods' own signals per log window, one row per task: zskd's KD loss on the clean and on the
+    adversarial view (the adversarial one should be higher), asdfd's pool distance to the word manifold
+    and its smallest label share. One thin line per seed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
+    if not tasks:
+        return False
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(11, 3.6 * len(tasks)), squeeze=False)
+    for row, task in zip(axes, tasks):
+        ax = row[0]
+        for r in (r for r in runs if r["task"] == task and r["method"] == "zskd"):
+            w = r["evidence"].get("divergence_windows") or []
+            if w:
+                steps = [x[0] for x in w]
+                ax.plot(steps, [x[1] for x in w], color="#1f77b4", lw=1, label="clean OOD" if r["seed"] == 0 else None)
+                ax.plot(steps, [x[2] for x in w], color="#d62728", lw=1, label="adversarial" if r["seed"] == 0 else None)
+        ax.set_title(f"{task}: zskd KD loss per log window")
+        ax.set_xlabel("student step")
+        ax.set_ylabel("KD loss (T=2)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        ax = row[1]
+        twin = ax.twinx()
+        for r in (r for r in runs if r["task"] == task and r["method"] == "asdfd"):
+            w = r["evidence"].get("pool_windows") or []
+            if w:
+                steps = [x["step"] for x in w]
+                ax.plot(steps, [x["pool_manifold_dist"] for x in w], color="#2ca02c", lw=1,
+                        label="distance to nearest word" if r["seed"] == 0 else None)  # fmt: skip
+                twin.plot(steps, [x["pool_min_label_share"] for x in w], color="#ff7f0e", lw=1, ls="--",
+                          label="smallest label share" if r["seed"] == 0 else None)  # fmt: skip
+        ax.set_title(f"{task}: asdfd pseudo-embedding pool")
+        ax.set_xlabel("student step")
+        ax.set_ylabel("squared distance / mean norm^2")
+        twin.set_ylabel("smallest label share")
+        ax.grid(alpha=0.3)
+        h1, l1 = ax.get_legend_handles_labels()
+        h2, l2 = twin.get_legend_handles_labels()
+        ax.legend(h1 + h2, l1 + l2, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -546,12 +598,14 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
     results.mkdir(parents=True, exist_ok=True)
     write_csv(results / "summary.csv", rows)
     plot(results / "quality.png", runs, teachers)
+    plot_evidence(results / "evidence.png", runs)
     (results / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     if results.resolve() not in [w.resolve() for w in works]:  # committed: --report-only --work <results>
         (results / "meta.json").write_text(json.dumps(meta, indent=1))
     md = ["# Quality benchmark (issue 13)", ""]
     v = meta.get("versions", _versions())
-    md.append(f"Machine: {v.get('cpu')}, {v.get('cores')} cores shared with other jobs; torch {v.get('torch')}, "
+    md.append(f"Machine: {v.get('cpu')}, {v.get('cores')} cores ({meta.get('machine_note', 'load not recorded')}); "
+              f"torch {v.get('torch')}, "
               f"transformers {v.get('transformers')}, Python {v.get('python')}.")  # fmt: skip
     b = meta.get("budget", BUDGET)
     md.append(f"Budget per run: {b['steps']} steps x {b['batch_size']} rows, max length {b['max_length']}, "
@@ -619,6 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report-only", action="store_true", help="rebuild the outputs from <work>/runs.jsonl")
     p.add_argument("--update-readme", default=None, metavar="README", help="write the table into README's markers")
     p.add_argument("--prepare-only", action="store_true", help="teachers, zskd generators and t3 pools only")
+    p.add_argument("--machine-note", default=None, help="how the machine was shared, for the report")
     p.add_argument("--time-one", nargs=2, metavar=("TASK", "METHOD"), help="time one run (seed 0), print it")
     args = p.parse_args(argv)
     if args.steps:
@@ -644,6 +699,8 @@ def main(argv: list[str] | None = None) -> int:
     meta["budget"] = dict(BUDGET)
     meta["options"] = OPTIONS
     meta["t3_pool_settings"] = T3_POOL
+    if args.machine_note:
+        meta["machine_note"] = args.machine_note
     if args.time_one:
         task, method = args.time_one
         ctx = prepare_task(task, args.cache, work, meta, [method])
