@@ -20,9 +20,10 @@ crash loses at most the run in progress and a restart skips what is done.
 
 The generators are made once per task and shared by the seeds: zskd's masked-LM generator (trained
 on the OOD text, cached under ``$FASTKD_CACHE/generators``), t3's pool (``generate_dataset`` with a
-cache: tuned SmolLM2 rewrites of WordNet sentences, scored by the teacher). Every setting is chosen
-on the dev split (``benchmarks/dev_sweep.py``); the test split is read once per student, for the
-table.
+cache: tuned SmolLM2 rewrites of WordNet sentences, scored by the teacher). Settings are chosen on
+the dev split (``benchmarks/dev_sweep.py``), never on test; the results README says which settings
+of a committed run were (the 2026-12-02 run used the defaults and earlier choices, none re-tuned).
+The test split is read once per student, for the table.
 
 Outputs (``--results``, default ``benchmarks/results/quality/``):
 
@@ -64,8 +65,9 @@ COLUMNS = ("task", "method", "seeds", "mean_acc", "sd_acc", "pct_of_teacher", "d
 GOAL_BEST, GOAL_EACH = 92.0, 75.0
 STUDENT = {"student_layers": 2, "student_hidden": 128, "student_heads": 4, "student_intermediate": 512}
 
-# The CPU budget (stated in quality.md). Sized by measuring one run of each method on the shared
-# 2-core machine, see --time-one and the README.
+# The CPU budget (stated in quality.md). Sized by time on the idle 2-core machine (--time-one): 400
+# steps take 1.5 min for ood and 10 min for asdfd on one thread, so 36 runs fit in ~80 min as two
+# single-thread processes.
 BUDGET: dict[str, Any] = {
     "steps": 400,
     "batch_size": 32,
