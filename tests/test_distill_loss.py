@@ -17,7 +17,7 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, backend_params, fused_op_params
 
 import fastkd
 from fastkd.ops import distill_loss as dl
@@ -422,17 +422,7 @@ def test_second_backward_through_the_same_graph_raises(backend):
         torch.autograd.grad(loss, s)
 
 
-def _fused_ops():
-    ops = []
-    if dl._ext.available():
-        ops.append(pytest.param(lambda: torch.ops.fastkd.distill_loss.default, id="fastkd::distill_loss"))
-    ok, reason = OP.usable("triton", torch.device(DEVICE))
-    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
-    ops.append(pytest.param(dl._triton_op, id="fastkd::distill_loss_triton", marks=marks))
-    return ops
-
-
-@pytest.mark.parametrize("get_op", _fused_ops())
+@pytest.mark.parametrize("get_op", fused_op_params(OP, "distill_loss", dl._triton_op))
 @pytest.mark.parametrize("reduce", [True, False])
 @pytest.mark.parametrize("divergence", [0, 1, 2])
 def test_opcheck_distill_loss(get_op, divergence, reduce):
