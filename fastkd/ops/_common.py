@@ -94,33 +94,29 @@ def check_one_of(name: str, value, choices: tuple) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _is_integer_tensor(x) -> bool:
+    return isinstance(x, Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+
+
+def _is_bool_tensor(x) -> bool:
+    return isinstance(x, Tensor) and x.dtype == torch.bool
+
+
 def check_row_selection(
     labels: Tensor | None, mask: Tensor | None, lead: tuple, device: torch.device, shape_name: str = "the leading shape"
 ) -> None:
     """``labels`` (integer) and ``mask`` (boolean, True = keep the row), if given, must have the
     rows' leading shape ``lead`` (called ``shape_name`` in the message) and be on ``device``."""
-    if labels is not None:
-        if (
-            not isinstance(labels, Tensor)
-            or labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"labels must be an integer tensor of shape {lead}, got "
-                f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
-            )
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have {shape_name} {lead}, got {tuple(labels.shape)}")
-        if labels.device != device:
-            raise ValueError(f"labels must be on {device}, got {labels.device}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be a boolean tensor of shape {lead} (True = keep the row), got "
-                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
-            )
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask must have {shape_name} {lead}, got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask must be on {device}, got {mask.device}")
+    for name, x, ok, kind in (
+        ("labels", labels, _is_integer_tensor, "an integer tensor of shape {lead}"),
+        ("mask", mask, _is_bool_tensor, "a boolean tensor of shape {lead} (True = keep the row)"),
+    ):
+        if x is None:
+            continue
+        if not ok(x):
+            got = x.dtype if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(f"{name} must be {kind.format(lead=lead)}, got {got}")
+        if tuple(x.shape) != lead:
+            raise ValueError(f"{name} must have {shape_name} {lead}, got {tuple(x.shape)}")
+        if x.device != device:
+            raise ValueError(f"{name} must be on {device}, got {x.device}")
