@@ -8,11 +8,9 @@ upstream gradient, opcheck and torch.compile.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import DEVICE, TRITON_NUMPY_WARNINGS, backend_params, fused_op_params
+from conftest import DEVICE, INTERPRETED, TRITON_NUMPY_WARNINGS, backend_params, fused_op_params
 
 import fastkd
 from fastkd.ops import fused_linear_distill as fl
@@ -21,7 +19,6 @@ from fastkd.ops.fused_linear_distill import OP, default_chunk_size, reference_fu
 pytestmark = TRITON_NUMPY_WARNINGS
 
 BACKENDS = backend_params(OP)
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 # max-normalised errors against float64; the GEMMs of the float32 paths accumulate in float32
 TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 3e-2}
 DIVS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]

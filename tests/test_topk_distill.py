@@ -7,12 +7,11 @@ to an independent formulation (the KL between the K + 1 outcome distributions "o
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import DEVICE, TRITON_NUMPY_WARNINGS, backend_params, fused_op_params
+from conftest import LOGITS_TOL as TOL
 
 import fastkd
 from fastkd.ops import topk_distill as tk
@@ -21,13 +20,6 @@ from fastkd.ops.topk_distill import OP, reference_topk_distill_loss
 pytestmark = TRITON_NUMPY_WARNINGS
 
 BACKENDS = backend_params(OP)
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-TOL = {
-    torch.float64: {"loss": 1e-10, "grad": 1e-10},
-    torch.float32: {"loss": 2e-5, "grad": 2e-5},
-    torch.bfloat16: {"loss": 2e-5, "grad": 8e-3},
-    torch.float16: {"loss": 2e-5, "grad": 2e-3},
-}
 
 
 def _case(N, V, K, *, dtype=torch.float32, seed=0, scale=2.0):
