@@ -2,6 +2,7 @@
 
     python -m benchmarks.profile_step --method ood --steps 12            # operator table of this checkout
     python -m benchmarks.profile_step --ab /path/to/old/checkout --reps 2 # steps/s, old vs this, alternating
+    python -m benchmarks.profile_step --src /path/to/old/checkout        # operator table of the old loop
 
 Settings (issue 15): the MiniLM teacher (6 layers x 384; a seeded random head is enough for timing,
 or ``--teacher DIR``), a student of 2 layers x 128 (4 heads, feed-forward 512), 32 rows of up to 64
@@ -82,6 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ab", default=None, help="another checkout to time against this one")
     p.add_argument("--methods", nargs="+", default=["ood", "zskd"], help="methods of the A/B run")
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--src", default=HERE, help="checkout whose loop the operator table profiles (default: this one)")
     args = p.parse_args(argv)
 
     from fastkd.assets import prepare
@@ -89,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     teacher = args.teacher or make_teacher(os.path.join(tempfile.gettempdir(), "fastkd-profile-teacher"))
     ood = args.ood or prepare(assets=["wordnet"], progress=False).wordnet_path
     if args.ab is None:
-        print(run(HERE, args.method, args.steps, teacher, ood, args.threads, True))
+        print(run(args.src, args.method, args.steps, teacher, ood, args.threads, True))
         return 0
     rates: dict[tuple[str, str], list[float]] = {}
     cpus: dict[tuple[str, str], list[float]] = {}
