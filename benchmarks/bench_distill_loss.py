@@ -39,28 +39,12 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from benchmarks.common import (
-    CPU,
-    DEFAULT_FULL,
-    DEVICE,
-    FULL,
-    GPU,
-    MODES,
-    QUICK,
-    backend_of,
-    case_param,
-    compiled,
-    dtype_name,
-    provider_params,
-    require_fit,
-    run_case,
-)
+from benchmarks import common
+from benchmarks.common import CPU, DEFAULT_FULL, FULL, GPU, MODES, QUICK, bf16, f32
 from fastkd.ops.distill_loss import OP
 
 TEMPERATURE = 2.0
 BETA = 0.5
-
-f32, bf16 = torch.float32, torch.bfloat16
 
 # (variant, family, N, V, dtype, devices, size sets). family "cls" = [B, C], "tok" = [B*T, V].
 _CASES = [
@@ -102,10 +86,10 @@ _CASES = [
 
 def _case_id(c) -> str:
     variant, family, N, V, dtype, devices, _ = c
-    return f"{variant}-{family}-{N}x{V}-{dtype_name(dtype)}-{devices[0]}"
+    return f"{variant}-{family}-{N}x{V}-{common.dtype_name(dtype)}-{devices[0]}"
 
 
-CASES = [case_param(c, id=_case_id(c), devices=c[5], sizes=c[6]) for c in _CASES]
+CASES = common.case_params(_CASES, _case_id)
 
 
 # --------------------------------------------------------------------------------------------
@@ -140,20 +124,19 @@ def _liger_fn(variant: str):
 
 
 def make_fn(provider: str, variant: str, key: tuple):
-    eager = eager_kl if variant == "kl" else eager_jsd
-    if provider == "eager":
-        return eager
-    if provider == "compile":
-        return compiled(eager, key)
-    if provider == "liger":
-        return _liger_fn(variant)
-    backend = backend_of(provider)
-    assert backend is not None, provider
+    def fused(backend: str):
+        def fn(s, t):
+            return fastkd.distill_loss(s, t, temperature=TEMPERATURE, divergence=variant, beta=BETA, backend=backend)
 
-    def fn(s, t):
-        return fastkd.distill_loss(s, t, temperature=TEMPERATURE, divergence=variant, beta=BETA, backend=backend)
+        return fn
 
-    return fn
+    return common.provider_fn(
+        provider,
+        eager=eager_kl if variant == "kl" else eager_jsd,
+        key=key,
+        fastkd=fused,
+        liger=lambda: _liger_fn(variant),
+    )
 
 
 # Extra [N, V] buffers each provider may hold at its peak (in the logits' element size; eager
@@ -162,24 +145,20 @@ def make_fn(provider: str, variant: str, key: tuple):
 _EXTRA_BUFFERS = {"eager": 7, "compile": 4, "liger": 7}
 
 
-# Inputs are reused between the providers and modes of one case (creating 2 x 1 GiB of random
-# logits costs seconds on CPU); only the last case's are kept.
-_INPUTS: dict = {}
+_INPUTS = common.InputCache()
 
 
 def _inputs(N: int, V: int, dtype: torch.dtype):
-    key = (N, V, dtype)
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        s = (2 * torch.randn(N, V, generator=g, device=DEVICE, dtype=torch.float32)).to(dtype)
-        t = (2 * torch.randn(N, V, generator=g, device=DEVICE, dtype=torch.float32)).to(dtype)
-        _INPUTS[key] = (s.requires_grad_(True), t)
-    return _INPUTS[key]
+    def make(g):
+        s = common.randn(N, V, generator=g, dtype=dtype, scale=2)
+        t = common.randn(N, V, generator=g, dtype=dtype, scale=2)
+        return s.requires_grad_(True), t
+
+    return _INPUTS.get((N, V, dtype), make)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", provider_params([OP], liger=True))
+@pytest.mark.parametrize("provider", common.provider_params([OP], liger=True))
 @pytest.mark.parametrize("case", CASES)
 def test_distill_loss(benchmark, case, provider, mode):
     variant, family, N, V, dtype, _, _ = case
@@ -188,14 +167,12 @@ def test_distill_loss(benchmark, case, provider, mode):
     # The reference JSD computes in float32 whatever the logits' dtype.
     b_work = 4 if provider in ("eager", "compile") and variant == "jsd" else b
     key = (N, V, dtype)
-    if key not in _INPUTS:
-        _INPUTS.clear()  # free the previous case's inputs before probing
-    need = (0 if key in _INPUTS else 2 * elems * b) + _EXTRA_BUFFERS.get(provider, 2) * elems * max(b, b_work)
-    require_fit(need, f"{provider} {mode} on [{N}, {V}] {dtype_name(dtype)}")
+    need = (0 if _INPUTS.holds(key) else 2 * elems * b) + _EXTRA_BUFFERS.get(provider, 2) * elems * max(b, b_work)
+    common.require_fit(need, f"{provider} {mode} on [{N}, {V}] {common.dtype_name(dtype)}")
     s, t = _inputs(N, V, dtype)
     fn = make_fn(provider, variant, (variant, N, V, dtype))
     floor = {"forward": 2 * elems * b, "backward": None, "full": 3 * elems * b}[mode]
-    run_case(
+    common.run_case(
         benchmark,
         op="distill_loss",
         variant=None if variant == "kl" else variant,

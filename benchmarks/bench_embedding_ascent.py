@@ -30,24 +30,9 @@ import pytest
 import torch
 
 import fastkd
-from benchmarks.common import (
-    CPU,
-    DEFAULT_FULL,
-    DEVICE,
-    FULL,
-    GPU,
-    QUICK,
-    backend_of,
-    case_param,
-    compiled,
-    dtype_name,
-    provider_params,
-    require_fit,
-    run_case,
-)
+from benchmarks import common
+from benchmarks.common import CPU, DEFAULT_FULL, DEVICE, FULL, GPU, QUICK, bf16, f32
 from fastkd.ops.embedding_ascent import OP, reference_ascent_values, reference_embedding_ascent_
-
-f32, bf16 = torch.float32, torch.bfloat16
 
 VARIANTS = {
     "l2": {"norm": "l2", "radius": 0.5, "max_norm": 10.0, "momentum": 0.0},
@@ -72,16 +57,16 @@ _CASES = [
 
 def _case_id(c) -> str:
     variant, B, T, H, dtype, devices, _ = c
-    return f"{variant}-{B}x{T}x{H}-{dtype_name(dtype)}-{devices[0]}"
+    return f"{variant}-{B}x{T}x{H}-{common.dtype_name(dtype)}-{devices[0]}"
 
 
-CASES = [case_param(c, id=_case_id(c), devices=c[5], sizes=c[6]) for c in _CASES]
+CASES = common.case_params(_CASES, _case_id)
 
 
 def _inputs(B: int, T: int, H: int, dtype: torch.dtype, momentum: float):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    e = torch.randn(B, T, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
-    grad = torch.randn(B, T, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
+    g = common.seeded_generator()
+    e = common.randn(B, T, H, generator=g, dtype=dtype)
+    grad = common.randn(B, T, H, generator=g, dtype=dtype)
     origin = e.clone()
     mask = torch.rand(B, T, generator=g, device=DEVICE) > 0.1
     buf = torch.zeros_like(e) if momentum > 0 else None
@@ -93,7 +78,7 @@ def make_fn(provider: str, variant: str, key: tuple, e, grad, origin, mask, buf)
     if provider == "eager":
         return lambda: reference_embedding_ascent_(e, grad, **kw)
     if provider == "compile":
-        math_fn = compiled(reference_ascent_values, key)
+        math_fn = common.compiled(reference_ascent_values, key)
 
         def fn():
             x, nb = math_fn(e, grad, **kw)
@@ -102,12 +87,12 @@ def make_fn(provider: str, variant: str, key: tuple, e, grad, origin, mask, buf)
                 buf.copy_(nb)
 
         return fn
-    backend = backend_of(provider)
+    backend = common.backend_of(provider)
     assert backend is not None, provider
     return lambda: fastkd.embedding_ascent_(e, grad, backend=backend, **kw)
 
 
-@pytest.mark.parametrize("provider", provider_params([OP]))
+@pytest.mark.parametrize("provider", common.provider_params([OP]))
 @pytest.mark.parametrize("case", CASES)
 def test_embedding_ascent(benchmark, case, provider):
     variant, B, T, H, dtype, _, _ = case
@@ -116,11 +101,13 @@ def test_embedding_ascent(benchmark, case, provider):
     n = B * T * H
     streams = 3 + (1 if opts["momentum"] > 0 else 0)  # embeds, grad, origin (+ buffer)
     # eager holds about 8 float32 temporaries of the embeddings' size at its peak (an upper bound)
-    require_fit(n * b * streams + (8 * n * 4 if provider in ("eager", "compile") else 0), f"{provider} on {B}x{T}x{H}")
+    common.require_fit(
+        n * b * streams + (8 * n * 4 if provider in ("eager", "compile") else 0), f"{provider} on {B}x{T}x{H}"
+    )
     e, grad, origin, mask, buf = _inputs(B, T, H, dtype, opts["momentum"])
     fn = make_fn(provider, variant, (variant, B, T, H, dtype), e, grad, origin, mask, buf)
     floor = n * b * (streams + 1 + (1 if buf is not None else 0)) + B * T  # + write embeds (+ buffer), mask
-    run_case(
+    common.run_case(
         benchmark,
         op="embedding_ascent_",
         variant=variant,

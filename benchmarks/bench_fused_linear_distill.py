@@ -31,28 +31,12 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from benchmarks.common import (
-    CPU,
-    DEFAULT_FULL,
-    DEVICE,
-    FULL,
-    GPU,
-    MODES,
-    QUICK,
-    backend_of,
-    case_param,
-    compiled,
-    dtype_name,
-    provider_params,
-    require_fit,
-    run_case,
-)
+from benchmarks import common
+from benchmarks.common import CPU, DEFAULT_FULL, FULL, GPU, MODES, QUICK, bf16, f32
 from fastkd.ops.fused_linear_distill import OP
 
 TEMPERATURE = 2.0
 BETA = 0.5
-
-f32, bf16 = torch.float32, torch.bfloat16
 
 # (variant, N, H, V, dtype, devices, size sets)
 _CASES = [
@@ -68,10 +52,10 @@ _CASES = [
 
 def _case_id(c) -> str:
     variant, N, H, V, dtype, devices, _ = c
-    return f"{variant}-{N}x{H}x{V}-{dtype_name(dtype)}-{devices[0]}"
+    return f"{variant}-{N}x{H}x{V}-{common.dtype_name(dtype)}-{devices[0]}"
 
 
-CASES = [case_param(c, id=_case_id(c), devices=c[5], sizes=c[6]) for c in _CASES]
+CASES = common.case_params(_CASES, _case_id)
 
 
 def _divergence(variant: str):
@@ -96,50 +80,43 @@ def make_fn(provider: str, variant: str, key: tuple):
             t = ht @ wt.t()
         return div(s, t)
 
-    if provider == "eager":
-        return eager
-    if provider == "compile":
-        return compiled(eager, key)
-    if provider == "liger":
+    def liger():
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         # Liger's JSD: beta weights the teacher the same way (beta = 0.5 is symmetric); no T^2 factor.
-        liger = LigerFusedLinearJSD(jsd_beta=BETA, temperature=TEMPERATURE)
-        return liger
-    backend = backend_of(provider)
-    assert backend is not None, provider
+        return LigerFusedLinearJSD(jsd_beta=BETA, temperature=TEMPERATURE)
 
-    def fn(hs, ws, ht, wt):
-        return fastkd.fused_linear_distill_loss(
-            hs, ws, ht, wt, temperature=TEMPERATURE, divergence=variant, beta=BETA, backend=backend
-        )
+    def fused(backend: str):
+        def fn(hs, ws, ht, wt):
+            return fastkd.fused_linear_distill_loss(
+                hs, ws, ht, wt, temperature=TEMPERATURE, divergence=variant, beta=BETA, backend=backend
+            )
 
-    return fn
+        return fn
+
+    return common.provider_fn(provider, eager=eager, key=key, fastkd=fused, liger=liger)
 
 
 # Extra [N, V] buffers a provider may hold at its peak (a generous bound for the memory probe).
 _EXTRA_BUFFERS = {"eager": 8, "compile": 5, "liger": 2}
 
-_INPUTS: dict = {}
+_INPUTS = common.InputCache()
 
 
 def _inputs(N: int, H: int, V: int, dtype: torch.dtype):
-    key = (N, H, V, dtype)
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-
+    def make(g):
         def r(*shape, scale=1.0):
-            return (scale * torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32)).to(dtype)
+            return common.randn(*shape, generator=g, dtype=dtype, scale=scale)
 
         hs, ht = r(N, H), r(N, H)
         ws, wt = r(V, H, scale=2 / H**0.5), r(V, H, scale=2 / H**0.5)
-        _INPUTS[key] = (hs.requires_grad_(True), ws.requires_grad_(True), ht, wt)
-    return _INPUTS[key]
+        return hs.requires_grad_(True), ws.requires_grad_(True), ht, wt
+
+    return _INPUTS.get((N, H, V, dtype), make)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", provider_params([OP], liger=True))
+@pytest.mark.parametrize("provider", common.provider_params([OP], liger=True))
 @pytest.mark.parametrize("case", CASES)
 def test_fused_linear_distill(benchmark, case, provider, mode):
     variant, N, H, V, dtype, _, _ = case
@@ -147,15 +124,13 @@ def test_fused_linear_distill(benchmark, case, provider, mode):
         pytest.skip("Liger-Kernel has a fused-linear JSD, no fused-linear KL")
     b = torch.empty((), dtype=dtype).element_size()
     key = (N, H, V, dtype)
-    if key not in _INPUTS:
-        _INPUTS.clear()
     inputs_bytes = (2 * N * H + 2 * V * H) * b
-    need = (0 if key in _INPUTS else inputs_bytes) + _EXTRA_BUFFERS.get(provider, 1) * N * V * max(b, 4)
-    require_fit(need, f"{provider} {mode} on {N}x{H}x{V} {dtype_name(dtype)}")
+    need = (0 if _INPUTS.holds(key) else inputs_bytes) + _EXTRA_BUFFERS.get(provider, 1) * N * V * max(b, 4)
+    common.require_fit(need, f"{provider} {mode} on {N}x{H}x{V} {common.dtype_name(dtype)}")
     hs, ws, ht, wt = _inputs(N, H, V, dtype)
     fn = make_fn(provider, variant, key)
     flops = {"forward": 4 * N * H * V, "backward": None, "full": 8 * N * H * V}[mode]
-    run_case(
+    common.run_case(
         benchmark,
         op="fused_linear_distill",
         variant=None if variant == "kl" else variant,

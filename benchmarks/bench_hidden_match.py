@@ -31,25 +31,9 @@ import pytest
 import torch
 
 import fastkd
-from benchmarks.common import (
-    CPU,
-    DEFAULT_FULL,
-    DEVICE,
-    FULL,
-    GPU,
-    MODES,
-    QUICK,
-    backend_of,
-    case_param,
-    compiled,
-    dtype_name,
-    provider_params,
-    require_fit,
-    run_case,
-)
+from benchmarks import common
+from benchmarks.common import CPU, DEFAULT_FULL, DEVICE, FULL, GPU, MODES, QUICK, bf16, f32
 from fastkd.ops.hidden_match import OP
-
-f32, bf16 = torch.float32, torch.bfloat16
 
 # (loss, projection, masked, L, B, T, Hs, Ht, dtype, devices, size sets)
 _CASES = [
@@ -77,24 +61,21 @@ def _shape(c) -> str:
 
 def _case_id(c) -> str:
     loss, proj, masked, *_, dtype, devices, _ = c
-    return f"{loss}-{proj}{'-masked' if masked else ''}-{_shape(c)}-{dtype_name(dtype)}-{devices[0]}"
+    return f"{loss}-{proj}{'-masked' if masked else ''}-{_shape(c)}-{common.dtype_name(dtype)}-{devices[0]}"
 
 
-CASES = [case_param(c, id=_case_id(c), devices=c[9], sizes=c[10]) for c in _CASES]
+CASES = common.case_params(_CASES, _case_id)
 
 
-# Inputs are shared by the providers and modes of one case; only the last case's are kept.
-_INPUTS: dict = {}
+_INPUTS = common.InputCache()
 
 
 def _inputs(key: tuple):
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        proj, masked, L, B, T, Hs, Ht, dtype = key
-        g = torch.Generator(device=DEVICE).manual_seed(0)
+    proj, masked, L, B, T, Hs, Ht, dtype = key
 
+    def make(g):
         def rnd(*shape, scale=1.0):
-            return (scale * torch.randn(*shape, generator=g, device=DEVICE, dtype=torch.float32)).to(dtype)
+            return common.randn(*shape, generator=g, dtype=dtype, scale=scale)
 
         S = rnd(L, B, T, Hs).requires_grad_(True)
         Tt = rnd(L, B, T, Ht)
@@ -108,29 +89,26 @@ def _inputs(key: tuple):
             gen = torch.Generator().manual_seed(1)
             lengths = torch.randint(T // 2, T + 1, (B,), generator=gen)
             mask = (torch.arange(T)[None, :] < lengths[:, None]).to(DEVICE)
-        _INPUTS[key] = (S, Tt, W, b, mask)
-    return _INPUTS[key]
+        return S, Tt, W, b, mask
+
+    return _INPUTS.get(key, make)
 
 
 def make_fn(provider: str, loss: str, key: tuple):
     def eager(S, T, W, b, mask):
         return fastkd.reference_hidden_match(S, T, W, b, loss=loss, mask=mask)
 
-    if provider == "eager":
-        return eager
-    if provider == "compile":
-        return compiled(eager, (loss, *key))
-    backend = backend_of(provider)
-    assert backend is not None, provider
+    def fused(backend: str):
+        def fn(S, T, W, b, mask):
+            return fastkd.hidden_match(S, T, W, b, loss=loss, mask=mask, backend=backend)
 
-    def fused(S, T, W, b, mask):
-        return fastkd.hidden_match(S, T, W, b, loss=loss, mask=mask, backend=backend)
+        return fn
 
-    return fused
+    return common.provider_fn(provider, eager=eager, key=(loss, *key), fastkd=fused)
 
 
 @pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("provider", provider_params([OP]))
+@pytest.mark.parametrize("provider", common.provider_params([OP]))
 @pytest.mark.parametrize("case", CASES)
 def test_hidden_match(benchmark, case, provider, mode):
     loss, proj, masked, L, B, T, Hs, Ht, dtype, _, _ = case
@@ -140,12 +118,11 @@ def test_hidden_match(benchmark, case, provider, mode):
     b_elems = 0 if proj == "none" else (L * Ht if proj == "per_layer" else Ht)
     input_bytes = (L * N * (Hs + Ht) + w_elems + b_elems) * elt
     key = (proj, masked, L, B, T, Hs, Ht, dtype)
-    if key not in _INPUTS:
-        _INPUTS.clear()  # free the previous case's inputs before probing
+    held = _INPUTS.holds(key)  # frees the previous case's inputs before probing
     # Extra memory a provider may hold at its peak, in [L, N, Ht] tensors of 4 bytes (eager keeps the
     # projection, the difference and float32 copies per layer); an upper bound for the probe.
     extra = {"eager": 4, "compile": 3}.get(provider, 2) * L * N * Ht * 4
-    require_fit((0 if key in _INPUTS else input_bytes) + extra, f"{provider} {mode} on {_shape(case)}")
+    common.require_fit((0 if held else input_bytes) + extra, f"{provider} {mode} on {_shape(case)}")
     S, Tt, W, b, mask = _inputs(key)
     fn = make_fn(provider, loss, key)
     gemm = 0 if proj == "none" else 2 * L * N * Hs * Ht
@@ -153,7 +130,7 @@ def test_hidden_match(benchmark, case, provider, mode):
     read = input_bytes
     variant = None if (loss, proj, masked) == ("mse", "per_layer", False) else f"{loss}-{proj}" + "-masked" * masked
     floor_bytes = {"forward": read, "backward": None, "full": read + (L * N * Hs + w_elems + b_elems) * elt}[mode]
-    run_case(
+    common.run_case(
         benchmark,
         op="hidden_match",
         variant=variant,

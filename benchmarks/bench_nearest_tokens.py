@@ -26,24 +26,10 @@ import torch
 import torch.nn.functional as F
 
 import fastkd
-from benchmarks.common import (
-    CPU,
-    DEFAULT_FULL,
-    DEVICE,
-    FULL,
-    GPU,
-    QUICK,
-    backend_of,
-    case_param,
-    compiled,
-    dtype_name,
-    provider_params,
-    require_fit,
-    run_case,
-)
+from benchmarks import common
+from benchmarks.common import CPU, DEFAULT_FULL, FULL, GPU, QUICK, bf16, f32
 from fastkd.ops.nearest_tokens import OP
 
-f32, bf16 = torch.float32, torch.bfloat16
 BERT_V = 30522
 
 # (metric, N, V, H, k, dtype, devices, size sets)
@@ -63,10 +49,10 @@ _CASES = [
 
 def _case_id(c) -> str:
     metric, N, V, H, k, dtype, devices, _ = c
-    return f"{metric}-{N}x{V}x{H}-k{k}-{dtype_name(dtype)}-{devices[0]}"
+    return f"{metric}-{N}x{V}x{H}-k{k}-{common.dtype_name(dtype)}-{devices[0]}"
 
 
-CASES = [case_param(c, id=_case_id(c), devices=c[6], sizes=c[7]) for c in _CASES]
+CASES = common.case_params(_CASES, _case_id)
 
 
 def eager_nearest(e: torch.Tensor, w: torch.Tensor, k: int, metric: str):
@@ -78,36 +64,32 @@ def eager_nearest(e: torch.Tensor, w: torch.Tensor, k: int, metric: str):
     return torch.cdist(e, w).topk(k, dim=-1, largest=False)
 
 
-_INPUTS: dict = {}
+_INPUTS = common.InputCache()
 
 
 def _inputs(N: int, V: int, H: int, dtype: torch.dtype):
-    key = (N, V, H, dtype)
-    if key not in _INPUTS:
-        _INPUTS.clear()
-        g = torch.Generator(device=DEVICE).manual_seed(0)
-        e = torch.randn(N, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
-        w = torch.randn(V, H, generator=g, device=DEVICE, dtype=torch.float32).to(dtype)
-        _INPUTS[key] = (e, w)
-    return _INPUTS[key]
+    def make(g):
+        return common.randn(N, H, generator=g, dtype=dtype), common.randn(V, H, generator=g, dtype=dtype)
+
+    return _INPUTS.get((N, V, H, dtype), make)
 
 
-@pytest.mark.parametrize("provider", provider_params([OP]))
+@pytest.mark.parametrize("provider", common.provider_params([OP]))
 @pytest.mark.parametrize("case", CASES)
 def test_nearest_tokens(benchmark, case, provider):
     metric, N, V, H, k, dtype, _, _ = case
     b = torch.empty((), dtype=dtype).element_size()
     inputs = (N + V) * H * b
     scores = N * V * max(b, 4) * (2 if provider in ("eager", "compile") else 0)  # eager: scores (+ topk's work)
-    require_fit(inputs + scores + (N + V) * H * 4, f"{provider} on N={N} V={V} H={H}")
+    common.require_fit(inputs + scores + (N + V) * H * 4, f"{provider} on N={N} V={V} H={H}")
     e, w = _inputs(N, V, H, dtype)
     if provider in ("eager", "compile"):
-        fn0 = eager_nearest if provider == "eager" else compiled(eager_nearest, (metric, N, V, H, k, dtype))
+        fn0 = eager_nearest if provider == "eager" else common.compiled(eager_nearest, (metric, N, V, H, k, dtype))
         fn = lambda: fn0(e, w, k, metric)
     else:
-        backend = backend_of(provider)
+        backend = common.backend_of(provider)
         fn = lambda: fastkd.nearest_tokens(e, w, k=k, metric=metric, backend=backend)
-    run_case(
+    common.run_case(
         benchmark,
         op="nearest_tokens",
         variant=None if metric == "cosine" else metric,

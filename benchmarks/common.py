@@ -7,10 +7,14 @@ What a benchmark file uses:
   ``FASTKD_BENCH_DEVICE`` environment variable overrides) and a human name for it.
 * :func:`size_set` — ``quick`` (smoke run), ``default`` or ``full`` from ``FASTKD_BENCH_SIZES``;
   :func:`case_param` turns a shape into a pytest param that skips, with the reason, where it does
-  not belong (GPU-only case on CPU, size set not selected).
+  not belong (GPU-only case on CPU, size set not selected); :func:`case_params` does it for a table
+  of case tuples that end with (devices, size sets).
 * :func:`provider_params` — the providers of an op as pytest params: ``eager``, ``compile``,
   ``fastkd-<backend>`` for each backend that can run here, ``liger`` where the op has one and
   Liger-Kernel is installed and a GPU is used; the rest are skipped with the reason.
+  :func:`provider_fn` gives the function a provider times.
+* :class:`InputCache` and :func:`randn` — the random inputs of a case (the same numbers for every
+  dtype), kept for the providers and modes of that case only.
 * :func:`require_fit` — the memory probe: skip a case that would not fit, with the numbers.
 * :func:`run_case` — warms up, measures the peak memory of one call, calibrates the rounds and
   times the case with ``benchmark.pedantic``, and fills ``benchmark.extra_info`` with the fields
@@ -56,6 +60,7 @@ SIZE_SETS: tuple[str, ...] = ("quick", "default", "full")
 # For case_param: the devices a case runs on and the size sets it belongs to.
 CPU, GPU, ANY = ("cpu",), ("cuda",), ("cpu", "cuda")
 QUICK, DEFAULT_FULL, FULL = ("quick",), ("default", "full"), ("full",)
+f32, bf16 = torch.float32, torch.bfloat16
 
 ENV_DEVICE = "FASTKD_BENCH_DEVICE"  # "cpu" or "cuda"; default: cuda when visible
 ENV_THREADS = "FASTKD_BENCH_THREADS"  # torch threads on CPU; default 2 (the issues' CPU targets)
@@ -219,6 +224,12 @@ def case_param(value, *, id: str, devices: Iterable[str] = ("cpu", "cuda"), size
     return pytest.param(value, id=id, marks=marks)
 
 
+def case_params(cases: Iterable[tuple], case_id: Callable[[tuple], str]) -> list:
+    """:func:`case_param` for each case tuple of a table; a tuple's last two fields are its devices
+    and size sets, ``case_id(case)`` its pytest id."""
+    return [case_param(c, id=case_id(c), devices=c[-2], sizes=c[-1]) for c in cases]
+
+
 def _provider_filter() -> set[str] | None:
     env = os.environ.get(ENV_PROVIDERS, "").strip()
     if not env:
@@ -301,6 +312,64 @@ def provider_params(ops: Sequence = (), *, compile: bool = True, liger: bool = F
 def backend_of(provider: str) -> str | None:
     """``fastkd-cpu`` -> ``cpu``; None for non-fastkd providers."""
     return provider.removeprefix("fastkd-") if provider.startswith("fastkd-") else None
+
+
+def provider_fn(
+    provider: str,
+    *,
+    eager: Callable,
+    key: tuple,
+    fastkd: Callable[[str], Callable],
+    liger: Callable[[], Callable] | None = None,
+) -> Callable:
+    """The function ``provider`` times: ``eager`` itself, ``compiled(eager, key)``, ``liger()``, or
+    ``fastkd(backend)`` for a ``fastkd-<backend>`` provider."""
+    if provider == "eager":
+        return eager
+    if provider == "compile":
+        return compiled(eager, key)
+    if provider == "liger" and liger is not None:
+        return liger()
+    backend = backend_of(provider)
+    assert backend is not None, provider
+    return fastkd(backend)
+
+
+# --------------------------------------------------------------------------------------------
+# Inputs.
+# --------------------------------------------------------------------------------------------
+def seeded_generator(seed: int = 0) -> torch.Generator:
+    """A random generator on :data:`DEVICE`, seeded."""
+    return torch.Generator(device=DEVICE).manual_seed(seed)
+
+
+def randn(*shape: int, generator: torch.Generator, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """Normal numbers drawn in float32 on :data:`DEVICE` (the same for every dtype), times ``scale``,
+    cast to ``dtype``."""
+    x = torch.randn(*shape, generator=generator, device=DEVICE, dtype=torch.float32)
+    return (x if scale == 1 else scale * x).to(dtype)
+
+
+class InputCache:
+    """The inputs of one case, reused by its providers and modes (creating 2 x 1 GiB of random
+    logits costs seconds on CPU); only the last case's inputs are kept."""
+
+    def __init__(self) -> None:
+        self._held: dict = {}
+
+    def holds(self, key) -> bool:
+        """Whether ``key``'s inputs are held; if not, the previous case's are freed (call it before
+        the memory probe, so they do not count against this case)."""
+        if key in self._held:
+            return True
+        self._held.clear()
+        return False
+
+    def get(self, key, make: Callable[[torch.Generator], tuple]) -> tuple:
+        """``key``'s inputs; when not held, ``make(seeded_generator())`` creates them (seed 0)."""
+        if not self.holds(key):
+            self._held[key] = make(seeded_generator())
+        return self._held[key]
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,8 +2,10 @@
 
 * Without a GPU, Triton kernels run on CPU tensors under TRITON_INTERPRET=1; the variable must be
   set before any @triton.jit kernel is defined, so it is set here, first.
-* ``backends_for(op)`` lists the backends that can run here for parametrisation; a backend that is
-  not available is skipped with its reason, never silently dropped.
+* ``backend_params(op)`` lists the backends that can run here for parametrisation; a backend that is
+  not available is skipped with its reason, never silently dropped. ``fused_op_params`` does the
+  same for an op's raw ``torch.library`` ops (opcheck), and ``TRITON_NUMPY_WARNINGS`` filters the
+  numpy warnings of the Triton interpreter.
 """
 
 from __future__ import annotations
@@ -19,6 +21,18 @@ os.environ.setdefault("FASTKD_NO_EXT_WARNING", "0")
 import pytest
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# Triton kernels run on the CPU through the (exact but slow) interpreter: tests keep their shapes small.
+INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+# Max-normalised error tolerances of the softmax losses (distill_loss, topk_distill) against float64:
+# |actual - ref|.max() / |ref|.max(). The loss accumulates in float32 for every input dtype; a
+# gradient is rounded to the input dtype once (2**-9 relative for bfloat16, 2**-11 for float16).
+LOGITS_TOL = {
+    torch.float64: {"loss": 1e-10, "grad": 1e-10},
+    torch.float32: {"loss": 2e-5, "grad": 2e-5},
+    torch.bfloat16: {"loss": 2e-5, "grad": 8e-3},
+    torch.float16: {"loss": 2e-5, "grad": 2e-3},
+}
 
 
 def backend_params(op) -> list:
@@ -36,6 +50,29 @@ def backend_params(op) -> list:
         marks = [] if ok else [pytest.mark.skip(reason=f"backend {name!r} unavailable: {reason}")]
         params.append(pytest.param(name, marks=marks, id=name))
     return params
+
+
+def fused_op_params(op, compiled: str, triton_op) -> list:
+    """pytest params of getters of an op's raw ops: ``torch.ops.fastkd.<compiled>.default`` (fastkd._C,
+    only when the extension is built) and the Triton custom op ``triton_op()`` (skipped with the
+    reason where Triton cannot run); ids ``fastkd::<compiled>`` and ``fastkd::<compiled>_triton``."""
+    from fastkd import _ext
+
+    ops = []
+    if _ext.available():
+        ops.append(pytest.param(lambda: getattr(torch.ops.fastkd, compiled).default, id=f"fastkd::{compiled}"))
+    ok, reason = op.usable("triton", torch.device(DEVICE))
+    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
+    ops.append(pytest.param(triton_op, id=f"fastkd::{compiled}_triton", marks=marks))
+    return ops
+
+
+# The Triton interpreter evaluates masked-out lanes with numpy too (log(0), inf - inf), which warns.
+TRITON_NUMPY_WARNINGS = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning:triton"),
+    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning:triton"),
+    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning:triton"),
+]
 
 
 @pytest.fixture(autouse=True)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, INTERPRETED, backend_params, fused_op_params
+from conftest import LOGITS_TOL as TOL
 
 import fastkd
 from fastkd.ops import distill_loss as dl
@@ -34,17 +34,6 @@ pytestmark = [
 
 BACKENDS = backend_params(OP)
 FUSED = [p for p in BACKENDS if p.values[0] != "torch"]
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-
-# Max-normalised error tolerances against float64: |actual - ref|.max() / |ref|.max().
-# The loss accumulates in float32 for every input dtype; a gradient is rounded to the input dtype
-# once (2**-9 relative for bfloat16, 2**-11 for float16).
-TOL = {
-    torch.float64: {"loss": 1e-10, "grad": 1e-10},
-    torch.float32: {"loss": 2e-5, "grad": 2e-5},
-    torch.bfloat16: {"loss": 2e-5, "grad": 8e-3},
-    torch.float16: {"loss": 2e-5, "grad": 2e-3},
-}
 
 # (divergence, beta) pairs: beta 0 and 1 are the two KLs written as a JSD.
 DIVERGENCES = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.0), ("jsd", 0.3), ("jsd", 1.0)]
@@ -422,17 +411,7 @@ def test_second_backward_through_the_same_graph_raises(backend):
         torch.autograd.grad(loss, s)
 
 
-def _fused_ops():
-    ops = []
-    if dl._ext.available():
-        ops.append(pytest.param(lambda: torch.ops.fastkd.distill_loss.default, id="fastkd::distill_loss"))
-    ok, reason = OP.usable("triton", torch.device(DEVICE))
-    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
-    ops.append(pytest.param(dl._triton_op, id="fastkd::distill_loss_triton", marks=marks))
-    return ops
-
-
-@pytest.mark.parametrize("get_op", _fused_ops())
+@pytest.mark.parametrize("get_op", fused_op_params(OP, "distill_loss", dl._triton_op))
 @pytest.mark.parametrize("reduce", [True, False])
 @pytest.mark.parametrize("divergence", [0, 1, 2])
 def test_opcheck_distill_loss(get_op, divergence, reduce):

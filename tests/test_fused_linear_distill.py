@@ -8,24 +8,17 @@ upstream gradient, opcheck and torch.compile.
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, INTERPRETED, TRITON_NUMPY_WARNINGS, backend_params, fused_op_params
 
 import fastkd
 from fastkd.ops import fused_linear_distill as fl
 from fastkd.ops.fused_linear_distill import OP, default_chunk_size, reference_fused_linear_distill_loss
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning:triton"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning:triton"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning:triton"),
-]
+pytestmark = TRITON_NUMPY_WARNINGS
 
 BACKENDS = backend_params(OP)
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 # max-normalised errors against float64; the GEMMs of the float32 paths accumulate in float32
 TOL = {torch.float64: 1e-9, torch.float32: 5e-5, torch.bfloat16: 3e-2}
 DIVS = [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)]
@@ -203,19 +196,7 @@ def test_default_chunk_size():
     assert default_chunk_size(5, 7) == 5
 
 
-def _compiled_ops():
-    ops = []
-    if fl._ext.available():
-        ops.append(
-            pytest.param(lambda: torch.ops.fastkd.fused_linear_distill.default, id="fastkd::fused_linear_distill")
-        )
-    ok, reason = OP.usable("triton", torch.device(DEVICE))
-    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
-    ops.append(pytest.param(fl._triton_op, id="fastkd::fused_linear_distill_triton", marks=marks))
-    return ops
-
-
-@pytest.mark.parametrize("get_op", _compiled_ops())
+@pytest.mark.parametrize("get_op", fused_op_params(OP, "fused_linear_distill", fl._triton_op))
 @pytest.mark.parametrize("reduce", [True, False])
 @pytest.mark.parametrize("teacher", ["linear", "logits", "topk"])
 def test_opcheck(get_op, reduce, teacher):

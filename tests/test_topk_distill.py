@@ -7,31 +7,19 @@ to an independent formulation (the KL between the K + 1 outcome distributions "o
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, TRITON_NUMPY_WARNINGS, backend_params, fused_op_params
+from conftest import LOGITS_TOL as TOL
 
 import fastkd
 from fastkd.ops import topk_distill as tk
 from fastkd.ops.topk_distill import OP, reference_topk_distill_loss
 
-pytestmark = [
-    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning:triton"),
-    pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning:triton"),
-    pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning:triton"),
-]
+pytestmark = TRITON_NUMPY_WARNINGS
 
 BACKENDS = backend_params(OP)
-INTERPRETED = DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
-TOL = {
-    torch.float64: {"loss": 1e-10, "grad": 1e-10},
-    torch.float32: {"loss": 2e-5, "grad": 2e-5},
-    torch.bfloat16: {"loss": 2e-5, "grad": 8e-3},
-    torch.float16: {"loss": 2e-5, "grad": 2e-3},
-}
 
 
 def _case(N, V, K, *, dtype=torch.float32, seed=0, scale=2.0):
@@ -193,17 +181,7 @@ def test_all_rows_ignored(backend):
     assert loss.item() == 0.0 and (g == 0).all()
 
 
-def _compiled_ops():
-    ops = []
-    if tk._ext.available():
-        ops.append(pytest.param(lambda: torch.ops.fastkd.topk_distill.default, id="fastkd::topk_distill"))
-    ok, reason = OP.usable("triton", torch.device(DEVICE))
-    marks = [] if ok else [pytest.mark.skip(reason=f"triton unavailable: {reason}")]
-    ops.append(pytest.param(tk._triton_op, id="fastkd::topk_distill_triton", marks=marks))
-    return ops
-
-
-@pytest.mark.parametrize("get_op", _compiled_ops())
+@pytest.mark.parametrize("get_op", fused_op_params(OP, "topk_distill", tk._triton_op))
 @pytest.mark.parametrize("reduce", [True, False])
 @pytest.mark.parametrize("with_lse", [True, False])
 def test_opcheck(get_op, reduce, with_lse):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastkd.ops.distill_loss import _check_inputs, distill_loss
+from fastkd.ops.distill_loss import _check_options, distill_loss
 
 
 class DistillationLoss(torch.nn.Module):
@@ -28,9 +28,7 @@ class DistillationLoss(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        # validate the options now, on a dummy pair, so a typo fails at construction
-        dummy = torch.zeros(1, 2)
-        _check_inputs(dummy, dummy, temperature, divergence, beta, reduction, None, None, ignore_index)
+        _check_options(temperature, divergence, beta, reduction, ignore_index)  # a typo fails here
         self.temperature = temperature
         self.divergence = divergence
         self.beta = beta

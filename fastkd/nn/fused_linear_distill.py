@@ -5,8 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastkd.ops.distill_loss import _check_inputs
-from fastkd.ops.fused_linear_distill import fused_linear_distill_loss
+from fastkd.ops.fused_linear_distill import _check_options, fused_linear_distill_loss
 
 
 class FusedLinearDistillationLoss(torch.nn.Module):
@@ -30,12 +29,7 @@ class FusedLinearDistillationLoss(torch.nn.Module):
         backend: str | None = None,
     ) -> None:
         super().__init__()
-        dummy = torch.zeros(1, 2)
-        _check_inputs(dummy, dummy, temperature, divergence, beta, reduction, None, None)
-        if chunk_size is not None and (
-            isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1
-        ):
-            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        _check_options(temperature, divergence, beta, reduction, chunk_size)  # a typo fails here
         self.temperature = temperature
         self.divergence = divergence
         self.beta = beta

@@ -20,14 +20,21 @@ equals the whole loss at classification sizes); under ``torch.compile`` the regi
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from fastkd import _ext
 from fastkd.backends import Op
+from fastkd.ops._common import (
+    acc_dtype,
+    check_float_tensor,
+    check_one_of,
+    check_row_selection,
+    check_temperature,
+    lazy_triton_op,
+    register_compiled,
+)
 from fastkd.ops.scale_grad import scale_saved_grads
 
 DIVERGENCES: dict[str, int] = {"kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -48,6 +55,15 @@ def _xlogy_diff(w: Tensor, a: Tensor, b: Tensor) -> Tensor:
     return w * torch.where(keep, a - b, torch.zeros((), dtype=a.dtype, device=a.device))
 
 
+def _effective_divergence(divergence: str, beta: float) -> str:
+    """``"jsd"`` with ``beta`` 0 is ``"kl"`` and with ``beta`` 1 ``"reverse_kl"``; else ``divergence``."""
+    if divergence == "jsd" and beta == 0.0:
+        return "kl"
+    if divergence == "jsd" and beta == 1.0:
+        return "reverse_kl"
+    return divergence
+
+
 def divergence_rows(
     student_logits: Tensor, teacher_logits: Tensor, temperature: float, divergence: str, beta: float
 ) -> Tensor:
@@ -57,10 +73,7 @@ def divergence_rows(
     t = teacher_logits.to(dt) / temperature
     ls = torch.log_softmax(s, dim=-1)
     lt = torch.log_softmax(t, dim=-1)
-    if divergence == "jsd" and beta == 0.0:
-        divergence = "kl"
-    if divergence == "jsd" and beta == 1.0:
-        divergence = "reverse_kl"
+    divergence = _effective_divergence(divergence, beta)
     if divergence == "kl":
         return _xlogy_diff(lt.exp(), lt, ls).sum(-1)
     if divergence == "reverse_kl":
@@ -98,7 +111,12 @@ def reference_distill_loss(
     d = divergence_rows(student_logits, teacher_logits, temperature, divergence, beta)
     if scale_by_t2:
         d = d * (temperature * temperature)
-    V = student_logits.shape[-1]
+    return _reduce_rows(d, keep, reduction, student_logits.shape[-1])
+
+
+def _reduce_rows(d: Tensor, keep: Tensor | None, reduction: str, V: int) -> Tensor:
+    """The references' reduction of per-row losses ``d`` ``[...]`` (rows where ``keep`` is False are 0):
+    ``"batchmean"`` divides the sum by the kept rows, ``"mean"`` by kept rows times ``V``."""
     if keep is not None:
         d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
         count = keep.sum().to(d.dtype).clamp_min(1.0)
@@ -156,12 +174,7 @@ def _check_inputs(
     ):
         return
     for name, x in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(
-                f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), got {x.dtype}"
-            )
+        check_float_tensor(x, name)
         if x.dim() < 1:
             raise ValueError(f"{name} must have shape [..., V] with at least one dimension, got a 0-d tensor")
     if student_logits.shape[-1] != teacher_logits.shape[-1]:
@@ -181,49 +194,28 @@ def _check_inputs(
             f"student_logits and teacher_logits must be on the same device, got {student_logits.device} and "
             f"{teacher_logits.device}"
         )
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive finite number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
+    check_temperature(temperature)
     if not (T_MIN <= temperature <= T_MAX):
         raise ValueError(
             f"temperature must be in [{T_MIN:g}, {T_MAX:g}] (temperature**2 scales the loss and must stay a finite, "
             f"nonzero float32), got {temperature}"
         )
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {tuple(DIVERGENCES)}, got {divergence!r}")
+    check_one_of("divergence", divergence, tuple(DIVERGENCES))
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (0.0 <= beta <= 1.0):
         raise ValueError(f"beta must be a number in [0, 1], got {beta!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_one_of("reduction", reduction, REDUCTIONS)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int (the label of rows to exclude), got {ignore_index!r}")
-    lead = tuple(student_logits.shape[:-1])
-    if labels is not None:
-        if (
-            not isinstance(labels, Tensor)
-            or labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"labels must be an integer tensor of shape {lead}, got "
-                f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
-            )
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have the logits' leading shape {lead}, got {tuple(labels.shape)}")
-        if labels.device != student_logits.device:
-            raise ValueError(f"labels must be on {student_logits.device}, got {labels.device}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be a boolean tensor of shape {lead} (True = keep the row), got "
-                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
-            )
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask must have the logits' leading shape {lead}, got {tuple(mask.shape)}")
-        if mask.device != student_logits.device:
-            raise ValueError(f"mask must be on {student_logits.device}, got {mask.device}")
+    check_row_selection(
+        labels, mask, tuple(student_logits.shape[:-1]), student_logits.device, "the logits' leading shape"
+    )
+
+
+def _check_options(temperature: float, divergence: str, beta: float, reduction: str, ignore_index: int = -100) -> None:
+    """The checks of :func:`distill_loss`'s options alone (on a dummy pair of logits): what the
+    ``fastkd.nn`` modules run at construction, so that a typo fails there."""
+    dummy = torch.zeros(1, 2)
+    _check_inputs(dummy, dummy, temperature, divergence, beta, reduction, None, None, ignore_index)
 
 
 def _keep_rows(labels: Tensor | None, mask: Tensor | None, ignore_index: int) -> Tensor | None:
@@ -280,8 +272,7 @@ def _row_scale(keep: Tensor | None, N: int, V: int, reduction: str, device: torc
 # --------------------------------------------------------------------------------------------
 def _fake(student, teacher, row_scale, temperature, divergence, beta, loss_scale, reduce, grad_student, grad_teacher):
     N = student.shape[0]
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = student.new_empty(() if reduce else (N,), dtype=acc)
+    loss = student.new_empty(() if reduce else (N,), dtype=acc_dtype(student.dtype))
     gs = torch.empty_like(student) if grad_student else student.new_empty((0,))
     gt = torch.empty_like(teacher) if grad_teacher else teacher.new_empty((0,))
     return loss, gs, gt
@@ -314,22 +305,11 @@ def _make_backward(backend: str | None):
     return backward
 
 
-def _register_compiled() -> None:
-    if _ext.library() is None:
-        return
-    torch.library.register_fake("fastkd::distill_loss")(_fake)
-    torch.library.register_autograd("fastkd::distill_loss", _make_backward(None), setup_context=_setup_context)
+register_compiled("distill_loss", _fake, _setup_context, lambda: _make_backward(None))
 
 
-_register_compiled()
-
-_triton_ops: dict[str, object] = {}
-
-
-def _triton_op():
-    """The Triton custom op, defined on first use (importing triton is not free)."""
-    if _triton_ops:
-        return _triton_ops["distill_loss"]
+def _define_triton_op():
+    """The Triton custom op (through :data:`_triton_op`, on first use: importing triton is not free)."""
     from fastkd.kernels import distill_loss as tk
 
     @torch.library.custom_op("fastkd::distill_loss_triton", mutates_args=())
@@ -349,10 +329,10 @@ def _triton_op():
             student, teacher, row_scale, temperature, divergence, beta, loss_scale, reduce, grad_student, grad_teacher
         )
 
-    distill_loss_triton.register_fake(_fake)
-    distill_loss_triton.register_autograd(_make_backward("triton"), setup_context=_setup_context)
-    _triton_ops["distill_loss"] = distill_loss_triton
     return distill_loss_triton
+
+
+_triton_op = lazy_triton_op(_define_triton_op, _fake, _setup_context, lambda op: _make_backward("triton"))
 
 
 class _EagerFusedLoss(torch.autograd.Function):
@@ -403,18 +383,12 @@ def _fused(
     if t2.stride(-1) != 1 or t2.stride(0) != V:
         t2 = t2.contiguous()
     N = s2.shape[0]
-    acc = torch.float64 if s2.dtype == torch.float64 else torch.float32
-    row_scale = _row_scale_cached(keep, N, V, reduction, s2.device, acc)
-    div = divergence
-    if div == "jsd" and beta == 0.0:
-        div = "kl"
-    elif div == "jsd" and beta == 1.0:
-        div = "reverse_kl"
+    row_scale = _row_scale_cached(keep, N, V, reduction, s2.device, acc_dtype(s2.dtype))
     grad = torch.is_grad_enabled()
     g_s, g_t = grad and student_logits.requires_grad, grad and teacher_logits.requires_grad
+    div = DIVERGENCES[_effective_divergence(divergence, beta)]
     args = (
-        float(temperature), DIVERGENCES[div], float(beta), _loss_scale(temperature, scale_by_t2), reduction != "none",
-        g_s, g_t,
+        float(temperature), div, float(beta), _loss_scale(temperature, scale_by_t2), reduction != "none", g_s, g_t,
     )  # fmt: skip
     if (g_s or g_t) and not torch.compiler.is_compiling():
         loss = _EagerFusedLoss.apply(s2, t2, op, scale_backend, row_scale, args)

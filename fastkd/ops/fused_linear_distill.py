@@ -30,11 +30,18 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from fastkd import _ext
 from fastkd.backends import Op
 from fastkd.ops import distill_loss as _dl
 from fastkd.ops import topk_distill as _tk
-from fastkd.ops.distill_loss import DIVERGENCES, _keep_rows, _row_scale, reference_distill_loss
+from fastkd.ops._common import acc_dtype, check_float_tensor, lazy_triton_op, register_compiled
+from fastkd.ops.distill_loss import (
+    DIVERGENCES,
+    _effective_divergence,
+    _keep_rows,
+    _loss_scale,
+    _row_scale,
+    reference_distill_loss,
+)
 from fastkd.ops.scale_grad import scale_saved_grads
 from fastkd.ops.topk_distill import reference_topk_distill_loss
 
@@ -93,18 +100,23 @@ def reference_fused_linear_distill_loss(
 # --------------------------------------------------------------------------------------------
 # Validation.
 # --------------------------------------------------------------------------------------------
-def _float_tensor(name: str, x) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), got {x.dtype}")
+def _check_options(temperature, divergence, beta, reduction, chunk_size) -> None:
+    """The checks of the options alone (no tensors), also run by ``fastkd.nn.FusedLinearDistillationLoss``
+    at construction."""
+    _dl._check_options(temperature, divergence, beta, reduction)
+    _check_chunk_size(chunk_size)
+
+
+def _check_chunk_size(chunk_size) -> None:
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
 
 
 def _check_inputs(
     hs, ws, ht, wt, bs, bt, tlogits, topk, temperature, divergence, beta, reduction, labels, mask, chunk_size
 ) -> tuple:
-    _float_tensor("student_hidden", hs)
-    _float_tensor("student_weight", ws)
+    check_float_tensor(hs, "student_hidden")
+    check_float_tensor(ws, "student_weight")
     if hs.dim() < 1:
         raise ValueError("student_hidden must have shape [..., Hs], got a 0-d tensor")
     if ws.dim() != 2 or ws.shape[1] != hs.shape[-1]:
@@ -118,7 +130,7 @@ def _check_inputs(
         if x is not None and x.device != dev:
             raise ValueError(f"{name} must be on {dev}, got {x.device}")
     if bs is not None:
-        _float_tensor("student_bias", bs)
+        check_float_tensor(bs, "student_bias")
         if tuple(bs.shape) != (V,):
             raise ValueError(f"student_bias must have shape ({V},), got {tuple(bs.shape)}")
     sources = [ht is not None or wt is not None, tlogits is not None, topk is not None]
@@ -130,8 +142,8 @@ def _check_inputs(
     if sources[0]:
         if ht is None or wt is None:
             raise ValueError("teacher_hidden and teacher_weight must be given together")
-        _float_tensor("teacher_hidden", ht)
-        _float_tensor("teacher_weight", wt)
+        check_float_tensor(ht, "teacher_hidden")
+        check_float_tensor(wt, "teacher_weight")
         if tuple(ht.shape[:-1]) != lead:
             raise ValueError(
                 f"teacher_hidden must have the leading shape {lead} of student_hidden, got {tuple(ht.shape)}"
@@ -139,7 +151,7 @@ def _check_inputs(
         if wt.dim() != 2 or wt.shape != (V, ht.shape[-1]):
             raise ValueError(f"teacher_weight must have shape ({V}, {ht.shape[-1]}) = [V, Ht], got {tuple(wt.shape)}")
         if bt is not None:
-            _float_tensor("teacher_bias", bt)
+            check_float_tensor(bt, "teacher_bias")
             if tuple(bt.shape) != (V,):
                 raise ValueError(f"teacher_bias must have shape ({V},), got {tuple(bt.shape)}")
         for name, x in (("teacher_hidden", ht), ("teacher_weight", wt), ("teacher_bias", bt)):
@@ -148,7 +160,7 @@ def _check_inputs(
     elif bt is not None:
         raise ValueError("teacher_bias needs teacher_hidden and teacher_weight")
     if sources[1]:
-        _float_tensor("teacher_logits", tlogits)
+        check_float_tensor(tlogits, "teacher_logits")
         if tuple(tlogits.shape) != lead + (V,):
             raise ValueError(f"teacher_logits must have shape {lead + (V,)} = [..., V], got {tuple(tlogits.shape)}")
         if tlogits.device != dev:
@@ -161,10 +173,9 @@ def _check_inputs(
         if divergence != "kl":
             raise ValueError(f"teacher_topk supports divergence='kl' only, got {divergence!r}")
         topk = (ids, tv, lse)
-    _dl._check_inputs(torch.zeros(1, 2), torch.zeros(1, 2), temperature, divergence, beta, reduction, None, None)
+    _dl._check_options(temperature, divergence, beta, reduction)
     _tk._check_common(temperature, reduction, labels, mask, lead, dev)
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    _check_chunk_size(chunk_size)
     return topk
 
 
@@ -174,8 +185,7 @@ def _check_inputs(
 def _fake(hs, ws, bs, ht, wt, bt, tl, tids, tvals, tlse, row_scale, temperature, divergence, beta, loss_scale,
           reduce, chunk, grad_student, grad_teacher):  # fmt: skip
     N = hs.shape[0]
-    acc = torch.float64 if hs.dtype == torch.float64 else torch.float32
-    loss = hs.new_empty(() if reduce else (N,), dtype=acc)
+    loss = hs.new_empty(() if reduce else (N,), dtype=acc_dtype(hs.dtype))
 
     def e():
         return hs.new_empty((0,))
@@ -233,25 +243,15 @@ def _make_backward(get_op: Callable, backend: str | None):
     return backward
 
 
-def _register_compiled() -> None:
-    if _ext.library() is None or not hasattr(torch.ops.fastkd, "fused_linear_distill"):
-        return
-    torch.library.register_fake("fastkd::fused_linear_distill")(_fake)
-    torch.library.register_autograd(
-        "fastkd::fused_linear_distill",
-        _make_backward(lambda: torch.ops.fastkd.fused_linear_distill.default, None),
-        setup_context=_setup_context,
-    )
+register_compiled(
+    "fused_linear_distill",
+    _fake,
+    _setup_context,
+    lambda: _make_backward(lambda: torch.ops.fastkd.fused_linear_distill.default, None),
+)
 
 
-_register_compiled()
-
-_triton_ops: dict[str, object] = {}
-
-
-def _triton_op():
-    if _triton_ops:
-        return _triton_ops["fused_linear_distill"]
+def _define_triton_op():
     from fastkd.kernels import fused_linear_distill as fk
 
     @torch.library.custom_op("fastkd::fused_linear_distill_triton", mutates_args=())
@@ -266,13 +266,10 @@ def _triton_op():
             reduce, chunk, grad_student, grad_teacher,
         )  # fmt: skip
 
-    fused_linear_distill_triton.register_fake(_fake)
-    fused_linear_distill_triton.register_autograd(
-        _make_backward(lambda: _triton_ops["fused_linear_distill"], "triton"),
-        setup_context=_setup_context,
-    )
-    _triton_ops["fused_linear_distill"] = fused_linear_distill_triton
     return fused_linear_distill_triton
+
+
+_triton_op = lazy_triton_op(_define_triton_op, _fake, _setup_context, lambda op: _make_backward(lambda: op, "triton"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -284,7 +281,7 @@ def _fused(op, hs, ws, ht, wt, bs, bt, tl, topk, keep, temperature, divergence, 
     dt = hs.dtype
     hs2 = hs.reshape(-1, hs.shape[-1])
     N = hs2.shape[0]
-    acc = torch.float64 if dt == torch.float64 else torch.float32
+    acc = acc_dtype(dt)
     ws_, bs_ = ws.to(dt), None if bs is None else bs.to(dt)
     ht2 = wt_ = bt_ = tl2 = tids = tvals = tlse = None
     if ht is not None:
@@ -298,15 +295,11 @@ def _fused(op, hs, ws, ht, wt, bs, bt, tl, topk, keep, temperature, divergence, 
     grad_student = grad_on and any(x is not None and x.requires_grad for x in (hs, ws, bs))
     grad_teacher = grad_on and topk is None and any(x is not None and x.requires_grad for x in (ht, wt, bt, tl))
     row_scale = _row_scale(keep, N, V, reduction, hs.device, acc)
-    div = divergence
-    if div == "jsd" and beta == 0.0:
-        div = "kl"
-    elif div == "jsd" and beta == 1.0:
-        div = "reverse_kl"
+    div = DIVERGENCES[_effective_divergence(divergence, beta)]
     reduce = reduction != "none"
     loss = op(
-        hs2, ws_, bs_, ht2, wt_, bt_, tl2, tids, tvals, tlse, row_scale, float(temperature), DIVERGENCES[div],
-        float(beta), float(temperature) ** 2 if scale_by_t2 else 1.0, reduce,
+        hs2, ws_, bs_, ht2, wt_, bt_, tl2, tids, tvals, tlse, row_scale, float(temperature), div,
+        float(beta), _loss_scale(temperature, scale_by_t2), reduce,
         int(chunk or default_chunk_size(N, V)), grad_student, grad_teacher,
     )[0]  # fmt: skip
     return loss.reshape(lead) if not reduce else loss

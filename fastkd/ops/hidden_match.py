@@ -35,8 +35,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from fastkd import _ext
 from fastkd.backends import Op
+from fastkd.ops._common import acc_dtype, check_float_tensor, check_one_of, lazy_triton_op, register_compiled
 from fastkd.ops.scale_grad import scale_saved_grads
 
 LOSSES: dict[str, int] = {"mse": 0, "cosine": 1, "nmse": 2}
@@ -131,7 +131,7 @@ def _layer_weight_values(layer_weights, L: int) -> list[float] | Tensor | None:
 def _stack_states(states: StateArg, name: str) -> Tensor:
     """``[L, ..., H]`` from a tensor or a sequence of L tensors ``[..., H]`` (stacked: a copy)."""
     if isinstance(states, Tensor):
-        _check_float(states, name)
+        check_float_tensor(states, name)
         if states.dim() < 3:
             raise ValueError(
                 f"{name} must be [L, B, T, H] (or [L, N, H]) or a sequence of L tensors [B, T, H], got shape "
@@ -143,7 +143,7 @@ def _stack_states(states: StateArg, name: str) -> Tensor:
     if len(states) == 0:
         raise ValueError(f"{name} must hold at least one layer, got an empty sequence")
     for i, x in enumerate(states):
-        _check_float(x, f"{name}[{i}]")
+        check_float_tensor(x, f"{name}[{i}]")
         if x.dim() < 2:
             raise ValueError(f"{name}[{i}] must be [B, T, H] (or [N, H]), got shape {tuple(x.shape)}")
         if x.shape != states[0].shape or x.device != states[0].device:
@@ -154,13 +154,6 @@ def _stack_states(states: StateArg, name: str) -> Tensor:
         if x.dtype != states[0].dtype:
             raise TypeError(f"{name}[{i}] must have the dtype of {name}[0] ({states[0].dtype}), got {x.dtype}")
     return torch.stack(list(states))
-
-
-def _check_float(x, name: str) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor (float32, bfloat16, float16, float64), got {x.dtype}")
 
 
 def _check_inputs(
@@ -197,7 +190,7 @@ def _check_inputs(
                 f"projection weight [L, Ht, Hs] or [Ht, Hs]"
             )
     else:
-        _check_float(weight, "weight")
+        check_float_tensor(weight, "weight")
         if weight.device != S.device:
             raise ValueError(f"weight must be on the student_states' device {S.device}, got {weight.device}")
         if tuple(weight.shape) not in ((L, Ht, Hs), (Ht, Hs)):
@@ -206,15 +199,13 @@ def _check_inputs(
                 f"(shared), got {tuple(weight.shape)}"
             )
     if bias is not None:
-        _check_float(bias, "bias")
+        check_float_tensor(bias, "bias")
         if bias.device != S.device:
             raise ValueError(f"bias must be on the student_states' device {S.device}, got {bias.device}")
         if tuple(bias.shape) not in ((L, Ht), (Ht,)):
             raise ValueError(f"bias must be [L, Ht] = {(L, Ht)} or [Ht] = {(Ht,)}, got {tuple(bias.shape)}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {tuple(LOSSES)}, got {loss!r}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    check_one_of("loss", loss, tuple(LOSSES))
+    check_one_of("reduction", reduction, REDUCTIONS)
     if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (math.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a positive finite number, got {eps!r}")
     lead = tuple(S.shape[1:-1])
@@ -275,8 +266,7 @@ def _row_scale(
 # --------------------------------------------------------------------------------------------
 def _fake(student, teacher, weight, bias, row_scale, loss, eps, reduce, grad_s, grad_w, grad_b, grad_t):
     L, N = student.shape[0], student.shape[1]
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    out = student.new_empty(() if reduce else (L, N), dtype=acc)
+    out = student.new_empty(() if reduce else (L, N), dtype=acc_dtype(student.dtype))
     gs = torch.empty_like(student) if grad_s else student.new_empty((0,))
     gw = torch.empty_like(weight) if (grad_w and weight is not None) else student.new_empty((0,))
     gb = torch.empty_like(bias) if (grad_b and bias is not None) else student.new_empty((0,))
@@ -330,28 +320,11 @@ def _make_backward(op: Callable, backend: str | None):
     return backward
 
 
-def _register_compiled() -> None:
-    if _ext.library() is None:
-        return
-    if not hasattr(torch.ops.fastkd, "hidden_match"):
-        return  # a stale build without this op: the reference backend serves
-    torch.library.register_fake("fastkd::hidden_match")(_fake)
-    torch.library.register_autograd(
-        "fastkd::hidden_match",
-        _make_backward(torch.ops.fastkd.hidden_match, None),
-        setup_context=_setup_context,
-    )
+register_compiled("hidden_match", _fake, _setup_context, lambda: _make_backward(torch.ops.fastkd.hidden_match, None))
 
 
-_register_compiled()
-
-_triton_ops: dict[str, object] = {}
-
-
-def _triton_op():
-    """The Triton custom op, defined on first use (importing triton is not free)."""
-    if _triton_ops:
-        return _triton_ops["hidden_match"]
+def _define_triton_op():
+    """The Triton custom op (through :data:`_triton_op`, on first use: importing triton is not free)."""
     from fastkd.kernels import hidden_match as tk
 
     @torch.library.custom_op("fastkd::hidden_match_triton", mutates_args=())
@@ -374,10 +347,10 @@ def _triton_op():
             grad_teacher,
         )  # fmt: skip
 
-    hidden_match_triton.register_fake(_fake)
-    hidden_match_triton.register_autograd(_make_backward(hidden_match_triton, "triton"), setup_context=_setup_context)
-    _triton_ops["hidden_match"] = hidden_match_triton
     return hidden_match_triton
+
+
+_triton_op = lazy_triton_op(_define_triton_op, _fake, _setup_context, lambda op: _make_backward(op, "triton"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -405,7 +378,7 @@ def _fused(
     t3 = T.reshape(L, N, Ht).contiguous()
     w = weight.contiguous() if weight is not None else None
     b = bias.contiguous() if bias is not None else None
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    acc = acc_dtype(dtype)
     row_scale = _row_scale(keep, layer_weights, L, N, reduction, S.device, acc)
     reduce = reduction != "none"
     grad = torch.is_grad_enabled() and reduce

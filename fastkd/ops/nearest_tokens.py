@@ -23,8 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from fastkd import _ext
 from fastkd.backends import Op
+from fastkd.ops._common import acc_dtype, lazy_triton_op, register_compiled
 
 METRICS: dict[str, int] = {"cosine": 0, "dot": 1, "l2": 2}
 EPS = 1e-8  # norms below this count as EPS in the cosine similarity (a zero vector scores 0)
@@ -109,34 +109,24 @@ def _check_inputs(embeds: Tensor, embedding_matrix: Tensor, k: int, metric: str)
 # --------------------------------------------------------------------------------------------
 def _fake(embeds, embedding_matrix, k, metric):
     N = embeds.shape[0]
-    acc = torch.float64 if embeds.dtype == torch.float64 else torch.float32
-    return embeds.new_empty((N, k), dtype=torch.int64), embeds.new_empty((N, k), dtype=acc)
+    return embeds.new_empty((N, k), dtype=torch.int64), embeds.new_empty((N, k), dtype=acc_dtype(embeds.dtype))
 
 
-def _register_compiled() -> None:
-    if _ext.library() is None:
-        return
-    torch.library.register_fake("fastkd::nearest_tokens")(_fake)
+register_compiled("nearest_tokens", _fake)
 
 
-_register_compiled()
-
-_triton_ops: dict[str, object] = {}
-
-
-def _triton_op():
-    """The Triton custom op, defined on first use (importing triton is not free)."""
-    if _triton_ops:
-        return _triton_ops["nearest_tokens"]
+def _define_triton_op():
+    """The Triton custom op (through :data:`_triton_op`, on first use: importing triton is not free)."""
     from fastkd.kernels import nearest_tokens as tk
 
     @torch.library.custom_op("fastkd::nearest_tokens_triton", mutates_args=())
     def nearest_tokens_triton(embeds: Tensor, embedding_matrix: Tensor, k: int, metric: int) -> tuple[Tensor, Tensor]:
         return tk.nearest_tokens(embeds, embedding_matrix, k, metric)
 
-    nearest_tokens_triton.register_fake(_fake)
-    _triton_ops["nearest_tokens"] = nearest_tokens_triton
     return nearest_tokens_triton
+
+
+_triton_op = lazy_triton_op(_define_triton_op, _fake)
 
 
 # --------------------------------------------------------------------------------------------

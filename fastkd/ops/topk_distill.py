@@ -18,15 +18,20 @@ by the reduction weights; backward scales it in place by the upstream gradient.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from fastkd import _ext
 from fastkd.backends import Op
 from fastkd.ops import distill_loss as _dl
-from fastkd.ops.distill_loss import REDUCTIONS, _keep_rows, _row_scale
+from fastkd.ops._common import (
+    acc_dtype,
+    check_one_of,
+    check_row_selection,
+    check_temperature,
+    lazy_triton_op,
+    register_compiled,
+)
+from fastkd.ops.distill_loss import REDUCTIONS, _keep_rows, _loss_scale, _reduce_rows, _row_scale
 from fastkd.ops.scale_grad import scale_saved_grads
 
 OP = Op("topk_distill")
@@ -91,19 +96,7 @@ def reference_topk_distill_loss(
     d = topk_divergence_rows(student_logits, teacher_ids, teacher_logits, teacher_logsumexp, temperature)
     if scale_by_t2:
         d = d * (temperature * temperature)
-    V = student_logits.shape[-1]
-    if keep is not None:
-        d = torch.where(keep, d, torch.zeros((), dtype=d.dtype, device=d.device))
-        count = keep.sum().to(d.dtype).clamp_min(1.0)
-    else:
-        count = torch.tensor(float(max(d.numel(), 1)), dtype=d.dtype, device=d.device)
-    if reduction == "none":
-        return d
-    if reduction == "sum":
-        return d.sum()
-    if reduction == "batchmean":
-        return d.sum() / count
-    return d.sum() / (count * V)
+    return _reduce_rows(d, keep, reduction, student_logits.shape[-1])
 
 
 # --------------------------------------------------------------------------------------------
@@ -163,37 +156,9 @@ def _check_topk(
 
 
 def _check_common(temperature, reduction, labels, mask, lead, device) -> None:
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)):
-        raise TypeError(f"temperature must be a positive finite number, got {type(temperature).__name__}")
-    if not (math.isfinite(temperature) and temperature > 0):
-        raise ValueError(f"temperature must be positive and finite, got {temperature}")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
-    if labels is not None:
-        if (
-            not isinstance(labels, Tensor)
-            or labels.is_floating_point()
-            or labels.is_complex()
-            or labels.dtype == torch.bool
-        ):
-            raise TypeError(
-                f"labels must be an integer tensor of shape {lead}, got "
-                f"{labels.dtype if isinstance(labels, Tensor) else type(labels).__name__}"
-            )
-        if tuple(labels.shape) != lead:
-            raise ValueError(f"labels must have the leading shape {lead}, got {tuple(labels.shape)}")
-        if labels.device != device:
-            raise ValueError(f"labels must be on {device}, got {labels.device}")
-    if mask is not None:
-        if not isinstance(mask, Tensor) or mask.dtype != torch.bool:
-            raise TypeError(
-                f"mask must be a boolean tensor of shape {lead} (True = keep the row), got "
-                f"{mask.dtype if isinstance(mask, Tensor) else type(mask).__name__}"
-            )
-        if tuple(mask.shape) != lead:
-            raise ValueError(f"mask must have the leading shape {lead}, got {tuple(mask.shape)}")
-        if mask.device != device:
-            raise ValueError(f"mask must be on {device}, got {mask.device}")
+    check_temperature(temperature)
+    check_one_of("reduction", reduction, REDUCTIONS)
+    check_row_selection(labels, mask, lead, device)
 
 
 def _check_inputs(student_logits, teacher_ids, teacher_logits, teacher_logsumexp, temperature, reduction, labels, mask):
@@ -213,8 +178,7 @@ def _check_inputs(student_logits, teacher_ids, teacher_logits, teacher_logsumexp
 # --------------------------------------------------------------------------------------------
 def _fake(student, ids, teacher, lse, row_scale, temperature, loss_scale, reduce, grad_student):
     N = student.shape[0]
-    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
-    loss = student.new_empty(() if reduce else (N,), dtype=acc)
+    loss = student.new_empty(() if reduce else (N,), dtype=acc_dtype(student.dtype))
     g = torch.empty_like(student) if grad_student else student.new_empty((0,))
     return loss, g
 
@@ -240,21 +204,10 @@ def _make_backward(backend: str | None):
     return backward
 
 
-def _register_compiled() -> None:
-    if _ext.library() is None or not hasattr(torch.ops.fastkd, "topk_distill"):
-        return
-    torch.library.register_fake("fastkd::topk_distill")(_fake)
-    torch.library.register_autograd("fastkd::topk_distill", _make_backward(None), setup_context=_setup_context)
+register_compiled("topk_distill", _fake, _setup_context, lambda: _make_backward(None))
 
 
-_register_compiled()
-
-_triton_ops: dict[str, object] = {}
-
-
-def _triton_op():
-    if _triton_ops:
-        return _triton_ops["topk_distill"]
+def _define_triton_op():
     from fastkd.kernels import topk_distill as tk
 
     @torch.library.custom_op("fastkd::topk_distill_triton", mutates_args=())
@@ -273,10 +226,10 @@ def _triton_op():
             student, ids, teacher, lse, row_scale, temperature, loss_scale, reduce, grad_student
         )
 
-    topk_distill_triton.register_fake(_fake)
-    topk_distill_triton.register_autograd(_make_backward("triton"), setup_context=_setup_context)
-    _triton_ops["topk_distill"] = topk_distill_triton
     return topk_distill_triton
+
+
+_triton_op = lazy_triton_op(_define_triton_op, _fake, _setup_context, lambda op: _make_backward("triton"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -300,11 +253,11 @@ def _fused(
     if not s2.is_contiguous():
         s2 = s2.contiguous()
     N = s2.shape[0]
-    acc = torch.float64 if s2.dtype == torch.float64 else torch.float32
+    acc = acc_dtype(s2.dtype)
     ids2, tv2, lse2 = prepare_topk(teacher_ids, teacher_logits, teacher_logsumexp, acc, N)
     row_scale = _row_scale(keep, N, V, reduction, s2.device, acc)
     loss, _ = op(
-        s2, ids2, tv2, lse2, row_scale, float(temperature), float(temperature) ** 2 if scale_by_t2 else 1.0,
+        s2, ids2, tv2, lse2, row_scale, float(temperature), _loss_scale(temperature, scale_by_t2),
         reduction != "none", student_logits.requires_grad and torch.is_grad_enabled(),
     )  # fmt: skip
     return loss.reshape(lead) if reduction == "none" else loss
