@@ -402,13 +402,21 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot(path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> bool:
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the Agg backend, or None where matplotlib is not installed."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
+        return None
+    return plt
+
+
+def plot(path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> bool:
+    plt = _pyplot()
+    if plt is None:
         return False
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.2), squeeze=False)
     colors = dict(zip(METHODS, ("#999999", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#000000")))
@@ -435,12 +443,8 @@ def plot_evidence(path: Path, runs: list[dict[str, Any]]) -> bool:
     """The methods' own signals per log window, one row per task: zskd's KD loss on the clean and on the
     adversarial view (the adversarial one should be higher), asdfd's pool distance to the word manifold
     and its smallest label share. One thin line per seed."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = _pyplot()
+    if plt is None:
         return False
     tasks = [t for t in TASKS if any(r["task"] == t for r in runs)]
     if not tasks:
