@@ -2,6 +2,8 @@
 
     python benchmarks/quality.py                          # the stated CPU budget, both tasks, 3 seeds
     python benchmarks/quality.py --time-one movie_reviews ood   # time one run (budget arithmetic)
+    python benchmarks/quality.py --dev text --tasks tweets --methods asdfd --seeds 0 -O asdfd.start=text
+                                                          # a dev sweep point: dev split only, dev_runs.jsonl
     python benchmarks/quality.py --report-only            # rebuild summary/table/plot from runs.jsonl
     python benchmarks/quality.py --report-only --work benchmarks/results/quality --results \
         benchmarks/results/quality --update-readme README.md  # from the committed results
@@ -21,8 +23,9 @@ crash loses at most the run in progress and a restart skips what is done.
 The generators are made once per task and shared by the seeds: zskd's masked-LM generator (trained
 on the OOD text, cached under ``$FASTKD_CACHE/generators``), t3's pool (``generate_dataset`` with a
 cache: tuned SmolLM2 rewrites of WordNet sentences, scored by the teacher). Settings are chosen on
-the dev split (``benchmarks/dev_sweep.py``), never on test; the results README says which settings
-of a committed run were (the 2026-12-02 run used the defaults and earlier choices, none re-tuned).
+the dev split, never on test: ``--dev TAG`` runs the benchmark's budget with ``-O METHOD.KEY=VALUE``
+overrides, scores the dev split only and appends to ``<work>/dev_runs.jsonl`` (``benchmarks/dev_sweep.py``
+does the same for the demo's budget); the results README says which settings were chosen so.
 The test split is read once per student, for the table.
 
 Outputs (``--results``, default ``benchmarks/results/quality/``):
@@ -60,6 +63,8 @@ METHODS = ("random", "ood", "zskd", "asdfd", "t3", "supervised")
 SEED_METHODS = ("zskd", "asdfd", "t3")
 RUN_ORDER = ("ood", "zskd", "asdfd", "t3", "random", "supervised")  # the baseline first: a cut-short run compares
 TASKS = ("movie_reviews", "tweets")
+LOOP_OPTIONS = ("hidden_weight",)  # -O METHOD.hidden_weight=W sets the loop's hidden-state matching weight
+OOD_METHODS = ("ood", "zskd", "asdfd", "t3")  # read the OOD text (asdfd: its new rows start from OOD sentences)
 COLUMNS = ("task", "method", "seeds", "mean_acc", "sd_acc", "pct_of_teacher", "delta_vs_ood", "delta_ci_low",
            "delta_ci_high")  # fmt: skip
 GOAL_BEST, GOAL_EACH = 92.0, 75.0
@@ -237,13 +242,17 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
         options.update(TASK_WORDS[task])
         options["pool_file"] = ctx["t3_pool"]
         options["pool_size"] = 0  # the whole pool
-    out_dir = work / task / f"{method}-s{seed}"
+    options.update(ctx.get("overrides", {}).get(method, {}))
+    loop_kw = {k: float(options.pop(k)) for k in LOOP_OPTIONS if k in options}  # loop settings, not the method's
+    dev_only = bool(ctx.get("dev_only"))
+    tag = ctx.get("tag") or ""
+    out_dir = work / task / (f"dev-{method}-{tag}-s{seed}" if dev_only else f"{method}-s{seed}")
     cfg = DistillConfig(
-        teacher=teacher_dir, method=method, ood=data["ood"] if method in ("ood", "zskd", "t3") else None,
+        teacher=teacher_dir, method=method, ood=data["ood"] if method in OOD_METHODS else None,
         train=data["split"]["train"] if method == "supervised" else None, eval=None, out_dir=str(out_dir),
         max_steps=BUDGET["steps"], batch_size=BUDGET["batch_size"], max_length=BUDGET["max_length"],
         lr=BUDGET["lr"], threads=BUDGET["threads"], eval_every=0, save_every=0, seed=seed, device="cpu",
-        method_options=options, overwrite=True, progress=False, log_every=10, **STUDENT,
+        method_options=options, overwrite=True, progress=False, log_every=10, **STUDENT, **loop_kw,
     )  # fmt: skip
     t0 = time.perf_counter()
     teacher, tok = ctx["teacher"]
@@ -254,7 +263,8 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
         "task": task, "method": method, "seed": seed, "steps": result.steps, "wall_s": round(wall, 1),
         "train_wall_s": round(result.wall_time_s, 1), "options": options,
     }  # fmt: skip
-    for split in ("dev", "test") if BUDGET["dev_eval"] else ("test",):  # test: once per student, for the table
+    splits = ("dev",) if dev_only else ("dev", "test") if BUDGET["dev_eval"] else ("test",)
+    for split in splits:  # test: once per student, for the table; a --dev run never reads it
         rows = load_rows(data["split"][split])
         pred = predict_logits(student, stok, rows, batch_size=64, max_length=BUDGET["max_length"]).argmax(-1).tolist()
         gold = [r["label"] for r in rows]
@@ -263,6 +273,8 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
         rec[f"{split}_agreement"] = 100.0 * sum(p == t for p, t in zip(pred, ctx["teacher_pred"][split])) / len(pred)
         if split == "test":
             rec["test_correct"] = "".join(map(str, correct))
+    if dev_only:
+        rec["tag"] = tag
     rec["evidence"] = _metrics_evidence(out_dir, method)
     if method == "zskd":
         rec["evidence"]["generator"] = ctx.get("zskd_generator", {})
@@ -661,6 +673,31 @@ def prepare_task(task: str, cache: str | None, work: Path, meta: dict[str, Any],
     return ctx
 
 
+def dev_sweep(args: argparse.Namespace, work: Path, meta: dict[str, Any], overrides: dict[str, dict]) -> int:
+    """Runs scored on the dev split only, appended to ``<work>/dev_runs.jsonl`` with their tag and options."""
+    path = work / "dev_runs.jsonl"
+    done = set()
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            if line.strip():
+                r = json.loads(line)
+                done.add((r["task"], r["method"], r["seed"], r.get("tag")))
+    for task in args.tasks:
+        ctx = prepare_task(task, args.cache, work, meta, args.methods)
+        ctx.update(dev_only=True, tag=args.dev, overrides=overrides)
+        for seed in args.seeds:
+            for method in sorted(args.methods, key=RUN_ORDER.index):
+                if (task, method, seed, args.dev) in done:
+                    continue
+                _log(f"dev {args.dev}: {task} {method} seed {seed}")
+                rec = run_one(task, method, seed, ctx, work)
+                rec["budget"] = dict(BUDGET)
+                with open(path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps(rec) + "\n")
+                _log(f"dev {args.dev}: {task} {method} seed {seed}: dev {rec['dev_acc']:.1f}% ({rec['wall_s']:.0f} s)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tasks", nargs="+", choices=TASKS, default=list(TASKS))
@@ -681,6 +718,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true", help="teachers, zskd generators and t3 pools only")
     p.add_argument("--machine-note", default=None, help="how the machine was shared, for the report")
     p.add_argument("--time-one", nargs=2, metavar=("TASK", "METHOD"), help="time one run (seed 0), print it")
+    p.add_argument(
+        "--dev", default=None, metavar="TAG",
+        help="a dev sweep point: score on the dev split only (never test), append to <work>/dev_runs.jsonl under TAG",
+    )  # fmt: skip
+    p.add_argument(
+        "-O", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="override a method option (with --dev: settings are chosen on dev)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     if args.steps:
         BUDGET["steps"] = args.steps
@@ -707,6 +752,17 @@ def main(argv: list[str] | None = None) -> int:
     meta["t3_pool_settings"] = T3_POOL
     if args.machine_note:
         meta["machine_note"] = args.machine_note
+    overrides: dict[str, dict[str, Any]] = {}
+    for item in args.option:
+        key, sep, value = item.partition("=")
+        method, dot, name = key.partition(".")
+        if not sep or not dot or method not in METHODS or not name:
+            p.error(f"-O/--option: expected METHOD.KEY=VALUE with METHOD one of {', '.join(METHODS)}; got {item!r}")
+        overrides.setdefault(method, {})[name] = value
+    if overrides and not args.dev:
+        p.error("-O/--option changes a method's settings: give --dev TAG (settings are chosen on dev, not test)")
+    if args.dev:
+        return dev_sweep(args, work, meta, overrides)
     if args.time_one:
         task, method = args.time_one
         ctx = prepare_task(task, args.cache, work, meta, [method])

@@ -489,7 +489,8 @@ def load_run_data(cfg: DistillConfig, method_cls: type, teacher: nn.Module) -> R
         if cfg.eval_max_rows:
             eval_rows = eval_rows[: cfg.eval_max_rows]
         _check_labels(eval_rows, num_labels, f"eval data {cfg.eval!r}")
-    ood_texts = _load("ood", lambda: fdata.load_text(cfg.ood)) if method_cls.needs_ood else None
+    reads_ood = method_cls.needs_ood or (method_cls.accepts_ood and bool(cfg.ood))
+    ood_texts = _load("ood", lambda: fdata.load_text(cfg.ood)) if reads_ood else None
     train_rows = None
     if not method_cls.data_free:  # only the supervised upper bound reads the training split
         train_rows = _load("train", lambda: fdata.load_labeled(cfg.train, label2id=label2id))

@@ -47,6 +47,45 @@ def _ctx(teacher, tok, **kw):
     return MethodContext(**base)
 
 
+def test_asdfd_text_start_begins_at_the_words_of_ood_sentences(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    method = _asdfd(teacher, tok, construct_steps=0, snap=0, adv_steps=0)
+    assert method.text_start  # auto: OOD text is given
+    ids, lens = method.text_start_ids(0, 4)
+    texts, _ = method.sampler.rows(0, 4)
+    for r, text in enumerate(texts):
+        want = tok(text, add_special_tokens=False)["input_ids"][: method.n]
+        assert lens[r] == len(want) and ids[r, : len(want)].tolist() == want
+    z, _, lens2 = method._construct(4, torch.Generator().manual_seed(0), 0)
+    weight = teacher.get_input_embeddings().weight.detach()
+    assert torch.equal(lens2, lens)
+    for r in range(4):
+        torch.testing.assert_close(z[r, : lens[r]], weight[ids[r, : lens[r]]])
+        assert float(z[r, lens[r] :].abs().sum()) == 0.0  # padding positions are empty
+    # the guessing then moves them towards the target class, and snapping keeps them near words
+    moved = _asdfd(teacher, tok, construct_steps=3, snap=0.5, adv_steps=0)
+    z3, _, _ = moved._construct(4, torch.Generator().manual_seed(0), 0)
+    assert not torch.allclose(z3, z)
+
+
+def test_asdfd_start_words_and_the_missing_text_error(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    cls = get_method("asdfd")
+    assert not _asdfd(teacher, tok, start="words").text_start
+    no_text = cls(_ctx(teacher, tok, ood_texts=None), cls.parse_options({}))
+    no_text.setup()
+    assert not no_text.text_start  # auto without OOD text: the paper's text-free start
+    with pytest.raises(ValueError, match="start=text needs out-of-domain text"):
+        cls(_ctx(teacher, tok, ood_texts=None), cls.parse_options({"start": "text"})).setup()
+    with pytest.raises(ValueError, match="start must be one of"):
+        cls.parse_options({"start": "sentences"})
+    # pair tasks keep the fixed layout: the sentences' tokens fill every position
+    pair = cls(_ctx(teacher, tok, pair_task=True), cls.parse_options({}))
+    pair.setup()
+    ids, lens = pair.text_start_ids(0, 3)
+    assert lens is None and ids.shape == (3, pair.n)
+
+
 # --------------------------------------------------------------------------------------------
 # zskd: the masked-LM generator
 # --------------------------------------------------------------------------------------------
@@ -317,3 +356,16 @@ def test_quality_summary_columns_and_goals(tmp_path):
     assert "movie_reviews: zskd beats ood with a 95% interval above zero: MET" in text
     assert "movie_reviews: t3 beats ood with a 95% interval above zero: NOT MET" in text
     assert "every seed method >= 75% of the teacher: NOT MET (t3)" in text
+
+
+def test_quality_option_overrides_need_a_dev_run(tmp_path, capsys):
+    """-O changes a method's settings, which are chosen on dev: without --dev it is refused, and a
+    malformed one names what was expected."""
+    from benchmarks import quality as Q
+
+    with pytest.raises(SystemExit):
+        Q.main(["--work", str(tmp_path), "-O", "asdfd.start=text"])
+    assert "give --dev TAG" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        Q.main(["--work", str(tmp_path), "--dev", "x", "-O", "start=text"])
+    assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err

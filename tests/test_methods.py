@@ -35,7 +35,8 @@ CASES = [
     pytest.param("supervised", {}, id="supervised"),
     pytest.param("zskd", ZSKD_MLM, id="zskd-mlm"),
     pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding"),
-    pytest.param("asdfd", {}, id="asdfd"),
+    pytest.param("asdfd", {}, id="asdfd"),  # OOD text given: rows start from OOD sentences
+    pytest.param("asdfd", {"start": "words"}, id="asdfd-words"),  # the text-free start
     pytest.param("t3", _tiny.T3_OPTIONS, id="t3"),
 ]
 

@@ -172,6 +172,7 @@ class Method:
     summary: ClassVar[str] = ""
     data_free: ClassVar[bool] = True  # False only for the supervised upper bound
     needs_ood: ClassVar[bool] = False  # reads the out-of-domain text source
+    accepts_ood: ClassVar[bool] = False  # reads it when given (needs_ood: must be given)
     needs_teacher_logits: ClassVar[bool] = False  # reads stored teacher logits; the teacher never runs
     default_hidden_weight: ClassVar[float] = 0.0
     uses_embeddings: bool = False  # views carry teacher-space embeddings (the loop refits the bridge)
