@@ -114,7 +114,7 @@ class DistillConfig:
     temperature: float = _f(2.0, "softmax temperature of the KD loss")
     divergence: str = _f("kl", "KD divergence: kl (KL(teacher||student)), reverse_kl, jsd")
     kd_weight: float = _f(1.0, "weight of the KD loss on logits")
-    hidden_weight: float | None = _f(None, "weight of hidden-state matching (default: 1.0 for asdfd, else 0)")
+    hidden_weight: float | None = _f(None, "weight of hidden-state matching (default: the method's, 0 for the built-in ones)")
     hidden_loss: str = _f("mse", "hidden-state matching loss: mse, cosine, nmse")
     ce_weight: float = _f(0.0, "weight of cross-entropy on real labels (supervised only)")
     method_options: dict[str, Any] = field(
