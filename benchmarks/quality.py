@@ -275,6 +275,7 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
             rec["test_correct"] = "".join(map(str, correct))
     if dev_only:
         rec["tag"] = tag
+        rec["loop"] = loop_kw
     rec["evidence"] = _metrics_evidence(out_dir, method)
     if method == "zskd":
         rec["evidence"]["generator"] = ctx.get("zskd_generator", {})
@@ -577,6 +578,17 @@ README_START = "<!-- quality-table:start (python benchmarks/quality.py --report-
 README_END = "<!-- quality-table:end -->"
 
 
+def dev_table(dev_runs: list[dict[str, Any]]) -> list[str]:
+    """One line per dev run: task, method, tag (the sweep point), the options it ran with, dev accuracy."""
+    out = ["| task | method | tag | seed | options | dev % | wall s |", "|---|---|---|---|---|---|---|"]
+    for r in sorted(dev_runs, key=lambda r: (r["task"], r["method"], r.get("tag", ""), r["seed"])):
+        given = {**r.get("options", {}), **r.get("loop", {})}
+        opts = ", ".join(f"{k}={v}" for k, v in sorted(given.items()) if k not in ("pool_file", "pool_size"))
+        out.append(f"| {r['task']} | {r['method']} | {r.get('tag', '')} | {r['seed']} | {opts} | "
+                   f"{r['dev_acc']:.1f} | {r['wall_s']:.0f} |")  # fmt: skip
+    return out
+
+
 def update_readme(path: Path, rows: list[dict[str, Any]]) -> bool:
     """Replace the quality table between the README markers with the one from ``rows``."""
     text = path.read_text(encoding="utf-8")
@@ -611,6 +623,8 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
                     runs.append(r)
         if (w / "meta.json").is_file():
             meta = _merge_meta(meta, json.loads((w / "meta.json").read_text()))
+    dev_runs = [json.loads(x) for w in works if (w / "dev_runs.jsonl").is_file()
+                for x in (w / "dev_runs.jsonl").read_text().splitlines() if x.strip()]  # fmt: skip
     teachers = meta.get("teachers", {})
     rows = summarise(runs, teachers)
     results.mkdir(parents=True, exist_ok=True)
@@ -618,6 +632,8 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
     plot(results / "quality.png", runs, teachers)
     plot_evidence(results / "evidence.png", runs)
     (results / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
+    if dev_runs:
+        (results / "dev_runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in dev_runs))
     if results.resolve() not in [w.resolve() for w in works]:  # committed: --report-only --work <results>
         (results / "meta.json").write_text(json.dumps(meta, indent=1))
     md = ["# Quality benchmark (issue 13)", ""]
@@ -633,6 +649,8 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
         md.append(f"Teacher {task}: test {t['test_acc']:.1f}%, dev {t.get('dev_acc', float('nan')):.1f}% "
                   f"({t.get('train_rows')} training rows, {t.get('epochs')} epoch(s)).")  # fmt: skip
     md += ["", markdown_table(rows), "", "## Goals", "", *goals(rows), "", "## Evidence", *evidence_lines(runs, meta)]
+    if dev_runs:
+        md += ["", "## Dev runs (the settings were chosen on these; `dev_runs.jsonl`)", "", *dev_table(dev_runs)]
     (results / "quality.md").write_text("\n".join(md) + "\n")
     return rows
 
