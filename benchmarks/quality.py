@@ -578,6 +578,13 @@ README_START = "<!-- quality-table:start (python benchmarks/quality.py --report-
 README_END = "<!-- quality-table:end -->"
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file; none if it does not exist."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
 def dev_table(dev_runs: list[dict[str, Any]]) -> list[str]:
     """One line per dev run: task, method, tag (the sweep point), the options it ran with, dev accuracy."""
     out = ["| task | method | tag | seed | options | dev % | wall s |", "|---|---|---|---|---|---|---|"]
@@ -623,8 +630,7 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
                     runs.append(r)
         if (w / "meta.json").is_file():
             meta = _merge_meta(meta, json.loads((w / "meta.json").read_text()))
-    dev_runs = [json.loads(x) for w in works if (w / "dev_runs.jsonl").is_file()
-                for x in (w / "dev_runs.jsonl").read_text().splitlines() if x.strip()]  # fmt: skip
+    dev_runs = [r for w in works for r in read_jsonl(w / "dev_runs.jsonl")]
     teachers = meta.get("teachers", {})
     rows = summarise(runs, teachers)
     results.mkdir(parents=True, exist_ok=True)
@@ -694,12 +700,7 @@ def prepare_task(task: str, cache: str | None, work: Path, meta: dict[str, Any],
 def dev_sweep(args: argparse.Namespace, work: Path, meta: dict[str, Any], overrides: dict[str, dict]) -> int:
     """Runs scored on the dev split only, appended to ``<work>/dev_runs.jsonl`` with their tag and options."""
     path = work / "dev_runs.jsonl"
-    done = set()
-    if path.is_file():
-        for line in path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((r["task"], r["method"], r["seed"], r.get("tag")))
+    done = {(r["task"], r["method"], r["seed"], r.get("tag")) for r in read_jsonl(path)}
     for task in args.tasks:
         ctx = prepare_task(task, args.cache, work, meta, args.methods)
         ctx.update(dev_only=True, tag=args.dev, overrides=overrides)
@@ -789,12 +790,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: rec.get(k) for k in ("task", "method", "wall_s", "dev_acc", "test_acc")}))
         return 0
     runs_path = work / "runs.jsonl"
-    done = set()
-    if runs_path.is_file():
-        for line in runs_path.read_text().splitlines():
-            if line.strip():
-                r = json.loads(line)
-                done.add((r["task"], r["method"], r["seed"]))
+    done = {(r["task"], r["method"], r["seed"]) for r in read_jsonl(runs_path)}
     t_start = time.perf_counter()
     for task in args.tasks:
         ctx = prepare_task(task, args.cache, work, meta, args.methods)
