@@ -307,6 +307,45 @@ def zskd_generator_info(task: str, ctx: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
+def asdfd_probe(task: str, ctx: dict[str, Any], rows: int = 64) -> dict[str, Any]:
+    """What asdfd's guessing does to text starts: new rows of the benchmark's options, before the
+    adversarial stage. Returns the share of tokens whose nearest word changed, the teacher's agreement
+    with the target class and its label shares before and after, and three rows as tokens."""
+    from fastkd.data import load_text
+    from fastkd.methods.asdfd import ASDFD
+    from fastkd.methods.base import MethodContext
+    from fastkd.student import EmbeddingBridge, build_student
+
+    teacher, tok = ctx["teacher"]
+    student = build_student(teacher, layers=2, hidden=128, heads=4, intermediate=512, seed=0)
+    mctx = MethodContext(
+        teacher=teacher, student=student, tokenizer=tok, device=torch.device("cpu"),
+        num_labels=int(teacher.config.num_labels), pair_task=False, max_length=BUDGET["max_length"], temperature=2.0,
+        divergence="kl", seed=0, ood_texts=load_text(ctx["data"]["ood"]), bridge=EmbeddingBridge(teacher, student),
+        progress=False,
+    )  # fmt: skip
+    m = ASDFD(mctx, ASDFD.parse_options(OPTIONS["asdfd"]))
+    m.setup()
+    ids, lens = m.text_start_ids(0, rows)
+    z, y, _ = m._construct(rows, torch.Generator().manual_seed(0), 0)
+    valid = torch.arange(m.n)[None] < lens[:, None]
+    start = teacher.get_input_embeddings().weight.detach()[ids] * valid[..., None]
+    near = m.word_ids[torch.cdist(z.reshape(-1, z.shape[-1]).float(), m.words).argmin(1)].reshape(ids.shape)
+    with torch.no_grad():
+        before = mctx.forward(teacher, m._view(start, lens=lens), "teacher").logits.argmax(-1)
+        after = mctx.forward(teacher, m._view(z, lens=lens), "teacher").logits.argmax(-1)
+    k = mctx.num_labels
+    return {
+        "rows": rows,
+        "tokens_changed": float(((near != ids) & valid).sum() / valid.sum()),
+        "target_agreement_before": float((before == y).float().mean()),
+        "target_agreement_after": float((after == y).float().mean()),
+        "label_shares_before": [round(float(x), 3) for x in torch.bincount(before, minlength=k) / rows],
+        "label_shares_after": [round(float(x), 3) for x in torch.bincount(after, minlength=k) / rows],
+        "examples": [" ".join(tok.convert_ids_to_tokens(near[r, : lens[r]].tolist())) for r in range(3)],
+    }
+
+
 # ------------------------------------------------------------------------------------------------
 # Statistics and report
 # ------------------------------------------------------------------------------------------------
@@ -737,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prepare-only", action="store_true", help="teachers, zskd generators and t3 pools only")
     p.add_argument("--machine-note", default=None, help="how the machine was shared, for the report")
     p.add_argument("--time-one", nargs=2, metavar=("TASK", "METHOD"), help="time one run (seed 0), print it")
+    p.add_argument("--asdfd-probe", action="store_true", help="what asdfd's guessing does to 64 text starts, per task")
     p.add_argument(
         "--dev", default=None, metavar="TAG",
         help="a dev sweep point: score on the dev split only (never test), append to <work>/dev_runs.jsonl under TAG",
@@ -782,6 +822,11 @@ def main(argv: list[str] | None = None) -> int:
         p.error("-O/--option changes a method's settings: give --dev TAG (settings are chosen on dev, not test)")
     if args.dev:
         return dev_sweep(args, work, meta, overrides)
+    if args.asdfd_probe:
+        for task in args.tasks:
+            ctx = prepare_task(task, args.cache, work, meta, [])
+            print(json.dumps({"task": task, **asdfd_probe(task, ctx)}))
+        return 0
     if args.time_one:
         task, method = args.time_one
         ctx = prepare_task(task, args.cache, work, meta, [method])
