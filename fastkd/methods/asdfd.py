@@ -57,7 +57,10 @@ pseudo embeddings did not transfer to text)
       word embeddings of an OOD sentence, with that sentence's length (``text``), and the guessing
       moves it towards its target class from there; without OOD text, from randomly drawn real word
       embeddings (``words``, the paper's text-free setting as we read it). ``auto`` (the default)
-      takes ``text`` when OOD text is given. Text starts are ours: the paper uses no text. Measured
+      takes ``text`` when OOD text is given. Text starts are ours: the paper uses no text. With the
+      quality benchmark's options (2 guessing steps) no token's nearest word changes: the rows stay
+      their sentences, moved within each word's neighbourhood, and the teacher's label moves to the
+      target for more of them (tweets: 31% -> 48%; ``benchmarks/quality.py --asdfd-probe``). Measured
       with ``words`` on the quality benchmark (2026-12-02, 3 seeds): 3.8 points below ``ood`` on movie
       reviews and 9.2 on tweets, although the rows stayed within 1% (squared) of real words: rows of
       random words are not the sentences the student will read. The choice of ``text`` was made on
