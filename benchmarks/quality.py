@@ -307,7 +307,7 @@ def zskd_generator_info(task: str, ctx: dict[str, Any]) -> dict[str, Any]:
     return info
 
 
-def asdfd_probe(task: str, ctx: dict[str, Any], rows: int = 64) -> dict[str, Any]:
+def asdfd_probe(task: str, ctx: dict[str, Any], rows: int = 64, student_shape: dict | None = None) -> dict[str, Any]:
     """What asdfd's guessing does to text starts: new rows of the benchmark's options, before the
     adversarial stage. Returns the share of tokens whose nearest word changed, the teacher's agreement
     with the target class and its label shares before and after, and three rows as tokens."""
@@ -317,7 +317,8 @@ def asdfd_probe(task: str, ctx: dict[str, Any], rows: int = 64) -> dict[str, Any
     from fastkd.student import EmbeddingBridge, build_student
 
     teacher, tok = ctx["teacher"]
-    student = build_student(teacher, layers=2, hidden=128, heads=4, intermediate=512, seed=0)
+    shape = student_shape or {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512}  # the benchmark's
+    student = build_student(teacher, seed=0, **shape)
     mctx = MethodContext(
         teacher=teacher, student=student, tokenizer=tok, device=torch.device("cpu"),
         num_labels=int(teacher.config.num_labels), pair_task=False, max_length=BUDGET["max_length"], temperature=2.0,

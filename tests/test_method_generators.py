@@ -369,3 +369,17 @@ def test_quality_option_overrides_need_a_dev_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         Q.main(["--work", str(tmp_path), "--dev", "x", "-O", "start=text"])
     assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err
+
+
+def test_quality_asdfd_probe_on_tiny_models(teacher_and_tok):
+    """The probe of asdfd's guessing reports shares in [0, 1] and label shares that sum to one."""
+    from benchmarks import quality as Q
+
+    ctx = {"teacher": teacher_and_tok, "data": {"ood": _tiny.data_files()["ood"]}}
+    got = Q.asdfd_probe("tiny", ctx, rows=8, student_shape={"layers": 1})
+    assert got["rows"] == 8 and 0.0 <= got["tokens_changed"] <= 1.0
+    for key in ("target_agreement_before", "target_agreement_after"):
+        assert 0.0 <= got[key] <= 1.0
+    for key in ("label_shares_before", "label_shares_after"):
+        assert sum(got[key]) == pytest.approx(1.0, abs=0.01) and len(got[key]) == 2
+    assert len(got["examples"]) == 3 and all(isinstance(e, str) and e for e in got["examples"])
