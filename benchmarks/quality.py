@@ -284,22 +284,29 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
     return rec
 
 
-def zskd_generator_info(task: str, ctx: dict[str, Any]) -> dict[str, Any]:
-    """Train (or load from the cache) the task's zskd generator before the runs; its held-out MLM numbers."""
+def _method_context(ctx: dict[str, Any], student_shape: dict | None, progress: bool) -> Any:
+    """A MethodContext of the task's teacher, its OOD text and a fresh student (the benchmark's shape
+    unless given), for work outside the loop: the zskd generator, the asdfd probe."""
+    from fastkd.data import load_text
     from fastkd.methods.base import MethodContext
-    from fastkd.methods.zskd import ZeroShotKD
     from fastkd.student import EmbeddingBridge, build_student
 
     teacher, tok = ctx["teacher"]
-    from fastkd.data import load_text
-
-    student = build_student(teacher, layers=2, hidden=128, heads=4, intermediate=512, seed=0)
-    mctx = MethodContext(
+    shape = student_shape or {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512}  # the benchmark's
+    student = build_student(teacher, seed=0, **shape)
+    return MethodContext(
         teacher=teacher, student=student, tokenizer=tok, device=torch.device("cpu"),
         num_labels=int(teacher.config.num_labels), pair_task=False, max_length=BUDGET["max_length"], temperature=2.0,
         divergence="kl", seed=0, ood_texts=load_text(ctx["data"]["ood"]), bridge=EmbeddingBridge(teacher, student),
-        progress=True,
+        progress=progress,
     )  # fmt: skip
+
+
+def zskd_generator_info(task: str, ctx: dict[str, Any]) -> dict[str, Any]:
+    """Train (or load from the cache) the task's zskd generator before the runs; its held-out MLM numbers."""
+    from fastkd.methods.zskd import ZeroShotKD
+
+    mctx = _method_context(ctx, None, progress=True)
     m = ZeroShotKD(mctx, ZeroShotKD.parse_options(OPTIONS["zskd"]))
     m.setup()
     info = dict(m.generator_info)
@@ -311,20 +318,10 @@ def asdfd_probe(task: str, ctx: dict[str, Any], rows: int = 64, student_shape: d
     """What asdfd's guessing does to text starts: new rows of the benchmark's options, before the
     adversarial stage. Returns the share of tokens whose nearest word changed, the teacher's agreement
     with the target class and its label shares before and after, and three rows as tokens."""
-    from fastkd.data import load_text
     from fastkd.methods.asdfd import ASDFD
-    from fastkd.methods.base import MethodContext
-    from fastkd.student import EmbeddingBridge, build_student
 
     teacher, tok = ctx["teacher"]
-    shape = student_shape or {"layers": 2, "hidden": 128, "heads": 4, "intermediate": 512}  # the benchmark's
-    student = build_student(teacher, seed=0, **shape)
-    mctx = MethodContext(
-        teacher=teacher, student=student, tokenizer=tok, device=torch.device("cpu"),
-        num_labels=int(teacher.config.num_labels), pair_task=False, max_length=BUDGET["max_length"], temperature=2.0,
-        divergence="kl", seed=0, ood_texts=load_text(ctx["data"]["ood"]), bridge=EmbeddingBridge(teacher, student),
-        progress=False,
-    )  # fmt: skip
+    mctx = _method_context(ctx, student_shape, progress=False)
     m = ASDFD(mctx, ASDFD.parse_options(OPTIONS["asdfd"]))
     m.setup()
     ids, lens = m.text_start_ids(0, rows)
