@@ -44,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from fastkd import assets as A
     from fastkd.loop import DistillConfig, distill
+    from fastkd.methods import reads_ood
     from fastkd.models import load_classifier
 
     budget = D.BUDGETS[args.budget]
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.method == "t3":
         options["generator"] = os.path.join(assets.smollm2_dir, assets.smollm2_file)
     cfg = DistillConfig(
-        teacher=teacher_dir, method=args.method, ood=assets.wordnet_path if args.method in D.OOD_METHODS else None,
+        teacher=teacher_dir, method=args.method, ood=assets.wordnet_path if reads_ood(args.method) else None,
         train=assets.split_path("train") if args.method == "supervised" else None,
         eval=assets.split_path("dev"), out_dir=str(Path(args.work) / args.method), student_layers=D.STUDENT["layers"],
         student_hidden=D.STUDENT["hidden"], student_heads=D.STUDENT["heads"],

@@ -64,7 +64,6 @@ SEED_METHODS = ("zskd", "asdfd", "t3")
 RUN_ORDER = ("ood", "zskd", "asdfd", "t3", "random", "supervised")  # the baseline first: a cut-short run compares
 TASKS = ("movie_reviews", "tweets")
 LOOP_OPTIONS = ("hidden_weight",)  # -O METHOD.hidden_weight=W sets the loop's hidden-state matching weight
-OOD_METHODS = ("ood", "zskd", "asdfd", "t3")  # read the OOD text (asdfd: its new rows start from OOD sentences)
 COLUMNS = ("task", "method", "seeds", "mean_acc", "sd_acc", "pct_of_teacher", "delta_vs_ood", "delta_ci_low",
            "delta_ci_high")  # fmt: skip
 GOAL_BEST, GOAL_EACH = 92.0, 75.0
@@ -234,6 +233,7 @@ def _metrics_evidence(out_dir: Path, method: str) -> dict[str, Any]:
 def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) -> dict[str, Any]:
     from fastkd.assets import load_rows
     from fastkd.loop import DistillConfig, distill
+    from fastkd.methods import reads_ood
     from fastkd.models import load_classifier, predict_logits
 
     data, teacher_dir = ctx["data"], ctx["teacher_dir"]
@@ -248,7 +248,7 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
     tag = ctx.get("tag") or ""
     out_dir = work / task / (f"dev-{method}-{tag}-s{seed}" if dev_only else f"{method}-s{seed}")
     cfg = DistillConfig(
-        teacher=teacher_dir, method=method, ood=data["ood"] if method in OOD_METHODS else None,
+        teacher=teacher_dir, method=method, ood=data["ood"] if reads_ood(method) else None,
         train=data["split"]["train"] if method == "supervised" else None, eval=None, out_dir=str(out_dir),
         max_steps=BUDGET["steps"], batch_size=BUDGET["batch_size"], max_length=BUDGET["max_length"],
         lr=BUDGET["lr"], threads=BUDGET["threads"], eval_every=0, save_every=0, seed=seed, device="cpu",

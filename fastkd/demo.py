@@ -56,7 +56,6 @@ from fastkd.errors import DemoError, FastKDError
 __all__ = ["BUDGETS", "Budget", "add_arguments", "main", "run_demo"]
 
 METHODS = ("random", "ood", "zskd", "asdfd", "t3")
-OOD_METHODS = ("ood", "zskd", "asdfd", "t3")  # read the OOD text (asdfd: its new rows start from OOD sentences)
 
 
 @dataclass(frozen=True)
@@ -363,6 +362,7 @@ def run_demo(
     from fastkd import assets as A
     from fastkd.data import load_labeled
     from fastkd.loop import DistillConfig, distill
+    from fastkd.methods import reads_ood
     from fastkd.models import evaluate, load_classifier
     from fastkd.student import count_parameters
 
@@ -378,7 +378,7 @@ def run_demo(
     needed = ["movie_reviews"]
     if teacher is None:
         needed.insert(0, "minilm")
-    if ood is None and any(m in OOD_METHODS for m in budget.methods):
+    if ood is None and any(reads_ood(m) for m in budget.methods):
         needed.append("wordnet")
     if "t3" in budget.methods:
         needed.append("smollm2")
@@ -429,7 +429,7 @@ def run_demo(
         cfg = DistillConfig(
             teacher=teacher_dir,
             method=method,
-            ood=ood_source if method in OOD_METHODS else None,
+            ood=ood_source if reads_ood(method) else None,
             eval=dev_path,
             out_dir=str(out / "runs" / method),
             student_layers=shape["layers"],

@@ -47,6 +47,13 @@ def get_method(name: str) -> type[Method]:
 for _cls in (ZeroShotKD, ASDFD, T3, RandomTokens, OutOfDomain, Supervised, Offline):
     register_method(_cls)
 
+def reads_ood(name: str) -> bool:
+    """Whether method ``name`` reads out-of-domain text: it must be given one (``needs_ood``) or uses
+    one when given (``accepts_ood``, asdfd's text starts)."""
+    cls = get_method(name)
+    return cls.needs_ood or cls.accepts_ood
+
+
 __all__ = [
     "ASDFD",
     "METHODS",
@@ -62,5 +69,6 @@ __all__ = [
     "View",
     "ZeroShotKD",
     "get_method",
+    "reads_ood",
     "register_method",
 ]

@@ -34,8 +34,8 @@ What is reconstruction (the papers leave it open, or our setting differs)
       is refused (default 0.5: on text without context, such as random words, a trained generator
       only matches the baseline, within noise). Without the training its fills were spread over
       half the vocabulary, the same top-5 at every position, so the "adversarial" view was
-      random-token noise. A real masked LM
-      with the teacher's vocabulary can be passed as ``generator_path`` (it is checked the same way).
+      random-token noise. A real masked LM with the teacher's vocabulary can be passed as
+      ``generator_path`` (it is checked the same way).
     * Fill vocabulary: special tokens and placeholders (``[unused12]``, ...) get ``-inf`` logits in
       training and when filling, so they never appear in the adversarial text.
     * The generator's adversarial update minimises ``-KL(teacher || student) + gen_mlm_weight *
