@@ -383,3 +383,23 @@ def test_quality_asdfd_probe_on_tiny_models(teacher_and_tok):
     for key in ("label_shares_before", "label_shares_after"):
         assert sum(got[key]) == pytest.approx(1.0, abs=0.01) and len(got[key]) == 2
     assert len(got["examples"]) == 3 and all(isinstance(e, str) and e for e in got["examples"])
+
+
+def test_quality_task_options_layer_over_the_method_options(monkeypatch):
+    """A task's dev choices override OPTIONS for that task only, and every committed choice is an
+    option the method accepts (a misspelt key fails here, not an hour into the benchmark)."""
+    from benchmarks import quality as Q
+    from fastkd.methods import get_method
+
+    monkeypatch.setitem(Q.TASK_OPTIONS, "tweets", {"t3": {"source_fraction": 0.75, "tune_lr": 2e-5}})
+    got = Q.method_options("tweets", "t3")
+    assert got["source_fraction"] == 0.75 and got["tune_lr"] == 2e-5
+    assert got["refresh_every"] == Q.OPTIONS["t3"]["refresh_every"]
+    assert Q.method_options("movie_reviews", "t3") == Q.OPTIONS["t3"]
+    assert Q.method_options("movie_reviews", "ood") == {}
+    monkeypatch.undo()
+    for task, methods in Q.TASK_OPTIONS.items():
+        assert task in Q.TASKS
+        for method in methods:
+            extra = {"generator": "lm"} if method == "t3" else {}  # t3's one required option
+            get_method(method).parse_options({**Q.method_options(task, method), **extra})
