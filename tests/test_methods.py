@@ -16,7 +16,7 @@ from fastkd.methods import METHODS, OptionError, get_method
 from fastkd.methods.asdfd import rotate_pairs
 from fastkd.methods.base import MethodContext, StepInfo
 from fastkd.methods.t3 import T3, bigram_diversity, generate_dataset
-from fastkd.methods.zskd import _StraightThroughEmbed, gumbel_softmax_st
+from fastkd.methods.zskd import _StraightThroughEmbed, gumbel_sample, gumbel_softmax_st
 from fastkd.models import evaluate, load_classifier, predict_logits
 from fastkd.student import (
     EmbeddingBridge,
@@ -322,6 +322,12 @@ def test_straight_through_gumbel_softmax():
     assert torch.allclose(grad_st, grad_soft, atol=1e-6)
     # same generator seed, same sample
     assert torch.equal(gumbel_softmax_st(logits, 0.7, torch.Generator().manual_seed(1))[1], index)
+    # the hard-only sample of a step without generator training draws the same noise: the same index,
+    # and the generator's random state advances alike (the next draw agrees too)
+    big = torch.randn(64, 3001)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    for _ in range(2):
+        assert torch.equal(gumbel_sample(big, 0.7, g1), gumbel_softmax_st(big, 0.7, g2)[1])
 
 
 def test_rotations_preserve_norms_and_compose():

@@ -98,13 +98,23 @@ class _StraightThroughEmbed(torch.autograd.Function):
         return grad @ weight.to(grad.dtype).T, None, None
 
 
+def _perturbed(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """``(logits + Gumbel noise) / tau``, the noise drawn from ``generator`` (in place after the draw)."""
+    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
+    gumbel = u.clamp_(1e-10, 1.0 - 1e-7).log_().neg_().log_().neg_()  # -log(-log u)
+    return gumbel.add_(logits.float()).div_(tau)
+
+
 def gumbel_softmax_st(logits: Tensor, tau: float, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """``(y_soft, index)``: the relaxed sample and its argmax, with Gumbel noise from ``generator``."""
-    u = torch.rand(logits.shape, generator=generator, dtype=torch.float32).to(logits.device)
-    u = u.clamp(1e-10, 1.0 - 1e-7)
-    gumbel = -torch.log(-torch.log(u))
-    y = (logits.float() + gumbel) / tau
+    y = _perturbed(logits, tau, generator)
     return torch.softmax(y, dim=-1), y.argmax(-1)
+
+
+def gumbel_sample(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
+    """The hard sample of :func:`gumbel_softmax_st` alone (the same noise, so the same index), without
+    the relaxed one's softmax over the vocabulary: the fills of a step that does not train the generator."""
+    return _perturbed(logits, tau, generator).argmax(-1)
 
 
 def _mlm_head(model: nn.Module) -> nn.Module | None:
@@ -207,7 +217,9 @@ class ZeroShotKD(Method):
     def setup(self) -> None:
         ctx = self.ctx
         assert ctx.ood_texts is not None
-        self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size)
+        self.sampler = TextSampler(
+            ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size
+        )
         self.uses_embeddings = self.opt.generator == "embedding"
         self.mask_id = ctx.tokenizer.mask_token_id
         self.generator: nn.Module | None = None
@@ -362,7 +374,7 @@ class ZeroShotKD(Method):
     def _token_adversary(self, view: View, generator: torch.Generator) -> View:
         pick = self._mask(view, generator)
         logits = self._fill_logits(view, pick)
-        _, index = gumbel_softmax_st(logits, self.opt.gumbel_tau, generator)
+        index = gumbel_sample(logits, self.opt.gumbel_tau, generator)
         ids = view.input_ids.clone()
         ids[pick] = index.to(ids.dtype)
         return View(
