@@ -403,3 +403,60 @@ def test_quality_task_options_layer_over_the_method_options(monkeypatch):
         for method in methods:
             extra = {"generator": "lm"} if method == "t3" else {}  # t3's one required option
             get_method(method).parse_options({**Q.method_options(task, method), **extra})
+
+
+def _teacher_labels(teacher, tok, texts):
+    enc = tok(texts, padding=True, truncation=True, max_length=24, return_tensors="pt")
+    with torch.no_grad():
+        return teacher(**enc).logits.argmax(-1).tolist()
+
+
+def _pool_file(tmp_path, rows):
+    import json
+
+    path = tmp_path / "pool.jsonl"
+    path.write_text("".join(json.dumps({"text": t, "intended_label": y, "label": 1 - y}) + "\n" for t, y in rows))
+    return str(path)
+
+
+def _t3(teacher, tok, pool_file, **opts):
+    cls = get_method("t3")
+    m = cls(_ctx(teacher, tok), cls.parse_options({"generator": "unused", "pool_file": pool_file, "pool_size": 0,
+                                                    "refresh_every": 0, **opts}))  # fmt: skip
+    m.setup()  # a pool file and no refresh: the generator is never loaded
+    return m
+
+
+def test_t3_pool_filter_keeps_the_rows_the_teacher_labels_as_intended(teacher_and_tok, tmp_path):
+    """pool_filter=intended keeps exactly the rows whose *current* teacher label (not the file's stored
+    one, here deliberately wrong) is the intended label; none kept is a one-line error."""
+    teacher, tok = teacher_and_tok
+    texts = _structured_texts(60, 5)
+    truth = _teacher_labels(teacher, tok, texts)
+    assert len(set(truth)) == 2  # the tiny teacher tells the texts apart
+    intended = [y if i % 3 else 1 - y for i, y in enumerate(truth)]  # a third of the rows disagree
+    path = _pool_file(tmp_path, list(zip(texts, intended)))
+    assert len(_t3(teacher, tok, path).pool) == 60
+    m = _t3(teacher, tok, path, pool_filter="intended")
+    assert [r["text"] for r in m.pool] == [t for t, a, b in zip(texts, truth, intended) if a == b]
+    assert all(r["label"] == r["intended_label"] for r in m.pool)
+    bad = _pool_file(tmp_path, [(t, 1 - y) for t, y in zip(texts, truth)])
+    with pytest.raises(ValueError, match="pool_filter=intended: no row"):
+        _t3(teacher, tok, bad, pool_filter="intended")
+
+
+def test_t3_pool_balance_draws_each_teacher_class_equally(teacher_and_tok, tmp_path):
+    teacher, tok = teacher_and_tok
+    texts = _structured_texts(200, 6)
+    truth = _teacher_labels(teacher, tok, texts)
+    major = max((0, 1), key=truth.count)
+    a = [t for t, y in zip(texts, truth) if y == major][:40]
+    b = [t for t, y in zip(texts, truth) if y != major][:4]
+    assert len(a) == 40 and len(b) == 4
+    path = _pool_file(tmp_path, [(t, 0) for t in a + b])
+    for balance, share in ((False, 4 / 44), (True, 0.5)):
+        m = _t3(teacher, tok, path, pool_balance=balance)
+        idx = m._pool_indices(4000, torch.Generator().manual_seed(0))
+        got = sum(m.pool[i]["text"] in b for i in idx) / len(idx)
+        assert got == pytest.approx(share, abs=0.03), balance
+        assert len(set(idx)) == 44  # every row is still drawn

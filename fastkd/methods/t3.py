@@ -44,6 +44,10 @@ What is reconstruction
       ``refresh_every=0``: the run then never loads the generator. Otherwise the student trains
       on a pool of ``pool_size`` texts, of which ``refresh_fraction`` is regenerated every
       ``refresh_every`` steps after ``tune_steps`` generator updates.
+    * ``pool_filter`` and ``pool_balance`` (ours, both off by default): train only on the rows whose
+      teacher label is the one the rewrite was asked for (``intended``), and draw pool rows
+      class-balanced by the teacher's label (the teacher, not the prompt, decides a row's class: on
+      the tweet task it calls more than half of the rewrites neutral, whatever they were asked for).
     * ``source_fraction`` (ours, default 0): that share of each batch is the untransformed OOD
       source text, the generator's input. A small budget affords only a few hundred generated texts,
       which a student memorises; mixing in the general-domain text it was rewritten from keeps the
@@ -85,6 +89,10 @@ class T3Options:
     source_fraction: float = opt(
         0.0, "fraction of each batch that is untransformed OOD source text (0: generated text only, as in the paper)"
     )
+    pool_filter: str = opt(
+        "none", "none, or intended: train only on pool rows whose teacher label is the intended one (ours)"
+    )
+    pool_balance: bool = opt(False, "draw pool rows class-balanced by the teacher's label (ours)")
     refresh_every: int = opt(100, "student steps between generator tuning + pool refresh (0: never)")
     refresh_fraction: float = opt(0.25, "fraction of the pool regenerated at each refresh")
     tune_steps: int = opt(4, "REINFORCE updates of the generator per refresh (and at the start)")
@@ -116,6 +124,8 @@ class T3Options:
             raise ValueError("top_p must be in (0, 1]; gen_temperature and tune_lr positive")
         if not 0.0 <= self.refresh_fraction <= 1.0:
             raise ValueError("refresh_fraction must be in [0, 1]")
+        if self.pool_filter not in ("none", "intended"):
+            raise ValueError(f"pool_filter must be none or intended, got {self.pool_filter!r}")
         if not 0.0 <= self.source_fraction < 1.0:
             raise ValueError(f"source_fraction must be in [0, 1), got {self.source_fraction}")
         for key in ("{label}", "{text}"):
@@ -450,14 +460,61 @@ class T3(Method):
         self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
         self.pool: list[dict] = []
         self.pool_next = 0
+        self._by_label: dict[int, list[int]] | None = None  # pool indices per teacher label (pool_balance)
         if self.opt.pool_file:
             rows = [r for r in _read_pool(self.opt.pool_file)]
             self.pool = rows[: self.opt.pool_size] if self.opt.pool_size else rows
+            if self.opt.pool_filter != "none" or self.opt.pool_balance:
+                self._label_rows(self.pool)
+            self.pool = self._filtered(self.pool)
+            if not self.pool:
+                raise ValueError(
+                    f"t3 pool_filter={self.opt.pool_filter}: no row of {self.opt.pool_file} has the teacher's label "
+                    "equal to its intended label; use -O pool_filter=none"
+                )
         # a pool generated once and never refreshed needs no generator in the run (no 135 M-parameter LM)
         self.needs_lm = not self.pool or self.opt.refresh_every > 0
         self._rewriter: Rewriter | None = None
         if self.needs_lm:
             self._load_rewriter()
+
+    @torch.no_grad()
+    def _label_rows(self, rows: list[dict]) -> None:
+        """Give rows without one the teacher's label (a pool file's stored labels may be another teacher's)."""
+        todo = [r for r in rows if r.get("label") is None]
+        for i in range(0, len(todo), 64):
+            chunk = todo[i : i + 64]
+            pairs = [r.get("text_pair") for r in chunk] if self.ctx.pair_task else None
+            view = self.ctx.encode_texts([r["text"] for r in chunk], pairs)
+            labels = self.ctx.forward(self.ctx.teacher, view, "teacher").logits.argmax(-1).tolist()
+            for r, y in zip(chunk, labels):
+                r["label"] = int(y)
+
+    def _filtered(self, rows: list[dict]) -> list[dict]:
+        """``pool_filter=intended``: the rows whose teacher label is the intended one (rows of a plain text
+        pool have no intended label and stay)."""
+        if self.opt.pool_filter == "none":
+            return rows
+        return [r for r in rows if r.get("intended_label") is None or int(r["label"]) == int(r["intended_label"])]
+
+    def _pool_indices(self, n: int, generator: torch.Generator) -> list[int]:
+        """``n`` pool rows: uniform, or (``pool_balance``) a teacher class uniformly, then a row of it."""
+        if not self.opt.pool_balance:
+            return torch.randint(len(self.pool), (n,), generator=generator).tolist()
+        if self._by_label is None:
+            self._label_rows(self.pool)
+            by: dict[int, list[int]] = {}
+            for i, r in enumerate(self.pool):
+                by.setdefault(int(r["label"]), []).append(i)
+            self._by_label = by
+        classes = sorted(self._by_label)
+        pick = torch.randint(len(classes), (n,), generator=generator).tolist()
+        where = torch.rand(n, generator=generator).tolist()
+        out = []
+        for c, u in zip(pick, where):
+            rows = self._by_label[classes[c]]
+            out.append(rows[min(len(rows) - 1, int(u * len(rows)))])
+        return out
 
     def _load_rewriter(self) -> Rewriter:
         if self._rewriter is None:
@@ -497,19 +554,26 @@ class T3(Method):
             return stats
         sources, labels, pairs = self._draw(n, generator)
         rows = self.rewriter.generate(sources, labels, pairs)
-        for r in rows:
+        kept = self._filtered(rows)
+        self._by_label = None
+        for r in kept:
             if len(self.pool) < size:
                 self.pool.append(r)
             else:
                 self.pool[self.pool_next] = r
                 self.pool_next = (self.pool_next + 1) % size
+        if not self.pool:
+            raise ValueError(
+                f"t3 pool_filter={self.opt.pool_filter}: none of the {len(rows)} generated rows has the teacher's "
+                "label equal to its intended label; tune the generator longer or use -O pool_filter=none"
+            )
         stats["t3_pool_confidence"] = sum(r["teacher_confidence"] for r in rows) / len(rows)
+        stats["t3_pool_kept"] = len(kept) / len(rows)
         return stats
 
     def batch(self, info: StepInfo) -> list[View]:
         n_source = round(info.batch_size * self.opt.source_fraction)
-        idx = torch.randint(len(self.pool), (info.batch_size - n_source,), generator=info.generator).tolist()
-        rows = [self.pool[i] for i in idx]
+        rows = [self.pool[i] for i in self._pool_indices(info.batch_size - n_source, info.generator)]
         texts = [r["text"] for r in rows]
         pairs = [r.get("text_pair") for r in rows] if self.ctx.pair_task else None
         if n_source:
@@ -524,13 +588,13 @@ class T3(Method):
     def state_dict(self) -> dict[str, Any]:
         if self._rewriter is None:
             return {
-                "pool": [{k: r.get(k) for k in ("text", "text_pair", "intended_label")} for r in self.pool],
+                "pool": [{k: r.get(k) for k in ("text", "text_pair", "intended_label", "label")} for r in self.pool],
                 "pool_next": self.pool_next,
             }
         return {
             "generator": self.rewriter.trainable_state(),
             "generator_optimizer": self.rewriter.optimizer.state_dict(),
-            "pool": [{k: r.get(k) for k in ("text", "text_pair", "intended_label")} for r in self.pool],
+            "pool": [{k: r.get(k) for k in ("text", "text_pair", "intended_label", "label")} for r in self.pool],
             "pool_next": self.pool_next,
         }
 
@@ -542,6 +606,7 @@ class T3(Method):
             self.rewriter.optimizer.load_state_dict(state["generator_optimizer"])
         self.pool = [dict(r) for r in state["pool"]]
         self.pool_next = int(state["pool_next"])
+        self._by_label = None
 
 
 def _read_pool(path: str) -> list[dict]:
