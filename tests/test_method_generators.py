@@ -460,3 +460,23 @@ def test_t3_pool_balance_draws_each_teacher_class_equally(teacher_and_tok, tmp_p
         got = sum(m.pool[i]["text"] in b for i in idx) / len(idx)
         assert got == pytest.approx(share, abs=0.03), balance
         assert len(set(idx)) == 44  # every row is still drawn
+
+
+def test_bootstrap_delta_paired_uses_the_pairing():
+    """Seeds that move both methods alike (a shared initialisation) widen the unpaired interval but
+    cancel in the paired one; no common seed is an error."""
+    from benchmarks.quality import bootstrap_delta, bootstrap_delta_paired
+
+    rng = random.Random(3)
+    levels = [0.45, 0.6, 0.75, 0.5, 0.7]  # the seed decides most of the accuracy
+    b = {s: "".join(str(int(rng.random() < p)) for _ in range(1000)) for s, p in enumerate(levels)}
+    # a = b with 3% of the wrong rows of each seed fixed: a small effect, the same under every seed
+    a = {s: "".join("1" if c == "1" or rng.random() < 0.03 else "0" for c in row) for s, row in b.items()}
+    d, lo, hi, ahead, k = bootstrap_delta_paired(a, b, draws=500)
+    assert lo > 0 and lo < d < hi and (ahead, k) == (5, 5)
+    d2, lo2, hi2 = bootstrap_delta(list(a.values()), list(b.values()), draws=500)
+    assert d2 == pytest.approx(d) and lo2 < 0 < hi2  # unpaired: the seed spread swamps the effect
+    same = bootstrap_delta_paired(b, b, draws=200)
+    assert same[0] == 0.0 and same[1] <= 0 <= same[2] and same[3] == 0
+    with pytest.raises(ValueError, match="share no seed"):
+        bootstrap_delta_paired({0: "1"}, {1: "1"})
