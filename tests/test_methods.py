@@ -525,6 +525,24 @@ def test_t3_generate_dataset_rows(teacher_and_tok):
     assert "a positive text" in rw.prompt("the river", 1) and "the river" in rw.prompt("the river", 1)
 
 
+def test_t3_pool_cache_key_ignores_how_students_draw(teacher_and_tok, tmp_path):
+    """The cached pool is found again under pool_filter / pool_balance (they decide how a student draws
+    from it, not what it holds); an option that shapes the pool makes a new one."""
+    teacher, tok = teacher_and_tok
+    base = {"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "tune_steps": 0}
+
+    def gen(**extra):
+        info: dict = {}
+        generate_dataset(teacher, tok, _tiny.ood_texts(30, 1), T3.parse_options({**base, **extra}), num_rows=8,
+                         device=torch.device("cpu"), progress=False, cache=str(tmp_path), info=info)  # fmt: skip
+        return info
+
+    assert not gen()["cached"]
+    assert gen(pool_filter="intended", pool_balance="true")["cached"]
+    assert not gen(max_new_tokens="7")["cached"]
+    assert len(list(tmp_path.glob("t3-*.jsonl"))) == 2
+
+
 def test_t3_logprobs_match_the_generator_with_left_padding(teacher_and_tok):
     """REINFORCE needs log p(generated tokens): recomputed with the left-padded prompts, they equal the
     log-softmax of the logits generate() sampled from."""

@@ -68,6 +68,9 @@ from torch import Tensor, nn
 from fastkd.data import encode, load_text
 from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
 
+# T3 options that change how the student draws from a pool, not the pool: not in the pool cache's key.
+DRAW_OPTIONS = ("pool_filter", "pool_balance")
+
 DEFAULT_PROMPT = "Rewrite the following text as a {label} {task}, in one sentence.\n\nText: {text}"
 
 
@@ -653,7 +656,10 @@ def generate_dataset(
             h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
         for t in ood_texts:
             h.update(t.encode("utf-8", "replace") + b"\n")
-        h.update(json.dumps([asdict(options), num_rows, max_length, seed, pair_task, 2], sort_keys=True).encode())
+        # options that only decide how a student draws from the pool are not part of its identity (and
+        # leaving them out keeps the caches written before they existed valid)
+        made = {k: v for k, v in asdict(options).items() if k not in DRAW_OPTIONS}
+        h.update(json.dumps([made, num_rows, max_length, seed, pair_task, 2], sort_keys=True).encode())
         path = os.path.join(str(cache), f"t3-{h.hexdigest()[:16]}.jsonl")
         meta_path = path[: -len(".jsonl")] + ".json"
         if os.path.isfile(path) and os.path.isfile(meta_path):
