@@ -531,6 +531,30 @@ def prepare_tweets(cache: Path, progress: bool = True, seed: int = SPLIT_SEED) -
     return out, {f"tweets:{s}": counts[s] for s in SPLITS}
 
 
+TWEETS_HOLDOUT_ROWS = 10000
+
+
+def tweets_holdout_path(cache: str | os.PathLike | None, rows: int = TWEETS_HOLDOUT_ROWS, progress: bool = True) -> str:
+    """A second, larger test set of the tweet task: the ``rows`` tweets that follow the training rows in
+    :func:`split_tweets`'s fixed order (so disjoint from train, dev and test, and never read by the
+    teacher's training or by any setting choice). ``<cache>/data/tweets/holdout-<rows>.jsonl``."""
+    out, _ = prepare_tweets(cache_dir(cache), progress)
+    path = out / f"holdout-{rows}.jsonl"
+    if path.is_file():
+        return str(path)
+    parsed = parse_tweets(_tweets_csv(cache_dir(cache), progress))
+    used = sum(TWEETS_SPLIT_SIZES.values())
+    if rows < 1 or used + rows > len(parsed):
+        raise ValueError(f"rows must be in [1, {len(parsed) - used}] (the tweets the split leaves unused), got {rows}")
+    ordered = sorted(parsed, key=lambda r: hashlib.sha256(f"{SPLIT_SEED}:{r['id']}".encode()).hexdigest())
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in ordered[used : used + rows]:
+            f.write(json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return str(path)
+
+
 def tweets_split_path(cache: str | os.PathLike | None, split: str, progress: bool = True) -> str:
     """The JSONL file of one tweet split (prepared on first use)."""
     if split not in SPLITS:
