@@ -278,3 +278,18 @@ def test_importing_assets_registers_nothing():
     code = "import fastkd.assets, fastkd.data as d; print(d.registered_sources())"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_tweets_holdout_is_disjoint_from_the_split_and_fixed(tmp_path, monkeypatch):
+    """The larger tweet test set: the rows after train in the split's fixed order, none of them in
+    train, dev or test, the same file on a second call; asking for more than is left is an error."""
+    labels = ("negative", "neutral", "positive")
+    lines = ["sentiment,confidence,text"] + [f"{labels[i % 3]},0.9,tweet number {i} about flights" for i in range(5300)]
+    monkeypatch.setattr(A, "_tweets_csv", lambda cache, progress: "\n".join(lines).encode("latin-1"))
+    path = A.tweets_holdout_path(tmp_path, rows=200, progress=False)
+    hold = [r["text"] for r in A.load_rows(path)]
+    split = {r["text"] for s in A.SPLITS for r in A.load_rows(A.tweets_split_path(tmp_path, s, progress=False))}
+    assert len(hold) == 200 == len(set(hold)) and not set(hold) & split and len(split) == 5000
+    assert A.tweets_holdout_path(tmp_path, rows=200, progress=False) == path
+    with pytest.raises(ValueError, match=r"rows must be in \[1, 300\]"):
+        A.tweets_holdout_path(tmp_path, rows=301, progress=False)
