@@ -242,11 +242,24 @@ def _metrics_evidence(out_dir: Path, method: str) -> dict[str, Any]:
     return ev
 
 
+def score_rows(
+    model: Any, tok: Any, rows: list[dict], teacher_pred: list[int], batch_size: int
+) -> tuple[float, float, str]:
+    """A classifier on labeled rows: accuracy %, agreement with the teacher's predictions %, and the
+    per-row correctness as a string of 0/1 (what the bootstrap resamples)."""
+    from fastkd.models import predict_logits
+
+    pred = predict_logits(model, tok, rows, batch_size=batch_size, max_length=BUDGET["max_length"]).argmax(-1).tolist()
+    correct = [int(p == r["label"]) for p, r in zip(pred, rows)]
+    agreement = 100.0 * sum(p == t for p, t in zip(pred, teacher_pred)) / len(pred)
+    return 100.0 * sum(correct) / len(correct), agreement, "".join(map(str, correct))
+
+
 def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) -> dict[str, Any]:
     from fastkd.assets import load_rows
     from fastkd.loop import DistillConfig, distill
     from fastkd.methods import reads_ood
-    from fastkd.models import load_classifier, predict_logits
+    from fastkd.models import load_classifier
 
     data, teacher_dir = ctx["data"], ctx["teacher_dir"]
     options = method_options(task, method)
@@ -278,13 +291,10 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
     splits = ("dev",) if dev_only else ("dev", "test") if BUDGET["dev_eval"] else ("test",)
     for split in splits:  # test: once per student, for the table; a --dev run never reads it
         rows = load_rows(data["split"][split])
-        pred = predict_logits(student, stok, rows, batch_size=64, max_length=BUDGET["max_length"]).argmax(-1).tolist()
-        gold = [r["label"] for r in rows]
-        correct = [int(p == g) for p, g in zip(pred, gold)]
-        rec[f"{split}_acc"] = 100.0 * sum(correct) / len(correct)
-        rec[f"{split}_agreement"] = 100.0 * sum(p == t for p, t in zip(pred, ctx["teacher_pred"][split])) / len(pred)
+        acc, agreement, correct = score_rows(student, stok, rows, ctx["teacher_pred"][split], batch_size=64)
+        rec[f"{split}_acc"], rec[f"{split}_agreement"] = acc, agreement
         if split == "test":
-            rec["test_correct"] = "".join(map(str, correct))
+            rec["test_correct"] = correct
     if dev_only:
         rec["tag"] = tag
         rec["loop"] = loop_kw
@@ -372,16 +382,33 @@ def bootstrap_delta(
     rows for both: the methods are scored on the same test set), and takes the difference of the
     mean accuracies.
     """
+    ca, cb = _correct_matrix(a), _correct_matrix(b)
+    return _bootstrap(ca, cb, draws, seed, paired=False)
+
+
+def _correct_matrix(rows: list[str]) -> Any:
+    """Per-seed strings of 0/1 per test row as a float64 [seeds, rows] array."""
     import numpy as np
 
-    ca = np.array([[c == "1" for c in s] for s in a], dtype=np.float64)
-    cb = np.array([[c == "1" for c in s] for s in b], dtype=np.float64)
+    return np.array([[c == "1" for c in s] for s in rows], dtype=np.float64)
+
+
+def _bootstrap(ca: Any, cb: Any, draws: int, seed: int, *, paired: bool) -> tuple[float, float, float]:
+    """The difference of mean accuracies in points and its 95% percentile interval. Each draw resamples
+    the seeds (of each method independently, or jointly when ``paired``), then the test rows (the same
+    rows for both methods)."""
+    import numpy as np
+
     n = ca.shape[1]
     rng = np.random.default_rng(seed)
     out = np.empty(draws)
     for i in range(draws):
-        sa = ca[rng.integers(0, len(ca), len(ca))].mean(0)
-        sb = cb[rng.integers(0, len(cb), len(cb))].mean(0)
+        if paired:
+            pick = rng.integers(0, len(ca), len(ca))
+            sa, sb = ca[pick].mean(0), cb[pick].mean(0)
+        else:
+            sa = ca[rng.integers(0, len(ca), len(ca))].mean(0)
+            sb = cb[rng.integers(0, len(cb), len(cb))].mean(0)
         rows = rng.integers(0, n, n)
         out[i] = 100.0 * (sa[rows].mean() - sb[rows].mean())
     point = 100.0 * (ca.mean() - cb.mean())
@@ -396,23 +423,12 @@ def bootstrap_delta_paired(
     and for ``ood`` / ``zskd`` the same OOD rows in the same order), then the test rows. Returns the
     difference over the common seeds, its 95% interval, the seeds where ``a`` is ahead, and their count.
     """
-    import numpy as np
-
     common = sorted(set(a) & set(b))
     if not common:
         raise ValueError("bootstrap_delta_paired: the two methods share no seed")
-    ca = np.array([[c == "1" for c in a[s]] for s in common], dtype=np.float64)
-    cb = np.array([[c == "1" for c in b[s]] for s in common], dtype=np.float64)
-    n, k = ca.shape[1], len(common)
-    rng = np.random.default_rng(seed)
-    out = np.empty(draws)
-    for i in range(draws):
-        pick = rng.integers(0, k, k)
-        rows = rng.integers(0, n, n)
-        out[i] = 100.0 * (ca[pick].mean(0)[rows].mean() - cb[pick].mean(0)[rows].mean())
-    point = 100.0 * (ca.mean() - cb.mean())
-    ahead = int((ca.mean(1) > cb.mean(1)).sum())
-    return float(point), float(np.percentile(out, 2.5)), float(np.percentile(out, 97.5)), ahead, k
+    ca, cb = _correct_matrix([a[s] for s in common]), _correct_matrix([b[s] for s in common])
+    point, lo, hi = _bootstrap(ca, cb, draws, seed, paired=True)
+    return point, lo, hi, int((ca.mean(1) > cb.mean(1)).sum()), len(common)
 
 
 def paired_lines(runs: list[dict[str, Any]]) -> list[str]:
@@ -746,11 +762,9 @@ def rescore_holdout(work: Path, cache: str | None) -> int:
                 f"{run_dir}: its student is not the run of runs.jsonl ({res.get('method')}, {res.get('steps')})"
             )
         student, stok = load_classifier(res["student_dir"], torch.device("cpu"))
-        pred = predict_logits(student, stok, rows, batch_size=128, max_length=BUDGET["max_length"]).argmax(-1).tolist()
-        correct = [int(p == g) for p, g in zip(pred, gold)]
-        rec = {"task": "tweets", "method": r["method"], "seed": r["seed"], "wall_s": r["wall_s"],
-               "test_acc": 100.0 * sum(correct) / len(correct), "test_correct": "".join(map(str, correct)),
-               "test_agreement": 100.0 * sum(p == t for p, t in zip(pred, tpred)) / len(pred), "rows": len(rows)}  # fmt: skip
+        acc, agreement, correct = score_rows(student, stok, rows, tpred, batch_size=128)
+        rec = {"task": "tweets", "method": r["method"], "seed": r["seed"], "wall_s": r["wall_s"], "test_acc": acc,
+               "test_correct": correct, "test_agreement": agreement, "rows": len(rows)}  # fmt: skip
         with open(out, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
         _log(f"holdout: tweets {r['method']} seed {r['seed']}: {rec['test_acc']:.1f}%")

@@ -433,6 +433,11 @@ def parse_tweets(raw: bytes | str, min_confidence: float = TWEETS_MIN_CONFIDENCE
     return [r for r in kept if counts[r["text"]] == 1]
 
 
+def _tweet_order(rows: Sequence[dict], seed: int) -> list[dict]:
+    """The split's fixed order: rows sorted by ``sha256(f"{seed}:{id}")``."""
+    return sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+
+
 def split_tweets(rows: Sequence[dict], seed: int = SPLIT_SEED, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
     """A fixed split of fixed sizes: rows ordered by ``sha256(f"{seed}:{id}")``, then test, dev, train.
 
@@ -443,7 +448,7 @@ def split_tweets(rows: Sequence[dict], seed: int = SPLIT_SEED, sizes: dict[str, 
         raise ValueError(f"sizes must give a non-negative count for each of {SPLITS}, got {sizes}")
     if sum(sizes.values()) > len(rows):
         raise ValueError(f"sizes {sizes} need {sum(sizes.values())} rows, only {len(rows)} exist")
-    ordered = sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
+    ordered = _tweet_order(rows, seed)
     n_test, n_dev = sizes["test"], sizes["dev"]
     return {
         "test": ordered[:n_test],
@@ -546,7 +551,7 @@ def tweets_holdout_path(cache: str | os.PathLike | None, rows: int = TWEETS_HOLD
     used = sum(TWEETS_SPLIT_SIZES.values())
     if rows < 1 or used + rows > len(parsed):
         raise ValueError(f"rows must be in [1, {len(parsed) - used}] (the tweets the split leaves unused), got {rows}")
-    ordered = sorted(parsed, key=lambda r: hashlib.sha256(f"{SPLIT_SEED}:{r['id']}".encode()).hexdigest())
+    ordered = _tweet_order(parsed, SPLIT_SEED)
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         for row in ordered[used : used + rows]:
