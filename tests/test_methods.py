@@ -16,7 +16,7 @@ from fastkd.methods import METHODS, OptionError, get_method
 from fastkd.methods.asdfd import rotate_pairs
 from fastkd.methods.base import MethodContext, StepInfo
 from fastkd.methods.t3 import T3, bigram_diversity, generate_dataset
-from fastkd.methods.zskd import _StraightThroughEmbed, gumbel_sample, gumbel_softmax_st
+from fastkd.methods.zskd import _StraightThroughEmbed, categorical_sample, gumbel_softmax_st, inverse_cdf_sample
 from fastkd.models import evaluate, load_classifier, predict_logits
 from fastkd.student import (
     EmbeddingBridge,
@@ -322,12 +322,48 @@ def test_straight_through_gumbel_softmax():
     assert torch.allclose(grad_st, grad_soft, atol=1e-6)
     # same generator seed, same sample
     assert torch.equal(gumbel_softmax_st(logits, 0.7, torch.Generator().manual_seed(1))[1], index)
-    # the hard-only sample of a step without generator training draws the same noise: the same index,
-    # and the generator's random state advances alike (the next draw agrees too)
+
+
+def test_categorical_sample_matches_the_gumbel_max_distribution():
+    # the hard fill of a step without generator training: the distribution of the Gumbel-max sample
+    # (softmax(logits), whatever tau), a zero-probability entry never drawn, across block boundaries
+    V = 700  # two full blocks of 256 and a tail of 188
+    probs = torch.zeros(V)
+    probs[[0, 255, 256, 600, 699]] = torch.tensor([0.3, 0.1, 0.25, 0.15, 0.2])
+    logits = probs.log().expand(40000, V).contiguous()  # -inf where the probability is 0
+    idx = categorical_sample(logits, torch.Generator().manual_seed(4))
+    freq = torch.bincount(idx, minlength=V).double() / idx.numel()
+    assert set(idx.unique().tolist()) <= {0, 255, 256, 600, 699}
+    assert torch.allclose(freq, probs.double(), atol=0.01)
+    _, gidx = gumbel_softmax_st(logits[:20000], 0.3, torch.Generator().manual_seed(5))
+    gfreq = torch.bincount(gidx, minlength=V).double() / gidx.numel()
+    assert torch.allclose(freq, gfreq, atol=0.015)
+    # seeded: the same generator state, the same draws; one uniform number per row
     big = torch.randn(64, 3001)
-    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
-    for _ in range(2):
-        assert torch.equal(gumbel_sample(big, 0.7, g1), gumbel_softmax_st(big, 0.7, g2)[1])
+    a = categorical_sample(big, torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    assert a.dtype == torch.int64 and a.shape == (64,) and torch.equal(a, categorical_sample(big, g))
+    ref = torch.Generator().manual_seed(3)
+    torch.rand(64, generator=ref, dtype=torch.float64)
+    assert torch.equal(g.get_state(), ref.get_state())
+
+
+def test_inverse_cdf_sample_edges():
+    # u = 0 -> the first entry with mass; u -> 1 -> the last entry with mass, also when rounding
+    # puts the target at the total; against a float64 CDF search for random rows and uniforms
+    probs = torch.softmax(torch.randn(4, 1000, dtype=torch.float64), -1).float()
+    probs[:, :3] = 0.0
+    probs[:, -7:] = 0.0
+    u = torch.tensor([0.0, 0.5, 1.0 - 1e-16, 1.0], dtype=torch.float64)
+    out = inverse_cdf_sample(probs, u)
+    assert out[0] == 3 and out[2] == 992 and out[3] == 992
+    torch.manual_seed(0)
+    for V in (5, 256, 257, 1000):
+        p = torch.softmax(3 * torch.randn(50, V), -1)
+        u = torch.rand(50, dtype=torch.float64)
+        c = p.double().cumsum(-1)
+        want = torch.searchsorted(c, (u * c[:, -1]).unsqueeze(1), right=True).squeeze(1).clamp_max(V - 1)
+        assert torch.equal(inverse_cdf_sample(p, u), want), V
 
 
 def test_rotations_preserve_norms_and_compose():

@@ -55,7 +55,10 @@ What is reconstruction (the papers leave it open, or our setting differs)
       gradient through the soft sample (``grad @ E^T``), which is what the straight-through
       Gumbel-softmax computes.
     * The student's adversarial batch uses a hard (sampled) fill: its forward pass is the same as the
-      straight-through one, and it does not need the generator's gradient.
+      straight-through one, and it does not need the generator's gradient. The hard Gumbel sample is
+      a draw from ``softmax(logits)`` (the temperature moves no argmax), so those steps draw it by
+      inverting the CDF, one uniform number per filled position (:func:`categorical_sample`),
+      instead of a Gumbel number per vocabulary entry.
     * Embedding-space generator (``generator=embedding``): the paper's adversarial stage perturbs
       inputs by gradient ascent on the divergence; here each OOD batch gets ``embed_steps`` ascent
       steps on its word embeddings with :func:`fastkd.embedding_ascent_` (per-token L2-normalised
@@ -111,10 +114,44 @@ def gumbel_softmax_st(logits: Tensor, tau: float, generator: torch.Generator) ->
     return torch.softmax(y, dim=-1), y.argmax(-1)
 
 
-def gumbel_sample(logits: Tensor, tau: float, generator: torch.Generator) -> Tensor:
-    """The hard sample of :func:`gumbel_softmax_st` alone (the same noise, so the same index), without
-    the relaxed one's softmax over the vocabulary: the fills of a step that does not train the generator."""
-    return _perturbed(logits, tau, generator).argmax(-1)
+def inverse_cdf_sample(probs: Tensor, u: Tensor, block: int = 256) -> Tensor:
+    """Row ``i``'s category whose CDF interval of ``probs[i]`` (``[N, V]``, rows summing to about 1,
+    entries >= 0) holds ``u[i] * total_i`` (``u`` in [0, 1)): an exact categorical draw.
+
+    Two levels, so no float32 running sum over the whole vocabulary: block masses (float32 sums of
+    ``block`` entries) and their float64 running sum pick the block, a float64 running sum inside it
+    picks the entry. A zero-probability entry is never returned (the first entry whose running sum
+    exceeds the target has mass); where rounding puts the target at the total, the last entry with
+    mass is returned.
+    """
+    N, V = probs.shape
+    nb = V // block
+    K = nb * block
+    mass = probs[:, :K].unflatten(-1, (nb, block)).sum(-1).double()
+    if K < V:
+        mass = torch.cat([mass, probs[:, K:].sum(-1, keepdim=True).double()], dim=1)
+    cm = mass.cumsum(-1)
+    target = u.to(device=probs.device, dtype=torch.float64).reshape(N, 1) * cm[:, -1:]
+    b = torch.searchsorted(cm, target, right=True)
+    b = torch.minimum(b, torch.searchsorted(cm, cm[:, -1:].contiguous(), right=False))
+    before = torch.where(b > 0, cm.gather(1, (b - 1).clamp_min(0)), torch.zeros_like(target))
+    cols = b * block + torch.arange(block, device=probs.device)
+    vals = probs.gather(1, cols.clamp_max(V - 1)).double().masked_fill_(cols >= V, 0.0)
+    cv = vals.cumsum(-1)
+    j = torch.searchsorted(cv, target - before, right=True)
+    j = torch.minimum(j, torch.searchsorted(cv, cv[:, -1:].contiguous(), right=False))
+    return (b * block + j).squeeze(1)
+
+
+def categorical_sample(logits: Tensor, generator: torch.Generator) -> Tensor:
+    """The hard sample of :func:`gumbel_softmax_st` without its noise: ``argmax(logits + G)`` is a
+    draw from ``softmax(logits)`` whatever the temperature (dividing by tau moves no argmax), so a
+    step that does not train the generator draws it by inverting the CDF, one uniform per row from
+    ``generator``, instead of ``[N, V]`` Gumbel numbers (4x less time at 400 x 30,522 on CPU). The
+    same distribution; not the same draws as the noise would give."""
+    probs = torch.softmax(logits.float(), dim=-1)
+    u = torch.rand(probs.shape[0], generator=generator, dtype=torch.float64)
+    return inverse_cdf_sample(probs, u)
 
 
 def _mlm_head(model: nn.Module) -> nn.Module | None:
@@ -279,7 +316,7 @@ class ZeroShotKD(Method):
             out_emb = gen.get_output_embeddings()
             if out_emb is not None:
                 out_emb.weight.requires_grad_(False)
-            gen.to(ctx.device).eval()  # no dropout: the generator's randomness is the Gumbel noise
+            gen.to(ctx.device).eval()  # no dropout: the generator's randomness is its sampling
             self.generator = gen
             self.gen_params = [p for p in gen.parameters() if p.requires_grad]
             self.gen_opt = torch.optim.Adam(self.gen_params, lr=self.opt.gen_lr)
@@ -374,7 +411,7 @@ class ZeroShotKD(Method):
     def _token_adversary(self, view: View, generator: torch.Generator) -> View:
         pick = self._mask(view, generator)
         logits = self._fill_logits(view, pick)
-        index = gumbel_sample(logits, self.opt.gumbel_tau, generator)
+        index = categorical_sample(logits, generator)
         ids = view.input_ids.clone()
         ids[pick] = index.to(ids.dtype)
         return View(
