@@ -239,7 +239,9 @@ def test_cpu_peak_memory_measure_counts_what_a_call_allocates():
     mem = common.measure_peak(None, target)
     if mem.extra_bytes is None:
         pytest.skip(f"no peak-memory measure on this kernel: {mem.method}")
-    assert 2 * 4 * n <= mem.extra_bytes < 2 * 4 * n + 16 * 2**20
+    # two buffers (one would be 64 MiB), within a few MiB: RSS-based, so pages the process gave back
+    # while the call ran (seen under load: 0.4 MiB) can come off the count
+    assert 2 * 4 * n - 4 * 2**20 <= mem.extra_bytes < 2 * 4 * n + 16 * 2**20
 
 
 def test_other_helpers_conventions(tmp_path):
