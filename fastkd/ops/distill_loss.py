@@ -346,9 +346,12 @@ class _EagerFusedLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, student, teacher, op, backend, row_scale, rest):  # rest: the op's other arguments
-        # This Function is the op's autograd here: dispatch below the Autograd keys, straight to the
-        # kernel (the registered Python autograd wrapper would cost a pytree walk per call).
+    def forward(ctx, student, teacher, extra):
+        # extra = (op, backend, row_scale, the op's other arguments): one argument, not four, for
+        # Function.apply to inspect. This Function is the op's autograd here: dispatch below the
+        # Autograd keys, straight to the kernel (the registered Python autograd wrapper would cost a
+        # pytree walk per call).
+        op, backend, row_scale, rest = extra
         with _BELOW_AUTOGRAD():
             loss, gs, gt = op(student, teacher, row_scale, *rest)
         ctx.backend = backend
@@ -358,7 +361,7 @@ class _EagerFusedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_loss):
         d_s, d_t = scale_saved_grads(ctx.saved_tensors, g_loss, ctx.backend)
-        return d_s, d_t, None, None, None, None
+        return d_s, d_t, None
 
 
 # --------------------------------------------------------------------------------------------
@@ -396,7 +399,7 @@ def _fused(
         float(temperature), div, float(beta), _loss_scale(temperature, scale_by_t2), reduction != "none", g_s, g_t,
     )  # fmt: skip
     if (g_s or g_t) and not torch.compiler.is_compiling():
-        loss = _EagerFusedLoss.apply(s2, t2, op, scale_backend, row_scale, args)
+        loss = _EagerFusedLoss.apply(s2, t2, (op, scale_backend, row_scale, args))
     else:
         loss, _, _ = op(s2, t2, row_scale, *args)
     return loss.reshape(lead) if reduction == "none" else loss
