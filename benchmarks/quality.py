@@ -701,6 +701,8 @@ def dev_table(dev_runs: list[dict[str, Any]]) -> list[str]:
     out = ["| task | method | tag | seed | options | dev % | wall s |", "|---|---|---|---|---|---|---|"]
     for r in sorted(dev_runs, key=lambda r: (r["task"], r["method"], r.get("tag", ""), r["seed"])):
         given = {**r.get("options", {}), **r.get("loop", {})}
+        if r.get("steps") not in (None, BUDGET["steps"]):
+            given["steps"] = r["steps"]  # a budget point (--steps)
         opts = ", ".join(f"{k}={v}" for k, v in sorted(given.items()) if k not in ("pool_file", "pool_size"))
         out.append(f"| {r['task']} | {r['method']} | {r.get('tag', '')} | {r['seed']} | {opts} | "
                    f"{r['dev_acc']:.1f} | {r['wall_s']:.0f} |")  # fmt: skip
