@@ -292,7 +292,7 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
     student, stok = load_classifier(result.student_dir, torch.device("cpu"))
     rec: dict[str, Any] = {
         "task": task, "method": method, "seed": seed, "steps": result.steps, "wall_s": round(wall, 1),
-        "train_wall_s": round(result.wall_time_s, 1), "options": options,
+        "train_wall_s": round(result.wall_time_s, 1), "options": options, "cpu": _versions()["cpu"],
     }  # fmt: skip
     splits = ("dev",) if dev_only else ("dev", "test") if BUDGET["dev_eval"] else ("test",)
     for split in splits:  # test: once per student, for the table; a --dev run never reads it
@@ -541,22 +541,35 @@ def _pyplot() -> Any:
     return plt
 
 
-def plot(path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> bool:
+def plot(
+    path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]], main_cpu: str | None = None
+) -> bool:
+    """Test accuracy against wall time, one point per run; runs made on another CPU than ``main_cpu`` (their
+    record names it) are drawn as triangles: their wall times are not comparable with the circles'."""
     plt = _pyplot()
     if plt is None:
         return False
+    other_cpus = sorted({r["cpu"] for r in runs if r.get("cpu") and r["cpu"] != main_cpu})
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.2), squeeze=False)
     colors = dict(zip(METHODS, ("#999999", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#000000")))
     for ax, task in zip(axes[0], TASKS):
         for m in METHODS:
             rs = [r for r in runs if r["task"] == task and r["method"] == m]
-            if rs:
-                ax.scatter([r["wall_s"] / 60 for r in rs], [r["test_acc"] for r in rs], label=m, color=colors[m])
+            main = [r for r in rs if not r.get("cpu") or r["cpu"] == main_cpu]
+            other = [r for r in rs if r not in main]
+            if main:
+                ax.scatter([r["wall_s"] / 60 for r in main], [r["test_acc"] for r in main], label=m, color=colors[m])
+            if other:
+                ax.scatter([r["wall_s"] / 60 for r in other], [r["test_acc"] for r in other], marker="^",
+                           label=None if main else m, color=colors[m])  # fmt: skip
         t = teachers.get(task, {}).get("test_acc")
         if t:
             ax.axhline(t, ls="--", color="k", lw=0.8, label="teacher")
         ax.set_title(task)
-        ax.set_xlabel("wall time per run (min, 1 thread of a 2-core CPU)")
+        ax.set_xlabel(
+            "wall time per run (min, 1 thread of a 2-core CPU)"
+            + (f"\ntriangles: runs on {', '.join(other_cpus)}" if other_cpus else "")
+        )
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
@@ -856,7 +869,7 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
     rows = summarise(runs, teachers)
     results.mkdir(parents=True, exist_ok=True)
     write_csv(results / "summary.csv", rows)
-    plot(results / "quality.png", runs, teachers)
+    plot(results / "quality.png", runs, teachers, meta.get("versions", {}).get("cpu"))
     plot_evidence(results / "evidence.png", runs)
     (results / "runs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in runs))
     if dev_runs:
