@@ -135,11 +135,32 @@ def slugify(text: str) -> str:
     return s or "unknown"
 
 
+@functools.cache
+def cpu_host_isa() -> str:
+    """The widest vector level this CPU offers (``avx512``, ``avx2``, ``default``), from /proc/cpuinfo's
+    flags, whatever level a run is forced to: it is part of the results folder's name, because one
+    model name covers CPUs of different widths (an "AMD EPYC" VM is a Zen 3 with AVX2 on one host and a
+    Zen 5 with AVX-512 on another)."""
+    flags: set[str] = set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    break
+    except OSError:
+        return "unknown"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if {"avx2", "fma"} <= flags else "default"
+
+
 def device_slug() -> str:
-    """Folder name under ``benchmarks/results/``: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-xeon-processor-2t``."""
+    """Folder name under ``benchmarks/results/``: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-xeon-processor-avx512-2t``
+    (CPU model, the CPU's widest vector level, torch threads)."""
     if IS_CUDA:
         return slugify(device_label())
-    return f"cpu-{slugify(_short_cpu_name(cpu_model()))}-{torch.get_num_threads()}t"
+    return f"cpu-{slugify(_short_cpu_name(cpu_model()))}-{cpu_host_isa()}-{torch.get_num_threads()}t"
 
 
 @functools.cache

@@ -25,9 +25,10 @@
 //
 // Passes over a row (V = 32000 fp32: both rows and the scratch are 0.5 MiB, so passes B-D read L2):
 //   A  the two maxima (reads the logits from memory);
-//   B  block by block, u = (x - max) / T, e = exp(u) into a per-thread scratch row (each exponential
-//      is taken once), the sums Z and, for KL / reverse KL, sum e (u_t - u_s) (float per block,
-//      double across blocks);
+//   B  block by block, u = (x - max) / T (in registers for float32 logits, through a block buffer for
+//      bf16 / fp16), e = exp(u) into a per-thread scratch row (each exponential is taken once; u <= 0,
+//      so fast_exp_nonpos), the sums Z and, for KL / reverse KL, sum e (u_t - u_s) (float per block,
+//      two interleaved vector accumulators, double across blocks);
 //   C  gradients from the scratch (KL's student gradient needs only e_s / Z_s - e_t / Z_t);
 //      JSD first accumulates KL(p||m), KL(q||m) with one log per element, then a last pass writes
 //      its gradients.
@@ -154,19 +155,54 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
   // ---- pass A: maxima of the raw logits
   const acc_t Ms = row_max<scalar_t, acc_t>(xs, V), Mt = row_max<scalar_t, acc_t>(xt, V);
 
-  // ---- pass B: shifted logits, exponentials into the scratch, sums
+  // ---- pass B: shifted logits, exponentials into the scratch, sums. float32 logits are shifted in
+  // registers (no staging buffer); two vectors per iteration with their own accumulators keep the
+  // exponentials' FMA chains overlapped. u <= 0 (or NaN), so the exp needs no upper clamp.
   double Zs = 0.0, Zt = 0.0, A = 0.0;
+  const Vec vms(Ms), vmt(Mt), vit(inv_t);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
-    load_shifted(xs + j0, w.bs, n, Ms, inv_t);
-    load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    if constexpr (!kSame) {
+      load_shifted(xs + j0, w.bs, n, Ms, inv_t);
+      load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    }
+    // the shifted logit u at j of the block: (x - M) / T (the subtraction exact, only the scale rounds)
+    auto us_at = [&](int64_t j) {
+      if constexpr (kSame) return (Vec::loadu(xs + j0 + j) - vms) * vit;
+      else return Vec::loadu(w.bs + j);
+    };
+    auto ut_at = [&](int64_t j) {
+      if constexpr (kSame) return (Vec::loadu(xt + j0 + j) - vmt) * vit;
+      else return Vec::loadu(w.bt + j);
+    };
     acc_t* __restrict es = es_row + j0;
     acc_t* __restrict et = et_row + j0;
-    Vec zs(acc_t(0)), zt(acc_t(0)), a(acc_t(0));
+    Vec zs(acc_t(0)), zt(acc_t(0)), a(acc_t(0)), zs2(acc_t(0)), zt2(acc_t(0)), a2(acc_t(0));
     int64_t j = 0;
+    for (; j + 2 * W <= n; j += 2 * W) {
+      const Vec us = us_at(j), ut = ut_at(j), us2 = us_at(j + W), ut2 = ut_at(j + W);
+      const Vec vs = fast_exp_nonpos(us), vt = fast_exp_nonpos(ut);
+      const Vec vs2 = fast_exp_nonpos(us2), vt2 = fast_exp_nonpos(ut2);
+      vs.store(es + j);
+      vt.store(et + j);
+      vs2.store(es + j + W);
+      vt2.store(et + j + W);
+      zs = zs + vs;
+      zt = zt + vt;
+      zs2 = zs2 + vs2;
+      zt2 = zt2 + vt2;
+      if constexpr (DIV == KL) {
+        a = a + where_nonzero(vt, vt * (ut - us));
+        a2 = a2 + where_nonzero(vt2, vt2 * (ut2 - us2));
+      }
+      if constexpr (DIV == REVERSE_KL) {
+        a = a + where_nonzero(vs, vs * (us - ut));
+        a2 = a2 + where_nonzero(vs2, vs2 * (us2 - ut2));
+      }
+    }
     for (; j + W <= n; j += W) {
-      const Vec us = Vec::loadu(w.bs + j), ut = Vec::loadu(w.bt + j);
-      const Vec vs = fast_exp(us), vt = fast_exp(ut);
+      const Vec us = us_at(j), ut = ut_at(j);
+      const Vec vs = fast_exp_nonpos(us), vt = fast_exp_nonpos(ut);
       vs.store(es + j);
       vt.store(et + j);
       zs = zs + vs;
@@ -174,11 +210,12 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
       if constexpr (DIV == KL) a = a + where_nonzero(vt, vt * (ut - us));
       if constexpr (DIV == REVERSE_KL) a = a + where_nonzero(vs, vs * (us - ut));
     }
-    acc_t szs = vsum(zs), szt = vsum(zt), sa = vsum(a);
+    acc_t szs = vsum(zs + zs2), szt = vsum(zt + zt2), sa = vsum(a + a2);
     for (; j < n; ++j) {
-      const acc_t us = w.bs[j], ut = w.bt[j];
-      es[j] = fast_exp(us);
-      et[j] = fast_exp(ut);
+      const acc_t us = kSame ? (static_cast<acc_t>(xs[j0 + j]) - Ms) * inv_t : w.bs[j];
+      const acc_t ut = kSame ? (static_cast<acc_t>(xt[j0 + j]) - Mt) * inv_t : w.bt[j];
+      es[j] = fast_exp_nonpos(us);
+      et[j] = fast_exp_nonpos(ut);
       szs += es[j];
       szt += et[j];
       if constexpr (DIV == KL) sa += (et[j] == acc_t(0)) ? acc_t(0) : et[j] * (ut - us);

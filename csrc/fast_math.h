@@ -5,6 +5,8 @@
 //          exact, |r| <= ln2/2), exp(r) = 1 + r + r^2 P(r) with P of degree 4 (Horner, FMA), and the
 //          2^n factor added straight into the exponent bits. x < -87.3365 (below FLT_MIN) gives 0,
 //          x > 88.7228 gives +inf, NaN stays NaN.
+// fast_exp_nonpos(x): the same exp for x <= 0 (or NaN), as a softmax's shifted logits are: without
+//          the clamp at the top and the +inf branch (3 instructions of ~20 at AVX2), identical results.
 // log(x):  x = 2^e (1 + u) with 1 + u in [sqrt(1/2), sqrt(2)) taken from the bits (denormals are
 //          scaled by 2^23 first), log(1 + u) = u - u^2/2 + u^3 Q(u) with Q of degree 6, plus e ln2 (split
 //          as above). log(0) = -inf, log(x < 0) = NaN, log(inf) = inf, NaN stays NaN.
@@ -139,6 +141,27 @@ inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
   return res;
 }
 
+// exp for x <= 0 or NaN (shifted logits): fast_exp without the upper clamp and the +inf branch; the
+// same result wherever both are defined (a positive x here is a caller's bug, not checked).
+inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) {
+  const __m512 x = v;
+  const __m512 xc = _mm512_max_ps(_mm512_set1_ps(fm::kExpLo), x);  // NaN stays NaN (second operand)
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(fm::kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(fm::kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(fm::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(fm::kE6);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE5));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE4));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE3));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE2));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
+  const __m512 res = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
+  return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(fm::kExpLo), _CMP_NLT_UQ), res);
+}
+
 inline Vectorized<float> fast_log(const Vectorized<float>& v) {
   __m512 x = v;
   const __mmask16 small = _mm512_cmp_ps_mask(x, _mm512_set1_ps(fm::kFltMin), _CMP_LT_OQ);
@@ -197,6 +220,27 @@ inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
   return res;
 }
 
+// exp for x <= 0 or NaN (shifted logits): fast_exp without the upper clamp and the +inf branch; the
+// same result wherever both are defined (a positive x here is a caller's bug, not checked).
+inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) {
+  const __m256 x = v;
+  const __m256 xc = _mm256_max_ps(_mm256_set1_ps(fm::kExpLo), x);  // NaN stays NaN (second operand)
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(fm::kLog2e)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(fm::kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(fm::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(fm::kE6);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE5));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE4));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE3));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE2));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
+  const __m256 res = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
+  return _mm256_and_ps(res, _mm256_cmp_ps(x, _mm256_set1_ps(fm::kExpLo), _CMP_NLT_UQ));
+}
+
 inline Vectorized<float> fast_log(const Vectorized<float>& v) {
   const __m256 x0 = v;
   const __m256 small = _mm256_cmp_ps(x0, _mm256_set1_ps(fm::kFltMin), _CMP_LT_OQ);
@@ -238,6 +282,8 @@ inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
   return Vectorized<float>::loadu(a);
 }
 
+inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) { return fast_exp(v); }
+
 inline Vectorized<float> fast_log(const Vectorized<float>& v) {
   alignas(64) float a[Vectorized<float>::size()];
   v.store(a);
@@ -248,11 +294,14 @@ inline Vectorized<float> fast_log(const Vectorized<float>& v) {
 #endif
 
 inline float fast_exp(float x) { return fm::exp_scalar(x); }
+inline float fast_exp_nonpos(float x) { return fm::exp_scalar(x); }
 inline float fast_log(float x) { return fm::log_scalar(x); }
 // float64 stays on the accurate at::vec / libm versions.
 inline Vectorized<double> fast_exp(const Vectorized<double>& v) { return v.exp(); }
+inline Vectorized<double> fast_exp_nonpos(const Vectorized<double>& v) { return v.exp(); }
 inline Vectorized<double> fast_log(const Vectorized<double>& v) { return v.log(); }
 inline double fast_exp(double x) { return std::exp(x); }
+inline double fast_exp_nonpos(double x) { return std::exp(x); }
 inline double fast_log(double x) { return std::log(x); }
 
 }  // namespace CPU_CAPABILITY

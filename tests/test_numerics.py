@@ -2,7 +2,8 @@
 logit offsets, the NaN contract of an all -inf row, and the int32-overflow guards (issues 14 and 15).
 
 * ``_fast_exp`` / ``_fast_log`` (csrc/fast_math.h) at every CPU instruction-set level the host
-  supports, against float64 over their whole float32 range, in ulp.
+  supports, against float64 over their whole float32 range, in ulp; ``_fast_exp_nonpos`` (the
+  kernels' exp of shifted logits) bit for bit against ``_fast_exp`` on x <= 0.
 * ``distill_loss`` at logit offsets up to 1e6 (T = 1) and at +-1e30, every divergence, the loss
   and both gradients, on the C++ CPU kernel (every level), the Triton kernel (interpreter) and the
   CUDA kernel (host emulation of tests/cuda_emu), against the float64 reference: relative error
@@ -96,6 +97,21 @@ def test_fast_exp_special_values(level):
     assert torch.equal(got.isnan(), expect.isnan())
     ok = ~expect.isnan()
     torch.testing.assert_close(got[ok], expect[ok], rtol=3e-7, atol=0.0)
+
+
+def test_fast_exp_nonpos_matches_fast_exp(level):
+    # the kernels' exp of shifted logits (x <= 0): the same bits as _fast_exp on its whole domain,
+    # the NaN / -inf / underflow cases included; odd lengths exercise the scalar tail.
+    inf, nan = float("inf"), float("nan")
+    grid = torch.linspace(-110.0, 0.0, 1_000_003, dtype=torch.float32)
+    special = torch.tensor([-inf, -1e30, -104.0, -87.34, -87.33, -1e-30, -0.0, 0.0, nan] * 3)
+    x = torch.cat([grid, special, -torch.rand(1001, generator=torch.Generator().manual_seed(0)) * 100])
+    got = torch.ops.fastkd._fast_exp_nonpos(x)
+    ref = torch.ops.fastkd._fast_exp(x)
+    assert torch.equal(got.isnan(), x.isnan()), "NaN in, NaN out; nothing else NaN"
+    ok = ~x.isnan()
+    assert torch.equal(got[ok], ref[ok]), f"differs at x = {x[ok][got[ok] != ref[ok]][:5].tolist()}"
+    assert got[ok][x[ok] == -inf].eq(0).all() and got[ok][x[ok] == 0].eq(1).all()
 
 
 def test_fast_log_accuracy(level):
