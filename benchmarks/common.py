@@ -103,16 +103,21 @@ def size_set() -> str:
     return s
 
 
-@functools.cache
-def cpu_model() -> str:
+def _cpuinfo_field(key: str) -> str | None:
+    """The first ``key : value`` line's value in /proc/cpuinfo (None where there is none)."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("model name"):
+                if line.startswith(key):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+@functools.cache
+def cpu_model() -> str:
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _short_cpu_name(name: str) -> str:
@@ -141,15 +146,10 @@ def cpu_host_isa() -> str:
     flags, whatever level a run is forced to: it is part of the results folder's name, because one
     model name covers CPUs of different widths (an "AMD EPYC" VM is a Zen 3 with AVX2 on one host and a
     Zen 5 with AVX-512 on another)."""
-    flags: set[str] = set()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    break
-    except OSError:
+    flags_line = _cpuinfo_field("flags")
+    if flags_line is None:
         return "unknown"
+    flags = set(flags_line.split())
     if "avx512f" in flags:
         return "avx512"
     return "avx2" if {"avx2", "fma"} <= flags else "default"

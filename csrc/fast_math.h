@@ -119,30 +119,9 @@ using at::vec::Vectorized;
 
 #if defined(CPU_CAPABILITY_AVX512)
 
-inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
-  const __m512 x = v;
-  const __m512 xc = _mm512_min_ps(_mm512_set1_ps(fm::kExpHi), _mm512_max_ps(_mm512_set1_ps(fm::kExpLo), x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(fm::kLog2e)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(fm::kLn2Hi), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(fm::kLn2Lo), r);
-  __m512 p = _mm512_set1_ps(fm::kE6);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE5));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE4));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE3));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(fm::kE2));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-  const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
-  __m512 res = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
-  res = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(fm::kExpLo), _CMP_NLT_UQ), res);
-  res = _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(x, _mm512_set1_ps(fm::kExpHi), _CMP_GT_OQ),
-                           _mm512_set1_ps(std::numeric_limits<float>::infinity()));
-  return res;
-}
-
-// exp for x <= 0 or NaN (shifted logits): fast_exp without the upper clamp and the +inf branch; the
-// same result wherever both are defined (a positive x here is a caller's bug, not checked).
+// exp for x <= kExpHi or NaN (the kernels call it on shifted logits, x <= 0): range reduction, the
+// polynomial, 2^n into the exponent bits, 0 below log(FLT_MIN). No upper clamp: above kExpHi the
+// result is garbage, and fast_exp (below) adds the clamp and the +inf branch.
 inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) {
   const __m512 x = v;
   const __m512 xc = _mm512_max_ps(_mm512_set1_ps(fm::kExpLo), x);  // NaN stays NaN (second operand)
@@ -160,6 +139,15 @@ inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) {
   const __m512i e = _mm512_slli_epi32(_mm512_cvtps_epi32(n), 23);
   const __m512 res = _mm512_castsi512_ps(_mm512_add_epi32(_mm512_castps_si512(p), e));
   return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(fm::kExpLo), _CMP_NLT_UQ), res);
+}
+
+// exp on the whole float32 range: fast_exp_nonpos of min(x, kExpHi) (for x <= kExpHi the same steps and
+// bits: the clamp at the bottom, the underflow mask and NaN behave alike), then +inf above kExpHi.
+inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
+  const __m512 x = v;
+  const __m512 res = fast_exp_nonpos(Vectorized<float>(_mm512_min_ps(_mm512_set1_ps(fm::kExpHi), x)));  // NaN stays NaN
+  return _mm512_mask_mov_ps(res, _mm512_cmp_ps_mask(x, _mm512_set1_ps(fm::kExpHi), _CMP_GT_OQ),
+                            _mm512_set1_ps(std::numeric_limits<float>::infinity()));
 }
 
 inline Vectorized<float> fast_log(const Vectorized<float>& v) {
@@ -198,30 +186,10 @@ inline Vectorized<float> fast_log(const Vectorized<float>& v) {
 
 #elif defined(CPU_CAPABILITY_AVX2)
 
-inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
-  const __m256 x = v;
-  const __m256 xc = _mm256_min_ps(_mm256_set1_ps(fm::kExpHi), _mm256_max_ps(_mm256_set1_ps(fm::kExpLo), x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(fm::kLog2e)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(fm::kLn2Hi), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(fm::kLn2Lo), r);
-  __m256 p = _mm256_set1_ps(fm::kE6);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE5));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE4));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE3));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(fm::kE2));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
-  const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
-  __m256 res = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
-  res = _mm256_and_ps(res, _mm256_cmp_ps(x, _mm256_set1_ps(fm::kExpLo), _CMP_NLT_UQ));
-  res = _mm256_blendv_ps(res, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
-                         _mm256_cmp_ps(x, _mm256_set1_ps(fm::kExpHi), _CMP_GT_OQ));
-  return res;
-}
 
-// exp for x <= 0 or NaN (shifted logits): fast_exp without the upper clamp and the +inf branch; the
-// same result wherever both are defined (a positive x here is a caller's bug, not checked).
+// exp for x <= kExpHi or NaN (the kernels call it on shifted logits, x <= 0): range reduction, the
+// polynomial, 2^n into the exponent bits, 0 below log(FLT_MIN). No upper clamp: above kExpHi the
+// result is garbage, and fast_exp (below) adds the clamp and the +inf branch.
 inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) {
   const __m256 x = v;
   const __m256 xc = _mm256_max_ps(_mm256_set1_ps(fm::kExpLo), x);  // NaN stays NaN (second operand)
@@ -239,6 +207,15 @@ inline Vectorized<float> fast_exp_nonpos(const Vectorized<float>& v) {
   const __m256i e = _mm256_slli_epi32(_mm256_cvtps_epi32(n), 23);
   const __m256 res = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(p), e));
   return _mm256_and_ps(res, _mm256_cmp_ps(x, _mm256_set1_ps(fm::kExpLo), _CMP_NLT_UQ));
+}
+
+// exp on the whole float32 range: fast_exp_nonpos of min(x, kExpHi) (for x <= kExpHi the same steps and
+// bits: the clamp at the bottom, the underflow mask and NaN behave alike), then +inf above kExpHi.
+inline Vectorized<float> fast_exp(const Vectorized<float>& v) {
+  const __m256 x = v;
+  const __m256 res = fast_exp_nonpos(Vectorized<float>(_mm256_min_ps(_mm256_set1_ps(fm::kExpHi), x)));  // NaN stays NaN
+  return _mm256_blendv_ps(res, _mm256_set1_ps(std::numeric_limits<float>::infinity()),
+                          _mm256_cmp_ps(x, _mm256_set1_ps(fm::kExpHi), _CMP_GT_OQ));
 }
 
 inline Vectorized<float> fast_log(const Vectorized<float>& v) {
