@@ -28,7 +28,8 @@ overrides, scores the dev split only and appends to ``<work>/dev_runs.jsonl`` (`
 does the same for the demo's budget); the results README says which settings were chosen so.
 The test split is read once per student, for the table.
 
-Outputs (``--results``, default ``benchmarks/results/quality/``):
+Outputs (``--results``, default ``<work>/results``; the committed copy in ``benchmarks/results/quality/``
+is written only when named, as in the ``--report-only`` line above):
 
 * ``summary.csv`` — ``task,method,seeds,mean_acc,sd_acc,pct_of_teacher,delta_vs_ood,delta_ci_low,
   delta_ci_high``: test accuracy in % (mean and standard deviation over seeds), % of the teacher's
@@ -299,8 +300,8 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
         rows = load_rows(data["split"][split])
         acc, agreement, correct = score_rows(student, stok, rows, ctx["teacher_pred"][split], batch_size=64)
         rec[f"{split}_acc"], rec[f"{split}_agreement"] = acc, agreement
-        if split == "test":
-            rec["test_correct"] = correct
+        if split == "test" or dev_only:
+            rec[f"{split}_correct"] = correct  # per row, for paired comparisons and per-class accuracy
     if dev_only:
         rec["tag"] = tag
         rec["loop"] = loop_kw
@@ -703,7 +704,10 @@ def evidence_lines(runs: list[dict[str, Any]], meta: dict[str, Any]) -> list[str
     return out
 
 
-README_START = "<!-- quality-table:start (python benchmarks/quality.py --report-only --update-readme README.md) -->"
+README_START = (
+    "<!-- quality-table:start (python benchmarks/quality.py --report-only --work benchmarks/results/quality "
+    "--results benchmarks/results/quality --update-readme README.md) -->"
+)
 README_END = "<!-- quality-table:end -->"
 
 
@@ -974,7 +978,11 @@ def main(argv: list[str] | None = None) -> int:
         "--merge", nargs="+", default=None, metavar="DIR",
         help="other work folders (e.g. one per task, run in parallel) whose runs join the outputs",
     )  # fmt: skip
-    p.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "quality"))
+    p.add_argument(
+        "--results", default=None,
+        help="folder for summary.csv, quality.md, the plot (default: <work>/results; the committed copy is "
+        "benchmarks/results/quality, written only when named)",
+    )  # fmt: skip
     p.add_argument("--report-only", action="store_true", help="rebuild the outputs from <work>/runs.jsonl")
     p.add_argument("--update-readme", default=None, metavar="README", help="write the table into README's markers")
     p.add_argument("--prepare-only", action="store_true", help="teachers, zskd generators and t3 pools only")
@@ -1004,7 +1012,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(BUDGET["threads"])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = Path(args.results)
+    results = Path(args.results) if args.results else Path(args.work) / "results"
     works = [work] + [Path(d) for d in args.merge or []]
     if args.report_only:
         rows = report(works, results)

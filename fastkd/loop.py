@@ -539,6 +539,7 @@ def micro_step_loss(
     hidden = m.matcher is not None
     loss = torch.zeros((), device=ctx.device)
     for view in views:
+        kd_log = None  # the logged kd_* when the KD term is row-weighted: the plain mean
         if m.teacher is None:  # offline: the teacher's logits are stored in the view
             t_out = None
             s_out = ctx.forward(m.student, view, "student", hidden=hidden)
@@ -547,9 +548,15 @@ def micro_step_loss(
             with torch.no_grad():
                 t_out = ctx.forward(m.teacher, view, "teacher", hidden=hidden)
             s_out = ctx.forward(m.student, view, "student", hidden=hidden)
-            kd = ctx.kd(s_out.logits, t_out.logits)
+            w = method.row_weights(view, t_out.logits)
+            if w is None:
+                kd = ctx.kd(s_out.logits, t_out.logits)
+            else:  # the method's row weights (zskd adv_balance); the logged kd_* stays the plain mean
+                rows = ctx.kd(s_out.logits, t_out.logits, reduction="none")
+                kd_log = rows.detach().mean()
+                kd = (rows * w).sum() / w.sum().clamp_min(1e-12)
         term = cfg.kd_weight * kd
-        _acc(parts, f"kd_{view.name}", kd / cfg.grad_accum)
+        _acc(parts, f"kd_{view.name}", (kd if kd_log is None else kd_log) / cfg.grad_accum)
         if m.matcher is not None:
             assert t_out is not None  # refused with --teacher-logits
             hm = m.matcher(s_out.hidden_states, t_out.hidden_states, view.attention_mask)

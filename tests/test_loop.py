@@ -30,6 +30,7 @@ RESUME_CASES = [
     # min_gen_lift 0: this tests resume, not the generator's quality (test_method_generators does)
     pytest.param("zskd", {"gen_every": 2, "gen_steps": 1, "min_gen_lift": 0}, id="zskd-mlm"),
     pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding"),
+    pytest.param("zskd", {"gen_every": 2, "gen_steps": 1, "min_gen_lift": 0, "adv_balance": "clean"}, id="zskd-balance"),
     pytest.param("asdfd", {"construct_steps": 2, "pool_size": 8}, id="asdfd"),
     pytest.param("t3", {**_tiny.T3_OPTIONS, "refresh_every": 2, "pool_size": 16}, id="t3"),
 ]

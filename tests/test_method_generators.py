@@ -480,3 +480,68 @@ def test_bootstrap_delta_paired_uses_the_pairing():
     assert same[0] == 0.0 and same[1] <= 0 <= same[2] and same[3] == 0
     with pytest.raises(ValueError, match="share no seed"):
         bootstrap_delta_paired({0: "1"}, {1: "1"})
+
+
+# --------------------------------------------------------------------------------------------
+# zskd adv_balance: class-balanced weights on the adversarial rows
+# --------------------------------------------------------------------------------------------
+def test_balance_weights_give_the_target_class_mass():
+    from fastkd.methods.zskd import balance_weights
+
+    probs = torch.eye(3)[torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 0])].float()  # 70% / 20% / 10%
+    target = torch.full((3,), 1 / 3)
+    w = balance_weights(probs, target, cap=100.0)
+    assert w.mean().item() == pytest.approx(1.0, abs=1e-6)
+    mass = (w[:, None] * probs).mean(0)
+    torch.testing.assert_close(mass, target, atol=1e-6, rtol=0)
+    # the cap bounds each class's ratio to [1/2, 2]: class 2's 3.33 is held at 2, class 0's 0.48 at 0.5
+    w2 = balance_weights(probs, target, cap=2.0)
+    ratios = w2 / w2[0]
+    assert ratios[8].item() == pytest.approx(2.0 / 0.5, rel=1e-5)
+    assert ratios[6].item() == pytest.approx((1 / 3 / 0.2) / 0.5, rel=1e-5)
+    # soft rows: a row's weight is its probabilities times the class ratios
+    soft = torch.softmax(torch.randn(16, 3, generator=torch.Generator().manual_seed(0)), -1)
+    w3 = balance_weights(soft, target, cap=100.0)
+    r = target / soft.mean(0)
+    torch.testing.assert_close(w3, (soft @ r) / (soft @ r).mean())
+
+
+@pytest.mark.parametrize("mode", ["uniform", "clean"])
+def test_zskd_adv_balance_weights_the_adversarial_kd_term(teacher_and_tok, mode):
+    from types import SimpleNamespace
+
+    from fastkd.loop import Trainee, micro_step_loss
+    from fastkd.methods.base import StepInfo
+    from fastkd.methods.zskd import balance_weights
+
+    teacher, tok = teacher_and_tok
+    cls = get_method("zskd")
+    opts = {"pretrain_steps": 5, "generator_cache": "none", "min_gen_lift": 0, "adv_balance": mode}
+    method = cls(_ctx(teacher, tok), cls.parse_options(opts))
+    method.setup()
+    ctx = method.ctx
+    info = StepInfo(step=0, micro=0, rank=0, world=1, batch_size=8, offset=0, generator=torch.Generator().manual_seed(3))
+    views = method.batch(info)
+    assert [v.name for v in views] == ["ood", "adversarial"]
+    cfg = SimpleNamespace(kd_weight=1.0, grad_accum=1, ce_weight=0.0)
+    parts: dict = {}
+    loss = micro_step_loss(cfg, ctx, method, views, Trainee(teacher, ctx.student, None, 0.0), parts)
+    with torch.no_grad():
+        t = [ctx.forward(teacher, v, "teacher").logits for v in views]
+        s = [ctx.forward(ctx.student, v, "student").logits for v in views]
+        rows = ctx.kd(s[1], t[1], reduction="none")
+        p_adv, p_clean = torch.softmax(t[1].float(), -1), torch.softmax(t[0].float(), -1)
+        target = torch.full((2,), 0.5) if mode == "uniform" else p_clean.mean(0)
+        w = balance_weights(p_adv, target, 5.0)
+        want = ctx.kd(s[0], t[0]) + (rows * w).sum() / w.sum()
+    torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(parts["kd_adversarial"], rows.mean(), rtol=1e-5, atol=1e-7)  # logged: plain mean
+    assert not torch.allclose(w, torch.ones_like(w))  # the weights do something here
+
+
+def test_zskd_adv_balance_option_errors(teacher_and_tok):
+    cls = get_method("zskd")
+    with pytest.raises(ValueError, match="adv_balance must be"):
+        cls.parse_options({"adv_balance": "yes"})
+    with pytest.raises(ValueError, match="adv_balance_cap must be >= 1"):
+        cls.parse_options({"adv_balance_cap": 0.5})

@@ -197,6 +197,11 @@ class Method:
     def student_loss(self, view: View, student_out: Any, teacher_out: Any) -> Tensor | None:
         return None
 
+    def row_weights(self, view: View, teacher_logits: Tensor) -> Tensor | None:
+        """Per-row weights ``[B]`` of the KD term on ``view`` given the teacher's logits on it (the KD
+        term becomes ``sum(w * kd_row) / sum(w)``), or None for the plain batch mean."""
+        return None
+
     def student_parameters(self) -> list[nn.Parameter]:
         return []
 

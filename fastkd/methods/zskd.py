@@ -50,6 +50,12 @@ What is reconstruction (the papers leave it open, or our setting differs)
       view (``kd_adversarial``): the adversarial one should be higher, or the generator is not
       finding disagreement; the generator's own ``gen_divergence`` and ``gen_mlm_loss`` are logged
       at its updates.
+    * Class balance of the adversarial view (``adv_balance``, off by default; ours, not the papers'):
+      refilled text shifts the teacher's labels (on the movie task it calls token noise negative), and
+      a student trained on it learns that lean: more of the negative sentences right, fewer of the
+      positive ones, which costs on a test set whose classes are not balanced. ``uniform`` or
+      ``clean`` reweights the adversarial rows so the teacher's class mass on them is uniform or the
+      clean batch's (:func:`balance_weights`); the logged ``kd_adversarial`` stays the plain mean.
     * The straight-through estimator: the forward pass uses the hard Gumbel sample (a plain
       embedding lookup, cheaper than the dense ``one_hot @ E``); the backward pass routes the
       gradient through the soft sample (``grad @ E^T``), which is what the straight-through
@@ -201,6 +207,17 @@ def build_mlm_generator(teacher: nn.Module, layers: int) -> nn.Module:
     return gen
 
 
+def balance_weights(probs: Tensor, target: Tensor, cap: float) -> Tensor:
+    """Row weights ``[N]`` (mean 1) that move the class mass ``mean_i p_i`` of ``probs`` ``[N, C]``
+    towards ``target`` ``[C]``: ``w_i = sum_c p_i(c) r(c)``, ``r = target / mean_i p_i`` clipped to
+    ``[1 / cap, cap]``. With one-hot rows and no clipping the weighted class mass is exactly
+    ``target``."""
+    mass = probs.mean(0)
+    r = (target / mass.clamp_min(1e-12)).clamp(1.0 / cap, cap)
+    w = probs @ r
+    return w / w.mean().clamp_min(1e-12)
+
+
 class ZeroShotKD(Method):
     name = "zskd"
     summary = "Zero-shot KD (Rashid et al. 2021): OOD text + adversarial examples maximising KL(teacher||student)"
@@ -238,6 +255,12 @@ class ZeroShotKD(Method):
         embed_norm: str = opt("l2", "step normalisation of embedding_ascent_: l2, linf, sign, none")
         ood_weight: float = opt(1.0, "weight of the KD loss on the clean OOD batch")
         adv_weight: float = opt(1.0, "weight of the KD loss on the adversarial batch")
+        adv_balance: str = opt(
+            "none",
+            "reweight adversarial rows so the teacher's class mass on them matches: none, uniform, or clean "
+            "(the clean OOD batch's)",
+        )
+        adv_balance_cap: float = opt(5.0, "largest per-class weight adv_balance may give")
 
         def check(self) -> None:
             if self.generator not in ("mlm", "embedding"):
@@ -248,6 +271,10 @@ class ZeroShotKD(Method):
                 raise ValueError("gumbel_tau, gen_lr and embed_radius must be positive")
             if min(self.gen_steps, self.gen_every, self.gen_batch, self.embed_steps, self.pretrain_steps) < 0:
                 raise ValueError("gen_steps, gen_every, gen_batch, embed_steps and pretrain_steps must be >= 0")
+            if self.adv_balance not in ("none", "uniform", "clean"):
+                raise ValueError(f"zskd adv_balance must be 'none', 'uniform' or 'clean', got {self.adv_balance!r}")
+            if not self.adv_balance_cap >= 1.0:
+                raise ValueError(f"zskd adv_balance_cap must be >= 1, got {self.adv_balance_cap}")
             if self.pretrain_batch < 1 or self.pretrain_lr <= 0 or self.gen_mlm_weight < 0 or self.min_gen_lift < 0:
                 raise ValueError("pretrain_batch >= 1, pretrain_lr > 0, gen_mlm_weight >= 0 and min_gen_lift >= 0")
 
@@ -262,6 +289,7 @@ class ZeroShotKD(Method):
         self.generator: nn.Module | None = None
         self.generator_info: dict[str, Any] = {}
         self.gen_interval = 0
+        self._clean_prior: Tensor | None = None  # adv_balance=clean: the teacher's class mass on the clean batch
         if self.opt.generator == "mlm":
             if self.mask_id is None:
                 raise ValueError("zskd generator=mlm needs a tokenizer with a mask token; use -O generator=embedding")
@@ -462,6 +490,28 @@ class ZeroShotKD(Method):
         else:
             adv = self._embedding_adversary(clean)
         return [clean, adv]
+
+    def row_weights(self, view: View, teacher_logits: Tensor) -> Tensor | None:
+        """``adv_balance``: weights of the adversarial rows that give the teacher's class mass on them
+        the target prior (uniform, or the clean batch's): ``w_i = sum_c p_i(c) r(c)`` with ``r(c) =
+        target(c) / mean_i p_i(c)`` (capped at ``adv_balance_cap``), ``p_i`` the teacher's softmax on
+        row ``i``. The refilled text shifts the teacher's labels (random-looking text reads as one
+        class), and the student learns that class's lean; see :func:`balance_weights`."""
+        mode = self.opt.adv_balance
+        if mode == "none":
+            return None
+        probs = torch.softmax(teacher_logits.detach().float(), dim=-1)
+        if view.name != "adversarial":
+            if view.name == "ood":
+                self._clean_prior = probs.mean(0)
+            return None
+        if mode == "clean":
+            target = self._clean_prior
+            if target is None:  # not seen a clean batch this micro-step (cannot happen in batch()'s order)
+                return None
+        else:
+            target = torch.full_like(probs[0], 1.0 / probs.shape[-1])
+        return balance_weights(probs, target, self.opt.adv_balance_cap)
 
     def state_dict(self) -> dict[str, Any]:
         if self.generator is None:
