@@ -156,11 +156,15 @@ def cpu_host_isa() -> str:
 
 
 def device_slug() -> str:
-    """Folder name under ``benchmarks/results/``: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-xeon-processor-avx512-2t``
-    (CPU model, the CPU's widest vector level, torch threads)."""
+    """Folder name under ``benchmarks/results/``: ``nvidia-h100-80gb-hbm3``, ``cpu-intel-xeon-processor-f6-avx512-2t``
+    (CPU model, CPU family, the CPU's widest vector level, torch threads). A VM's model name is often
+    generic ("AMD EPYC"): family and width tell apart Zen 3 (f25, avx2), Zen 4 (f25, avx512) and Zen 5
+    (f26, avx512), whose speeds differ too much to share a folder."""
     if IS_CUDA:
         return slugify(device_label())
-    return f"cpu-{slugify(_short_cpu_name(cpu_model()))}-{cpu_host_isa()}-{torch.get_num_threads()}t"
+    family = _cpuinfo_field("cpu family")
+    fam = f"f{family}-" if family and family.isdigit() else ""
+    return f"cpu-{slugify(_short_cpu_name(cpu_model()))}-{fam}{cpu_host_isa()}-{torch.get_num_threads()}t"
 
 
 @functools.cache
