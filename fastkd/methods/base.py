@@ -8,6 +8,8 @@ the optimizer and the KD loss; a method only
 * ``before_step(step, generator)`` — optional work before a student step (generator updates);
 * ``batch(info)`` — the views for one micro-batch of this rank;
 * ``student_loss(view, student_out, teacher_out)`` — an optional extra loss term for the student;
+* ``row_weights(view, teacher_logits)`` — optional per-row weights of the KD term on a view (zskd's
+  ``adv_balance``); stateless across steps, so a resumed run repeats the uninterrupted one;
 * ``student_parameters()`` — extra trainable modules updated with the student (e.g. a head);
 * ``state_dict()`` / ``load_state_dict()`` — everything needed for an exact resume (tensors and
   JSON-able values; no pickle).
