@@ -16,7 +16,8 @@ What happens, in order (each step is a section below):
    (:mod:`fastkd.checkpoint`: safetensors + JSON, checksummed, crash-safe; no pickle);
 4. for each optimizer step: reseed every RNG from (seed, step, rank); let the method prepare
    (generator updates); for each micro-batch let the method produce views, run the teacher under
-   no_grad and the student, add KD (+ hidden matching, + the method's own term), backward;
+   no_grad (views of one shape in one stacked forward) and the student, add KD (+ hidden matching,
+   + the method's own term; optionally row-weighted by the method), backward;
    average gradients across ranks; stop (or skip the step) if the loss or gradients are not finite;
    clip; step;
 5. log (progress bar with loss, throughput and ETA; JSON lines), evaluate every ``eval_every``
@@ -538,15 +539,15 @@ def micro_step_loss(
     method's own term), each view weighted. Adds each part (divided by grad_accum) into ``parts``."""
     hidden = m.matcher is not None
     loss = torch.zeros((), device=ctx.device)
-    for view in views:
+    t_outs = teacher_outputs(ctx, m.teacher, views, hidden) if m.teacher is not None else None
+    for i, view in enumerate(views):
         kd_log = None  # the logged kd_* when the KD term is row-weighted: the plain mean
-        if m.teacher is None:  # offline: the teacher's logits are stored in the view
+        if t_outs is None:  # offline: the teacher's logits are stored in the view
             t_out = None
             s_out = ctx.forward(m.student, view, "student", hidden=hidden)
             kd = stored_kd(ctx, s_out.logits, view)
         else:
-            with torch.no_grad():
-                t_out = ctx.forward(m.teacher, view, "teacher", hidden=hidden)
+            t_out = t_outs[i]
             s_out = ctx.forward(m.student, view, "student", hidden=hidden)
             w = method.row_weights(view, t_out.logits)
             if w is None:
@@ -572,6 +573,44 @@ def micro_step_loss(
             _acc(parts, f"extra_{view.name}", extra / cfg.grad_accum)
         loss = loss + view.weight * term
     return loss
+
+
+@dataclass
+class TeacherOut:
+    """The part of a teacher's output the KD terms read."""
+
+    logits: Tensor
+    hidden_states: tuple[Tensor, ...] | None = None
+
+
+def teacher_outputs(ctx: Any, teacher: nn.Module, views: Sequence[Any], hidden: bool) -> list[Any]:
+    """The frozen teacher's outputs on each view, without gradient. Token views of one shape (zskd's
+    clean and refilled batches) go through one forward of their stacked rows: the teacher is in eval
+    mode, every row is computed on its own (attention within the row), so each row's output is that of
+    its own forward, and one larger matrix product costs less than two."""
+    with torch.no_grad():
+        stack = (
+            len(views) > 1
+            and all(v.teacher_embeds is None and v.input_ids is not None for v in views)
+            and len({tuple(v.input_ids.shape) for v in views}) == 1
+            and len({v.token_type_ids is None for v in views}) == 1
+        )
+        if not stack:
+            return [ctx.forward(teacher, v, "teacher", hidden=hidden) for v in views]
+        tt = None if views[0].token_type_ids is None else torch.cat([v.token_type_ids for v in views])
+        both = type(views[0])(
+            attention_mask=torch.cat([v.attention_mask for v in views]),
+            input_ids=torch.cat([v.input_ids for v in views]),
+            token_type_ids=tt,
+        )
+        out = ctx.forward(teacher, both, "teacher", hidden=hidden)
+        sizes = [v.batch_size for v in views]
+        logits = out.logits.split(sizes)
+        states = [h.split(sizes) for h in out.hidden_states] if hidden else None
+        return [
+            TeacherOut(logits[i], tuple(h[i] for h in states) if states is not None else None)
+            for i in range(len(views))
+        ]
 
 
 def stored_kd(ctx: Any, student_logits: Tensor, view: Any) -> Tensor:

@@ -528,3 +528,38 @@ def test_a_diverging_run_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
         _tiny.config("ood", tmp_path / "b", max_steps=4, lr=1e30, max_grad_norm=0.0, on_nonfinite="skip")
     )
     assert skipped.steps == 4
+
+
+def test_teacher_outputs_stack_views_of_one_shape():
+    """zskd's clean and refilled views go through one teacher forward; each view's logits and hidden
+    states equal those of its own forward (the teacher is in eval mode; rows do not interact)."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from fastkd.loop import teacher_outputs
+    from fastkd.methods.base import MethodContext, View
+
+    teacher, _ = load_classifier(_tiny.teacher_dir())
+    ns = SimpleNamespace(bridge=None, autocast=contextlib.nullcontext)
+    ctx = SimpleNamespace(forward=lambda model, view, side, hidden=False: MethodContext.forward(
+        ns, model, view, side, hidden=hidden))  # fmt: skip
+    ns.model_inputs = lambda m, v, side: MethodContext.model_inputs(ns, m, v, side)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, teacher.config.vocab_size, (2, 6, 12), generator=g)
+    mask = torch.ones(2, 6, 12, dtype=torch.long)
+    mask[0, :2, 9:] = 0
+    views = [View(attention_mask=mask[i], input_ids=ids[i]) for i in range(2)]
+    for hidden in (False, True):
+        got = teacher_outputs(ctx, teacher, views, hidden)
+        for v, out in zip(views, got):
+            with torch.no_grad():
+                own = teacher(input_ids=v.input_ids, attention_mask=v.attention_mask, output_hidden_states=hidden)
+            torch.testing.assert_close(out.logits, own.logits, rtol=1e-6, atol=1e-6)
+            if hidden:
+                assert len(out.hidden_states) == len(own.hidden_states)
+                for a, b in zip(out.hidden_states, own.hidden_states):
+                    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # views of different lengths are not stacked: each gets its own forward
+    short = View(attention_mask=mask[1][:, :8], input_ids=ids[1][:, :8])
+    got = teacher_outputs(ctx, teacher, [views[0], short], False)
+    assert got[1].logits.shape == (6, teacher.config.num_labels)
