@@ -114,6 +114,8 @@ OPTIONS: dict[str, dict[str, Any]] = {
 # tie (74.6% / 74.3%, ood 72.5%), so movie keeps 0.5.
 # zskd mask_prob on movie reviews (5 dev seeds each, session 5): 0.3 -> 72.9%, 0.5 -> 73.8% (ahead of 0.3 in
 # 5 of 5 seeds), 0.7 -> 72.8% (3 seeds); ood 72.7%. Not yet measured on tweets (its teacher was not rebuilt).
+# Session 7, the same 5 seeds with the inverse-CDF sampler that replaced the Gumbel draw: 0.5 -> 72.9%, and
+# adv_balance clean 73.1%, uniform 72.3% (3 seeds): none chosen (results README).
 TASK_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "movie_reviews": {"zskd": {"mask_prob": 0.5}},
     "tweets": {"t3": {"source_fraction": 0.75}},

@@ -56,6 +56,8 @@ What is reconstruction (the papers leave it open, or our setting differs)
       positive ones, which costs on a test set whose classes are not balanced. ``uniform`` or
       ``clean`` reweights the adversarial rows so the teacher's class mass on them is uniform or the
       clean batch's (:func:`balance_weights`); the logged ``kd_adversarial`` stays the plain mean.
+      Measured on the movie dev split (5 seeds, ``benchmarks/results/quality/README.md``): ``clean``
+      changes neither accuracy nor the per-class split, ``uniform`` deepens the lean; so it is off.
     * The straight-through estimator: the forward pass uses the hard Gumbel sample (a plain
       embedding lookup, cheaper than the dense ``one_hot @ E``); the backward pass routes the
       gradient through the soft sample (``grad @ E^T``), which is what the straight-through
