@@ -23,13 +23,15 @@
 //   gradient rows NaN; so does a row that is all -inf (its softmax is undefined: -inf - -inf) or
 //   holds +inf. A row whose row_scale is 0 is skipped: loss 0, gradient 0, even if it holds NaN.
 //
-// Passes over a row (V = 32000 fp32: both rows and the scratch are 0.5 MiB, so passes B-D read L2):
-//   A  the two maxima (reads the logits from memory);
-//   B  block by block, u = (x - max) / T (in registers for float32 logits, through a block buffer for
+// Passes over a row (V = 32000 fp32: both rows and the scratch are 0.5 MiB, so passes C-D read L2):
+//   B  block by block (1024 entries): the block's two maxima m_b (the block is read from memory once,
+//      then from L1), u = (x - m_b) / T (in registers for float32 logits, through a block buffer for
 //      bf16 / fp16), e = exp(u) into a per-thread scratch row (each exponential is taken once; u <= 0,
-//      so fast_exp_nonpos), the sums Z and, for KL / reverse KL, sum e (u_t - u_s) (float per block,
-//      two interleaved vector accumulators, double across blocks);
-//   C  gradients from the scratch (KL's student gradient needs only e_s / Z_s - e_t / Z_t);
+//      so fast_exp_nonpos), the block's sums Z_b and, for KL / reverse KL, sum e (u_t - u_s) (float per
+//      block, two interleaved vector accumulators); then the row's maxima M and sums in double, block b
+//      scaled by exp((m_b - M) / T) (there is no separate pass for the row maxima);
+//   C  gradients from the scratch, each block's exponentials times its factor (KL's student gradient
+//      needs only e_s f_s,b / Z_s - e_t f_t,b / Z_t);
 //      JSD first accumulates KL(p||m), KL(q||m) with one log per element, then a last pass writes
 //      its gradients.
 // exp and log are fastkd's own (fast_math.h): range reduction plus a minimax polynomial with FMA.
@@ -137,10 +139,19 @@ inline void advise_huge_pages(void* p, int64_t bytes) {
 
 template <typename acc_t>
 struct RowScratch {
-  std::vector<acc_t> es, et;  // exp(u_s), exp(u_t), whole row
+  std::vector<acc_t> es, et;  // exp of the logits shifted by their block's maximum, whole row
+  std::vector<double> ms, mt;  // per block: the shift used (the block's maximum; 0 for a block of -inf)
+  std::vector<double> zs, zt, ab;  // per block: the sums of es, et and the KL / reverse-KL cross term
+  std::vector<acc_t> fs, ft;  // per block: exp((shift - M) / T), the factor to the row's shift
   acc_t bs[kBlock], bt[kBlock], g[kBlock];
-  explicit RowScratch(int64_t V) : es(V), et(V) {}
+  explicit RowScratch(int64_t V)
+      : es(V), et(V), ms(nblocks(V)), mt(nblocks(V)), zs(nblocks(V)), zt(nblocks(V)), ab(nblocks(V)),
+        fs(nblocks(V)), ft(nblocks(V)) {}
+  static int64_t nblocks(int64_t V) { return (V + kBlock - 1) / kBlock; }
 };
+
+// max with NaN propagation (a NaN maximum poisons the row, as the contract asks)
+inline double nan_max(double a, double b) { return (b > a || std::isnan(b)) ? b : a; }
 
 template <int DIV, typename scalar_t, typename acc_t>
 double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restrict xt, scalar_t* __restrict gs,
@@ -152,21 +163,31 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
   acc_t* __restrict es_row = w.es.data();
   acc_t* __restrict et_row = w.et.data();
 
-  // ---- pass A: maxima of the raw logits
-  const acc_t Ms = row_max<scalar_t, acc_t>(xs, V), Mt = row_max<scalar_t, acc_t>(xt, V);
-
-  // ---- pass B: shifted logits, exponentials into the scratch, sums. float32 logits are shifted in
-  // registers (no staging buffer); two vectors per iteration with their own accumulators keep the
-  // exponentials' FMA chains overlapped. u <= 0 (or NaN), so the exp needs no upper clamp.
-  double Zs = 0.0, Zt = 0.0, A = 0.0;
-  const Vec vms(Ms), vmt(Mt), vit(inv_t);
+  // ---- pass B, block by block: the block's maxima (the block is read from memory once, then from
+  // L1), logits shifted by them, exponentials into the scratch, the block's sums. float32 logits are
+  // shifted in registers (no staging buffer); two vectors per iteration with their own accumulators
+  // keep the exponentials' FMA chains overlapped. u <= 0 (or NaN), so the exp needs no upper clamp.
+  // Shifting by the block's maximum instead of the row's (found in a separate pass over the whole row)
+  // saves one pass over both rows; the row's sums are put together after the last block, each block's
+  // scaled by exp((m_b - M) / T) <= 1, and pass C applies the same factor per block.
+  double Ms = -std::numeric_limits<double>::infinity(), Mt = Ms;
+  const Vec vit(inv_t);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
+    const acc_t bms = row_max<scalar_t, acc_t>(xs + j0, n), bmt = row_max<scalar_t, acc_t>(xt + j0, n);
+    Ms = nan_max(Ms, bms);
+    Mt = nan_max(Mt, bmt);
+    // a block of -inf only: shift by 0, so u = -inf and exp(u) = 0 there (as with the row's maximum)
+    const acc_t ms_b = bms == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : bms;
+    const acc_t mt_b = bmt == -std::numeric_limits<acc_t>::infinity() ? acc_t(0) : bmt;
+    w.ms[b] = ms_b;
+    w.mt[b] = mt_b;
     if constexpr (!kSame) {
-      load_shifted(xs + j0, w.bs, n, Ms, inv_t);
-      load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+      load_shifted(xs + j0, w.bs, n, ms_b, inv_t);
+      load_shifted(xt + j0, w.bt, n, mt_b, inv_t);
     }
-    // the shifted logit u at j of the block: (x - M) / T (the subtraction exact, only the scale rounds)
+    const Vec vms(ms_b), vmt(mt_b);
+    // the shifted logit u at j of the block: (x - m) / T (the subtraction exact, only the scale rounds)
     auto us_at = [&](int64_t j) {
       if constexpr (kSame) return (Vec::loadu(xs + j0 + j) - vms) * vit;
       else return Vec::loadu(w.bs + j);
@@ -180,6 +201,12 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
     Vec zs(acc_t(0)), zt(acc_t(0)), a(acc_t(0)), zs2(acc_t(0)), zt2(acc_t(0)), a2(acc_t(0));
     int64_t j = 0;
     for (; j + 2 * W <= n; j += 2 * W) {
+      // the next block's logits are requested while this one's exponentials run (a prefetch past the
+      // row's end is harmless: it never faults)
+      __builtin_prefetch(xs + j0 + kBlock + j, 0, 3);
+      __builtin_prefetch(xt + j0 + kBlock + j, 0, 3);
+      __builtin_prefetch(xs + j0 + kBlock + j + W, 0, 3);
+      __builtin_prefetch(xt + j0 + kBlock + j + W, 0, 3);
       const Vec us = us_at(j), ut = ut_at(j), us2 = us_at(j + W), ut2 = ut_at(j + W);
       const Vec vs = fast_exp_nonpos(us), vt = fast_exp_nonpos(ut);
       const Vec vs2 = fast_exp_nonpos(us2), vt2 = fast_exp_nonpos(ut2);
@@ -212,8 +239,8 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
     }
     acc_t szs = vsum(zs + zs2), szt = vsum(zt + zt2), sa = vsum(a + a2);
     for (; j < n; ++j) {
-      const acc_t us = kSame ? (static_cast<acc_t>(xs[j0 + j]) - Ms) * inv_t : w.bs[j];
-      const acc_t ut = kSame ? (static_cast<acc_t>(xt[j0 + j]) - Mt) * inv_t : w.bt[j];
+      const acc_t us = kSame ? (static_cast<acc_t>(xs[j0 + j]) - ms_b) * inv_t : w.bs[j];
+      const acc_t ut = kSame ? (static_cast<acc_t>(xt[j0 + j]) - mt_b) * inv_t : w.bt[j];
       es[j] = fast_exp_nonpos(us);
       et[j] = fast_exp_nonpos(ut);
       szs += es[j];
@@ -221,10 +248,29 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
       if constexpr (DIV == KL) sa += (et[j] == acc_t(0)) ? acc_t(0) : et[j] * (ut - us);
       if constexpr (DIV == REVERSE_KL) sa += (es[j] == acc_t(0)) ? acc_t(0) : es[j] * (us - ut);
     }
-    Zs += szs;
-    Zt += szt;
-    A += sa;
+    w.zs[b] = szs;
+    w.zt[b] = szt;
+    w.ab[b] = sa;
   }
+  // the row's sums: block b's exponentials times exp(d_b), d_b = (m_b - M) / T <= 0 (NaN, and a row of
+  // -inf or holding +inf, make them NaN); the cross term gains (d_t - d_s) per unit of mass, because
+  // u_t - u_s = (u_t,b - u_s,b) + (d_t,b - d_s,b)
+  double Zs = 0.0, Zt = 0.0, A = 0.0;
+  const double dinv = static_cast<double>(inv_t);
+  for (int64_t b = 0; b < nb; ++b) {
+    const double ds = (w.ms[b] - Ms) * dinv, dt = (w.mt[b] - Mt) * dinv;
+    // (the block that holds the row's maximum, the only one when V <= 1024, needs no exp)
+    const double es_b = ds == 0.0 ? 1.0 : std::exp(ds), et_b = dt == 0.0 ? 1.0 : std::exp(dt);
+    w.fs[b] = static_cast<acc_t>(es_b);
+    w.ft[b] = static_cast<acc_t>(et_b);
+    Zs += es_b * w.zs[b];
+    Zt += et_b * w.zt[b];
+    if constexpr (DIV == KL)
+      if (w.zt[b] != 0.0) A += et_b * (w.ab[b] + (dt - ds) * w.zt[b]);
+    if constexpr (DIV == REVERSE_KL)
+      if (w.zs[b] != 0.0) A += es_b * (w.ab[b] + (ds - dt) * w.zs[b]);
+  }
+  const acc_t Ms_a = static_cast<acc_t>(Ms), Mt_a = static_cast<acc_t>(Mt);  // exact: maxima of acc_t values
   const double lZs = std::log(Zs), lZt = std::log(Zt);
   const acc_t cg = c * inv_t;
   const acc_t rzs = static_cast<acc_t>(1.0 / Zs), rzt = static_cast<acc_t>(1.0 / Zt);
@@ -235,14 +281,17 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
     // log p - log q - D = (u_t - u_s) + k with k = lZs - lZt - D (KL; the mirror for reverse KL)
     const acc_t k = static_cast<acc_t>((DIV == KL) ? lZs - lZt - D : lZt - lZs - D);
     const bool need_u = (DIV == KL) ? gt != nullptr : gs != nullptr;
-    const Vec vk(k), vcg(cg), cq(cg * rzs), cp(cg * rzt), vrzs(rzs), vrzt(rzt);
+    const Vec vk(k), vcg(cg);
     for (int64_t b = 0; b < nb; ++b) {
       const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
       const acc_t* __restrict es = es_row + j0;
       const acc_t* __restrict et = et_row + j0;
+      // q = e_s * (f_s,b / Z_s), p = e_t * (f_t,b / Z_t): the block's factor to the row's shift
+      const acc_t qs = rzs * w.fs[b], pt = rzt * w.ft[b];
+      const Vec cq(cg * qs), cp(cg * pt), vrzs(qs), vrzt(pt);
       if (need_u) {
-        load_shifted(xs + j0, w.bs, n, Ms, inv_t);
-        load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+        load_shifted(xs + j0, w.bs, n, Ms_a, inv_t);
+        load_shifted(xt + j0, w.bt, n, Mt_a, inv_t);
       }
       // The "difference" gradient (q - p for the student in KL, p - q for the teacher in reverse KL)
       scalar_t* gd = (DIV == KL) ? gs : gt;
@@ -252,11 +301,11 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
         if constexpr (DIV == KL) {
           for (; j + W <= n; j += W)
             at::vec::fmsub(Vec::loadu(es + j), cq, Vec::loadu(et + j) * cp).store(out + j);
-          for (; j < n; ++j) out[j] = es[j] * (cg * rzs) - et[j] * (cg * rzt);
+          for (; j < n; ++j) out[j] = es[j] * (cg * qs) - et[j] * (cg * pt);
         } else {
           for (; j + W <= n; j += W)
             at::vec::fmsub(Vec::loadu(et + j), cp, Vec::loadu(es + j) * cq).store(out + j);
-          for (; j < n; ++j) out[j] = et[j] * (cg * rzt) - es[j] * (cg * rzs);
+          for (; j < n; ++j) out[j] = et[j] * (cg * pt) - es[j] * (cg * qs);
         }
         if constexpr (!kSame) store_cast(w.g, gd + j0, n);
       }
@@ -269,7 +318,7 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
         const acc_t* ua = (DIV == KL) ? w.bt : w.bs;
         const acc_t* ub = (DIV == KL) ? w.bs : w.bt;
         const Vec vr = (DIV == KL) ? vrzt : vrzs;
-        const acc_t r = (DIV == KL) ? rzt : rzs;
+        const acc_t r = (DIV == KL) ? pt : qs;
         int64_t j = 0;
         for (; j + W <= n; j += W) {
           const Vec pw = Vec::loadu(ew + j) * vr;
@@ -289,12 +338,14 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
   // ---- JSD: pass C accumulates KL(p||m) and KL(q||m); pass D writes the gradients.
   const acc_t b1 = beta, b0 = acc_t(1) - beta;
   const acc_t flzs = static_cast<acc_t>(lZs), flzt = static_cast<acc_t>(lZt);
-  const Vec vb1(b1), vb0(b0), vrzs(rzs), vrzt(rzt), vlzs(flzs), vlzt(flzt);
+  const Vec vb1(b1), vb0(b0), vlzs(flzs), vlzt(flzt);
   double klp = 0.0, klq = 0.0;
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
-    load_shifted(xs + j0, w.bs, n, Ms, inv_t);
-    load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    const acc_t qs = rzs * w.fs[b], pt = rzt * w.ft[b];  // the block's factor to the row's shift
+    const Vec vrzs(qs), vrzt(pt);
+    load_shifted(xs + j0, w.bs, n, Ms_a, inv_t);
+    load_shifted(xt + j0, w.bt, n, Mt_a, inv_t);
     const acc_t* __restrict es = es_row + j0;
     const acc_t* __restrict et = et_row + j0;
     Vec ap(acc_t(0)), aq(acc_t(0));
@@ -307,7 +358,7 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
     }
     acc_t sp = vsum(ap), sq = vsum(aq);
     for (; j < n; ++j) {
-      const acc_t p = et[j] * rzt, q = es[j] * rzs;
+      const acc_t p = et[j] * pt, q = es[j] * qs;
       const acc_t lm = fast_log(b1 * p + b0 * q);
       sp += (p == acc_t(0)) ? acc_t(0) : p * (w.bt[j] - flzt - lm);
       sq += (q == acc_t(0)) ? acc_t(0) : q * (w.bs[j] - flzs - lm);
@@ -322,8 +373,10 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
   const Vec vcs(cs), vct(ct), vkp(flzt + fklp), vkq(flzs + fklq);
   for (int64_t b = 0; b < nb; ++b) {
     const int64_t j0 = b * kBlock, n = std::min(kBlock, V - j0);
-    load_shifted(xs + j0, w.bs, n, Ms, inv_t);
-    load_shifted(xt + j0, w.bt, n, Mt, inv_t);
+    const acc_t qs = rzs * w.fs[b], pt = rzt * w.ft[b];
+    const Vec vrzs(qs), vrzt(pt);
+    load_shifted(xs + j0, w.bs, n, Ms_a, inv_t);
+    load_shifted(xt + j0, w.bt, n, Mt_a, inv_t);
     const acc_t* __restrict es = es_row + j0;
     const acc_t* __restrict et = et_row + j0;
     acc_t* os = (gs == nullptr) ? nullptr : (kSame ? reinterpret_cast<acc_t*>(gs + j0) : w.g);
@@ -338,7 +391,7 @@ double row_loss_and_grads(const scalar_t* __restrict xs, const scalar_t* __restr
       if (ot) where_nonzero(p, p * (ut - vkp - lm) * vct).store(ot + j);
     }
     for (; j < n; ++j) {
-      const acc_t p = et[j] * rzt, q = es[j] * rzs;
+      const acc_t p = et[j] * pt, q = es[j] * qs;
       const acc_t lm = fast_log(b1 * p + b0 * q);
       const acc_t ut = w.bt[j], us = w.bs[j];
       if (os) os[j] = (q == acc_t(0)) ? acc_t(0) : q * (us - (flzs + fklq) - lm) * cs;

@@ -303,6 +303,42 @@ def test_masked_vocabulary_entries(backend, divergence, beta):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize(("divergence", "beta"), [("kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_rows_over_many_blocks(backend, dtype, divergence, beta):
+    # Rows longer than the CPU kernel's 1024-entry blocks, which it shifts by each block's own maximum
+    # and puts together afterwards: whole blocks masked at -inf (at the row's start, where no maximum
+    # has been seen yet, and in the middle), the row's maximum in the last block, blocks far below it
+    # (their share underflows), and a row whose blocks differ by hundreds.
+    s, t = _logits(5, 3300, seed=11)
+    s, t = s.double(), t.double()
+    s[0, :1024] = t[0, :1024] = float("-inf")  # a leading block of -inf in both
+    s[1, 1024:2048] = float("-inf")  # a middle block of -inf, student only: the teacher's mass is in it
+    t[1, 1024:2048] = -60.0
+    s[2, 3200:] += 40.0  # the maxima in the last (partial) block
+    t[2, 3250:] += 25.0
+    s[3, :2048] -= 300.0  # two blocks far below the rest
+    t[3, 1024:2048] -= 500.0
+    s[4] += torch.arange(3300, device=DEVICE, dtype=s.dtype) * 0.05  # blocks differ by ~50 each
+    t[4] -= torch.arange(3300, device=DEVICE, dtype=t.dtype) * 0.03
+    s, t = s.to(dtype), t.to(dtype)
+    kw = {"temperature": 2.0, "divergence": divergence, "beta": beta, "reduction": "none"}
+    got = _run(backend, s, t, **kw)
+    ref = _reference(s, t, **kw)
+    if divergence == "kl":  # row 1: the teacher has mass where the student is -inf: KL is +inf
+        assert torch.isinf(got[0][1]) and got[0][1] > 0
+    keep = torch.ones(5, dtype=torch.bool, device=DEVICE)
+    if divergence == "kl":
+        keep[1] = False
+    tol = TOL[dtype]
+    for g, r, what in zip(got, ref, ("loss", "student grad", "teacher grad")):
+        g, r = g[keep], r[keep]
+        assert torch.isfinite(g).all(), what
+        assert _err(g, r) <= (tol["loss"] if what == "loss" else tol["grad"]), f"{what}: {_err(g, r)}"
+    assert (got[1][0, :1024] == 0).all() and (got[2][0, :1024] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_infinite_logits(backend):
     s, t = _logits(3, 20, seed=10)
     # -inf student logit where the teacher has mass: KL(teacher || student) is +inf; the student
