@@ -1014,7 +1014,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(BUDGET["threads"])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    results = Path(args.results) if args.results else Path(args.work) / "results"
+    results = Path(args.results) if args.results else work / "results"
     works = [work] + [Path(d) for d in args.merge or []]
     if args.report_only:
         rows = report(works, results)

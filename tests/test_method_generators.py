@@ -533,6 +533,7 @@ def test_zskd_adv_balance_weights_the_adversarial_kd_term(teacher_and_tok, mode)
         p_adv, p_clean = torch.softmax(t[1].float(), -1), torch.softmax(t[0].float(), -1)
         target = torch.full((2,), 0.5) if mode == "uniform" else p_clean.mean(0)
         w = balance_weights(p_adv, target, 5.0)
+        torch.testing.assert_close(rows.mean(), ctx.kd(s[1], t[1]))  # per-row terms on the batch-mean scale
         want = ctx.kd(s[0], t[0]) + (rows * w).sum() / w.sum()
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(parts["kd_adversarial"], rows.mean(), rtol=1e-5, atol=1e-7)  # logged: plain mean

@@ -494,11 +494,9 @@ class ZeroShotKD(Method):
         return [clean, adv]
 
     def row_weights(self, view: View, teacher_logits: Tensor) -> Tensor | None:
-        """``adv_balance``: weights of the adversarial rows that give the teacher's class mass on them
-        the target prior (uniform, or the clean batch's): ``w_i = sum_c p_i(c) r(c)`` with ``r(c) =
-        target(c) / mean_i p_i(c)`` (capped at ``adv_balance_cap``), ``p_i`` the teacher's softmax on
-        row ``i``. The refilled text shifts the teacher's labels (random-looking text reads as one
-        class), and the student learns that class's lean; see :func:`balance_weights`."""
+        """``adv_balance``: :func:`balance_weights` of the teacher's softmax on the adversarial rows,
+        towards a uniform class mass or the clean batch's (recorded when the loop passes the clean
+        view, which :meth:`batch` puts first in the same micro-step)."""
         mode = self.opt.adv_balance
         if mode == "none":
             return None
