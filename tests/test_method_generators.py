@@ -546,3 +546,48 @@ def test_zskd_adv_balance_option_errors(teacher_and_tok):
         cls.parse_options({"adv_balance": "yes"})
     with pytest.raises(ValueError, match="adv_balance_cap must be >= 1"):
         cls.parse_options({"adv_balance_cap": 0.5})
+
+
+def test_t3_gen_dtype_samples_in_bfloat16_and_keeps_float32_log_probs(teacher_and_tok, monkeypatch):
+    """``gen_dtype=bfloat16`` runs ``generate`` under a bfloat16 autocast (the LM's matmuls then give
+    bfloat16), while the REINFORCE log-probs of the same sequences stay float32; a bad value names the
+    option."""
+    from fastkd.methods.t3 import T3, Rewriter
+
+    teacher, tok = teacher_and_tok
+    seen: dict[str, torch.dtype] = {}
+
+    def record(dtype_key):
+        def hook(module, args, output):
+            seen.setdefault(dtype_key, output.logits.dtype)
+
+        return hook
+
+    for dtype in ("bfloat16", "float32"):
+        opts = T3.parse_options({"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "gen_dtype": dtype})
+        rw = Rewriter(teacher, tok, opts, device=torch.device("cpu"), max_length=24)
+        handle = rw.lm.register_forward_hook(record(dtype))
+        torch.manual_seed(0)
+        texts, seq, mask, p_len = rw.sample(["tree river house", "a small boat"], [0, 1])
+        handle.remove()
+        assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+        lp, gmask = rw.token_logprobs(seq, mask, p_len)
+        assert lp.dtype == torch.float32 and torch.isfinite(lp[gmask.bool()]).all()
+    assert seen == {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    with pytest.raises(ValueError, match="gen_dtype must be float32 or bfloat16"):
+        T3.parse_options({"generator": "lm", "gen_dtype": "float16"})
+
+
+def test_quality_t3_pool_settings_per_task():
+    """Each task's pool settings are T3_POOL with the task's own on top, and every key is a t3 option
+    (or the pool's size)."""
+    from benchmarks import quality as Q
+    from fastkd.methods.t3 import T3
+
+    for task in Q.TASKS:
+        got = Q.t3_pool_settings(task)
+        assert set(got) >= set(Q.T3_POOL)
+        for key, value in Q.T3_POOL_TASK.get(task, {}).items():
+            assert got[key] == value
+        T3.parse_options({"generator": "lm", **{k: v for k, v in got.items() if k != "num_rows"}})
+    assert Q.t3_pool_settings("tweets") == {**Q.T3_POOL, **Q.T3_POOL_TASK.get("tweets", {})}
