@@ -974,6 +974,8 @@ def dev_sweep(args: argparse.Namespace, work: Path, meta: dict[str, Any], overri
                 _log(f"dev {args.dev}: {task} {method} seed {seed}")
                 rec = run_one(task, method, seed, ctx, work)
                 rec["budget"] = dict(BUDGET)
+                if method == "t3":
+                    rec["t3_pool"] = t3_pool_settings(task)
                 with open(path, "a", encoding="utf-8") as f:
                     f.write(json.dumps(rec) + "\n")
                 _log(f"dev {args.dev}: {task} {method} seed {seed}: dev {rec['dev_acc']:.1f}% ({rec['wall_s']:.0f} s)")
@@ -1018,7 +1020,18 @@ def main(argv: list[str] | None = None) -> int:
         "-O", "--option", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override a method option (with --dev: settings are chosen on dev)",
     )  # fmt: skip
+    p.add_argument(
+        "--t3-pool-rows", type=int, default=None, metavar="N",
+        help="t3 pool size of every task run (with --dev or --prepare-only: a setting chosen on dev)",
+    )  # fmt: skip
     args = p.parse_args(argv)
+    if args.t3_pool_rows is not None:
+        if args.t3_pool_rows < 1:
+            p.error(f"--t3-pool-rows: expected a positive number of rows, got {args.t3_pool_rows}")
+        if not (args.dev or args.prepare_only):
+            p.error("--t3-pool-rows changes t3's pool: give --dev TAG or --prepare-only (settings are chosen on dev)")
+        for task in args.tasks:
+            T3_POOL_TASK[task] = {**T3_POOL_TASK.get(task, {}), "num_rows": args.t3_pool_rows}
     if args.steps:
         BUDGET["steps"] = args.steps
     if args.threads:

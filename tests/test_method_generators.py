@@ -369,6 +369,12 @@ def test_quality_option_overrides_need_a_dev_run(tmp_path, capsys):
     with pytest.raises(SystemExit):
         Q.main(["--work", str(tmp_path), "--dev", "x", "-O", "start=text"])
     assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        Q.main(["--work", str(tmp_path), "--t3-pool-rows", "8192"])
+    assert "--t3-pool-rows changes t3's pool" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        Q.main(["--work", str(tmp_path), "--dev", "x", "--t3-pool-rows", "0"])
+    assert "expected a positive number of rows" in capsys.readouterr().err
 
 
 def test_quality_asdfd_probe_on_tiny_models(teacher_and_tok):
