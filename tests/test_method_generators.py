@@ -401,7 +401,7 @@ def test_quality_task_options_layer_over_the_method_options(monkeypatch):
     got = Q.method_options("tweets", "t3")
     assert got["source_fraction"] == 0.75 and got["tune_lr"] == 2e-5
     assert got["refresh_every"] == Q.OPTIONS["t3"]["refresh_every"]
-    assert Q.method_options("movie_reviews", "t3") == {**Q.OPTIONS["t3"], **Q.TASK_OPTIONS["movie_reviews"]["t3"]}
+    assert Q.method_options("movie_reviews", "t3") == {"source_fraction": 0.0, "refresh_every": 0}
     assert Q.method_options("movie_reviews", "ood") == {}
     monkeypatch.undo()
     for task, methods in Q.TASK_OPTIONS.items():
@@ -578,8 +578,11 @@ def test_t3_gen_dtype_samples_in_bfloat16_and_keeps_float32_log_probs(teacher_an
         handle.remove()
         assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
         lp, gmask = rw.token_logprobs(seq, mask, p_len)
-        assert lp.dtype == torch.float32 and torch.isfinite(lp[gmask.bool()]).all()
+        assert torch.isfinite(lp[gmask.bool()]).all() and (lp[gmask.bool()] <= 0).all()
     assert seen == {"bfloat16": torch.bfloat16, "float32": torch.float32}
+    opts = T3.parse_options({"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "gen_dtype": "bfloat16"})
+    with pytest.raises(ValueError, match="gen_dtype=bfloat16: torch has no autocast for device 'meta'"):
+        Rewriter(teacher, tok, opts, device=torch.device("meta"), max_length=24)
     with pytest.raises(ValueError, match="gen_dtype must be float32 or bfloat16"):
         T3.parse_options({"generator": "lm", "gen_dtype": "float16"})
 
@@ -590,10 +593,21 @@ def test_quality_t3_pool_settings_per_task():
     from benchmarks import quality as Q
     from fastkd.methods.t3 import T3
 
+    movie = Q.t3_pool_settings("movie_reviews")
+    assert (movie["num_rows"], movie["gen_batch"], movie["gen_dtype"]) == (4096, 64, "bfloat16")
+    assert movie["tune_steps"] == Q.T3_POOL["tune_steps"] == 8
+    assert Q.t3_pool_settings("tweets") == Q.T3_POOL and Q.T3_POOL["num_rows"] == 512
     for task in Q.TASKS:
         got = Q.t3_pool_settings(task)
-        assert set(got) >= set(Q.T3_POOL)
-        for key, value in Q.T3_POOL_TASK.get(task, {}).items():
-            assert got[key] == value
         T3.parse_options({"generator": "lm", **{k: v for k, v in got.items() if k != "num_rows"}})
-    assert Q.t3_pool_settings("tweets") == {**Q.T3_POOL, **Q.T3_POOL_TASK.get("tweets", {})}
+
+
+def test_quality_t3_pool_rows_flag_lasts_one_call(monkeypatch, tmp_path):
+    """--t3-pool-rows sets the pool size for the tasks of its own call and is undone afterwards."""
+    from benchmarks import quality as Q
+
+    seen = []
+    monkeypatch.setattr(Q, "_main", lambda p, args: seen.append(Q.t3_pool_settings("movie_reviews")["num_rows"]) or 0)
+    assert Q.main(["--work", str(tmp_path), "--tasks", "movie_reviews", "--dev", "x", "--t3-pool-rows", "100"]) == 0
+    assert seen == [100]
+    assert Q.t3_pool_settings("movie_reviews")["num_rows"] == 4096 and "tweets" not in Q.T3_POOL_TASK

@@ -577,6 +577,12 @@ def test_t3_pool_cache_key_ignores_how_students_draw(teacher_and_tok, tmp_path):
     assert gen(pool_filter="intended", pool_balance="true")["cached"]
     assert not gen(max_new_tokens="7")["cached"]
     assert len(list(tmp_path.glob("t3-*.jsonl"))) == 2
+    # gen_dtype at its default is left out of the key (pools cached before it existed stay valid);
+    # bfloat16 sampling makes another pool
+    first = gen()
+    assert first["cached"] and gen(gen_dtype="float32")["path"] == first["path"]
+    assert not gen(gen_dtype="bfloat16")["cached"]
+    assert len(list(tmp_path.glob("t3-*.jsonl"))) == 3
 
 
 def test_t3_logprobs_match_the_generator_with_left_padding(teacher_and_tok):

@@ -41,8 +41,9 @@ What is reconstruction
       is batched (``gen_batch``) with the KV cache and bounded (``max_new_tokens``, prompts cut to
       ``source_max_words``); ``gen_dtype=bfloat16`` samples under a bfloat16 autocast (1.4x the rows
       per second of float32 on a 2-core Zen 4 with bf16 units, batches of 64), while the REINFORCE
-      log-probabilities of the sampled tokens are computed in float32, so the update is very
-      slightly off-policy (the sample came from the bfloat16 distribution). The pool is best generated once (``fastkd generate``, or
+      log-probabilities of the sampled tokens are computed as before (under the run's own autocast,
+      float32 on CPU), so the update is very slightly off-policy (the sample came from the bfloat16
+      distribution). The pool is best generated once (``fastkd generate``, or
       :func:`generate_dataset` with a cache folder) and given as ``pool_file`` with
       ``refresh_every=0``: the run then never loads the generator. Otherwise the student trains
       on a pool of ``pool_size`` texts, of which ``refresh_fraction`` is regenerated every
@@ -91,7 +92,7 @@ class T3Options:
     gen_batch: int = opt(16, "rewrites per generate() call")
     gen_dtype: str = opt(
         "float32",
-        "dtype of sampling the rewrites: float32, or bfloat16 (faster on CPUs with bf16 units; log-probs stay float32)",
+        "dtype of sampling the rewrites: float32, or bfloat16 (faster on CPUs with bf16 units; not the log-probs)",
     )
     source_max_words: int = opt(40, "OOD source text is cut to this many words in the prompt")
     pool_size: int = opt(256, "generated texts the student trains on")
@@ -244,6 +245,10 @@ class Rewriter:
         self.device, self.max_length, self.autocast, self.progress = device, max_length, autocast, progress
         if not options.generator:
             raise ValueError("t3 needs a causal LM to rewrite text: -O generator=PATH (folder, hub id or .gguf file)")
+        if options.gen_dtype == "bfloat16" and not torch.amp.is_autocast_available(device.type):
+            raise ValueError(
+                f"gen_dtype=bfloat16: torch has no autocast for device {device.type!r}; use gen_dtype=float32"
+            )
         path, gguf = options.generator, options.gguf_file
         if path.lower().endswith(".gguf") and os.path.isfile(path):
             path, gguf = os.path.dirname(os.path.abspath(path)), os.path.basename(path)
@@ -680,7 +685,7 @@ def generate_dataset(
         if os.path.isfile(path) and os.path.isfile(meta_path):
             with open(meta_path, encoding="utf-8") as f:
                 info.update(json.load(f))
-            info["cached"] = True
+            info["cached"], info["path"] = True, path
             with open(path, encoding="utf-8") as f:
                 return [json.loads(line) for line in f if line.strip()]
     teacher.to(device).eval().requires_grad_(False)
