@@ -4,6 +4,7 @@ benchmark's bootstrap."""
 
 from __future__ import annotations
 
+import math
 import random
 
 import _tiny
@@ -468,6 +469,45 @@ def test_t3_pool_balance_draws_each_teacher_class_equally(teacher_and_tok, tmp_p
         assert len(set(idx)) == 44  # every row is still drawn
 
 
+def test_t3_pool_weight_margin_draws_rows_by_teacher_margin(teacher_and_tok, tmp_path, monkeypatch):
+    """pool_weight=margin draws each row with probability (floor + 1 - top-2 margin) / sum; uniform stays
+    uniform; bad settings are errors. The tiny teacher is equally sure of every text, so the teacher's
+    logits are replaced by a function of the row's length, and the margins are recomputed here in float64."""
+    from types import SimpleNamespace
+
+    teacher, tok = teacher_and_tok
+    texts = [" ".join(_tiny.OOD_WORDS[: 1 + i % 9]) for i in range(30)]
+    path = _pool_file(tmp_path, [(t, 0) for t in texts])
+    floor = 0.05
+    m = _t3(teacher, tok, path, pool_weight="margin", pool_weight_floor=floor)
+
+    def fake_forward(model, view, side, *, hidden=False):
+        n = view.attention_mask.sum(-1).float()
+        return SimpleNamespace(logits=torch.stack([torch.zeros_like(n), 0.5 * (n - 6.0)], -1))
+
+    monkeypatch.setattr(m.ctx, "forward", fake_forward)
+    want = []
+    for r in m.pool:
+        n = len(tok(r["text"], truncation=True, max_length=24)["input_ids"])
+        p1 = 1.0 / (1.0 + math.exp(-0.5 * (n - 6.0)))
+        want.append(floor + 1.0 - abs(2.0 * p1 - 1.0))
+    want_t = torch.tensor(want, dtype=torch.float64)
+    assert float(want_t.max() / want_t.min()) > 5
+    idx = m._pool_indices(60000, torch.Generator().manual_seed(0))
+    got = torch.bincount(torch.tensor(idx), minlength=len(texts)).double() / len(idx)
+    torch.testing.assert_close(m._weights, want_t, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got, want_t / want_t.sum(), rtol=0, atol=0.006)
+    u = _t3(teacher, tok, path)
+    got_u = torch.bincount(torch.tensor(u._pool_indices(60000, torch.Generator().manual_seed(0))), minlength=30)
+    assert float((got_u.double() / 60000 - 1 / 30).abs().max()) < 0.006 and u._weights is None
+    with pytest.raises(ValueError, match="pool_weight must be uniform or margin"):
+        _t3(teacher, tok, path, pool_weight="entropy")
+    with pytest.raises(ValueError, match="pool_weight_floor must be > 0"):
+        _t3(teacher, tok, path, pool_weight="margin", pool_weight_floor=0)
+    with pytest.raises(ValueError, match="choose one"):
+        _t3(teacher, tok, path, pool_weight="margin", pool_balance=True)
+
+
 def test_bootstrap_delta_paired_uses_the_pairing():
     """Seeds that move both methods alike (a shared initialisation) widen the unpaired interval but
     cancel in the paired one; no common seed is an error."""
@@ -593,10 +633,11 @@ def test_quality_t3_pool_settings_per_task():
     from benchmarks import quality as Q
     from fastkd.methods.t3 import T3
 
-    movie = Q.t3_pool_settings("movie_reviews")
-    assert (movie["num_rows"], movie["gen_batch"], movie["gen_dtype"]) == (4096, 64, "bfloat16")
-    assert movie["tune_steps"] == Q.T3_POOL["tune_steps"] == 8
-    assert Q.t3_pool_settings("tweets") == Q.T3_POOL and Q.T3_POOL["num_rows"] == 512
+    for task in ("movie_reviews", "tweets"):
+        got = Q.t3_pool_settings(task)
+        assert (got["num_rows"], got["gen_batch"], got["gen_dtype"]) == (4096, 64, "bfloat16")
+        assert got["tune_steps"] == Q.T3_POOL["tune_steps"] == 8
+    assert Q.T3_POOL["num_rows"] == 512 and Q.T3_POOL["gen_batch"] == 16 and "gen_dtype" not in Q.T3_POOL
     for task in Q.TASKS:
         got = Q.t3_pool_settings(task)
         T3.parse_options({"generator": "lm", **{k: v for k, v in got.items() if k != "num_rows"}})
@@ -610,4 +651,5 @@ def test_quality_t3_pool_rows_flag_lasts_one_call(monkeypatch, tmp_path):
     monkeypatch.setattr(Q, "_main", lambda p, args: seen.append(Q.t3_pool_settings("movie_reviews")["num_rows"]) or 0)
     assert Q.main(["--work", str(tmp_path), "--tasks", "movie_reviews", "--dev", "x", "--t3-pool-rows", "100"]) == 0
     assert seen == [100]
-    assert Q.t3_pool_settings("movie_reviews")["num_rows"] == 4096 and "tweets" not in Q.T3_POOL_TASK
+    assert Q.t3_pool_settings("movie_reviews")["num_rows"] == 4096
+    assert Q.t3_pool_settings("tweets")["num_rows"] == 4096

@@ -575,6 +575,7 @@ def test_t3_pool_cache_key_ignores_how_students_draw(teacher_and_tok, tmp_path):
 
     assert not gen()["cached"]
     assert gen(pool_filter="intended", pool_balance="true")["cached"]
+    assert gen(pool_weight="margin", pool_weight_floor="0.2")["cached"]
     assert not gen(max_new_tokens="7")["cached"]
     assert len(list(tmp_path.glob("t3-*.jsonl"))) == 2
     # gen_dtype at its default is left out of the key (pools cached before it existed stay valid);

@@ -56,6 +56,11 @@ What is reconstruction
       source text, the generator's input. A small budget affords only a few hundred generated texts,
       which a student memorises; mixing in the general-domain text it was rewritten from keeps the
       student's inputs diverse.
+    * ``pool_weight=margin`` (ours, default ``uniform``): draw pool rows with probability
+      proportional to ``pool_weight_floor + 1 - (p1 - p2)``, where ``p1 - p2`` is the teacher's
+      margin between its top two classes on the row (computed once per pool with one teacher
+      pass): rows near the teacher's decision boundary are drawn more often than the rewrites it is
+      sure of, which are most of a tuned pool and say little about where the boundary lies.
 """
 
 from __future__ import annotations
@@ -73,7 +78,7 @@ from fastkd.data import encode, load_text
 from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
 
 # T3 options that change how the student draws from a pool, not the pool: not in the pool cache's key.
-DRAW_OPTIONS = ("pool_filter", "pool_balance")
+DRAW_OPTIONS = ("pool_filter", "pool_balance", "pool_weight", "pool_weight_floor")
 
 DEFAULT_PROMPT = "Rewrite the following text as a {label} {task}, in one sentence.\n\nText: {text}"
 
@@ -104,6 +109,10 @@ class T3Options:
         "none", "none, or intended: train only on pool rows whose teacher label is the intended one (ours)"
     )
     pool_balance: bool = opt(False, "draw pool rows class-balanced by the teacher's label (ours)")
+    pool_weight: str = opt(
+        "uniform", "uniform, or margin: draw pool rows more often the smaller the teacher's top-2 margin (ours)"
+    )
+    pool_weight_floor: float = opt(0.1, "pool_weight=margin: a row's weight is this + 1 - margin (> 0)")
     refresh_every: int = opt(100, "student steps between generator tuning + pool refresh (0: never)")
     refresh_fraction: float = opt(0.25, "fraction of the pool regenerated at each refresh")
     tune_steps: int = opt(4, "REINFORCE updates of the generator per refresh (and at the start)")
@@ -137,6 +146,12 @@ class T3Options:
             raise ValueError("refresh_fraction must be in [0, 1]")
         if self.gen_dtype not in ("float32", "bfloat16"):
             raise ValueError(f"gen_dtype must be float32 or bfloat16, got {self.gen_dtype!r}")
+        if self.pool_weight not in ("uniform", "margin"):
+            raise ValueError(f"pool_weight must be uniform or margin, got {self.pool_weight!r}")
+        if self.pool_weight_floor <= 0:
+            raise ValueError(f"pool_weight_floor must be > 0, got {self.pool_weight_floor}")
+        if self.pool_weight == "margin" and self.pool_balance:
+            raise ValueError("pool_weight=margin and pool_balance are two ways of drawing rows: choose one")
         if self.pool_filter not in ("none", "intended"):
             raise ValueError(f"pool_filter must be none or intended, got {self.pool_filter!r}")
         if not 0.0 <= self.source_fraction < 1.0:
@@ -482,6 +497,7 @@ class T3(Method):
         self.pool: list[dict] = []
         self.pool_next = 0
         self._by_label: dict[int, list[int]] | None = None  # pool indices per teacher label (pool_balance)
+        self._weights: Tensor | None = None  # draw weight per pool row (pool_weight=margin)
         if self.opt.pool_file:
             rows = [r for r in _read_pool(self.opt.pool_file)]
             self.pool = rows[: self.opt.pool_size] if self.opt.pool_size else rows
@@ -518,8 +534,27 @@ class T3(Method):
             return rows
         return [r for r in rows if r.get("intended_label") is None or int(r["label"]) == int(r["intended_label"])]
 
+    @torch.no_grad()
+    def _margin_weights(self, rows: list[dict]) -> Tensor:
+        """``pool_weight_floor + 1 - (p1 - p2)`` per row, ``p1 - p2`` the teacher's top-2 probability margin."""
+        out = []
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
+            pairs = [r.get("text_pair") for r in chunk] if self.ctx.pair_task else None
+            view = self.ctx.encode_texts([r["text"] for r in chunk], pairs)
+            probs = self.ctx.forward(self.ctx.teacher, view, "teacher").logits.float().softmax(-1)
+            top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
+            margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else torch.ones_like(top[:, 0])
+            out.append(self.opt.pool_weight_floor + 1.0 - margin.cpu().double())
+        return torch.cat(out)
+
     def _pool_indices(self, n: int, generator: torch.Generator) -> list[int]:
-        """``n`` pool rows: uniform, or (``pool_balance``) a teacher class uniformly, then a row of it."""
+        """``n`` pool rows: uniform, by teacher margin (``pool_weight=margin``), or (``pool_balance``) a
+        teacher class uniformly, then a row of it."""
+        if self.opt.pool_weight == "margin":
+            if self._weights is None or len(self._weights) != len(self.pool):
+                self._weights = self._margin_weights(self.pool)
+            return torch.multinomial(self._weights, n, replacement=True, generator=generator).tolist()
         if not self.opt.pool_balance:
             return torch.randint(len(self.pool), (n,), generator=generator).tolist()
         if self._by_label is None:
@@ -576,7 +611,7 @@ class T3(Method):
         sources, labels, pairs = self._draw(n, generator)
         rows = self.rewriter.generate(sources, labels, pairs)
         kept = self._filtered(rows)
-        self._by_label = None
+        self._by_label = self._weights = None
         for r in kept:
             if len(self.pool) < size:
                 self.pool.append(r)
@@ -627,7 +662,7 @@ class T3(Method):
             self.rewriter.optimizer.load_state_dict(state["generator_optimizer"])
         self.pool = [dict(r) for r in state["pool"]]
         self.pool_next = int(state["pool_next"])
-        self._by_label = None
+        self._by_label = self._weights = None
 
 
 def _read_pool(path: str) -> list[dict]:
