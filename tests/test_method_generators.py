@@ -405,6 +405,7 @@ def test_quality_task_options_layer_over_the_method_options(monkeypatch):
     assert Q.method_options("movie_reviews", "t3") == {"source_fraction": 0.0, "refresh_every": 0}
     assert Q.method_options("movie_reviews", "ood") == {}
     monkeypatch.undo()
+    assert Q.method_options("tweets", "t3") == {"source_fraction": 0.0, "refresh_every": 0}
     for task, methods in Q.TASK_OPTIONS.items():
         assert task in Q.TASKS
         for method in methods:
