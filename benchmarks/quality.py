@@ -65,7 +65,8 @@ METHODS = ("random", "ood", "zskd", "asdfd", "t3", "supervised")
 SEED_METHODS = ("zskd", "asdfd", "t3")
 RUN_ORDER = ("ood", "zskd", "asdfd", "t3", "random", "supervised")  # the baseline first: a cut-short run compares
 TASKS = ("movie_reviews", "tweets")
-LOOP_OPTIONS = ("hidden_weight",)  # -O METHOD.hidden_weight=W sets the loop's hidden-state matching weight
+# -O METHOD.hidden_weight=W sets the loop's hidden-state matching weight, -O METHOD.temperature=T its KD temperature
+LOOP_OPTIONS = ("hidden_weight", "temperature")
 COLUMNS = ("task", "method", "seeds", "mean_acc", "sd_acc", "pct_of_teacher", "delta_vs_ood", "delta_ci_low",
            "delta_ci_high")  # fmt: skip
 GOAL_BEST, GOAL_EACH = 92.0, 75.0
