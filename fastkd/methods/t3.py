@@ -60,7 +60,8 @@ What is reconstruction
       proportional to ``pool_weight_floor + 1 - (p1 - p2)``, where ``p1 - p2`` is the teacher's
       margin between its top two classes on the row (computed once per pool with one teacher
       pass): rows near the teacher's decision boundary are drawn more often than the rewrites it is
-      sure of, which are most of a tuned pool and say little about where the boundary lies.
+      sure of, which are most of a tuned pool and say little about where the boundary lies. On
+      movie-review dev it did not help (75.4% against 75.5% uniform, 5 seeds), so it stays off.
 """
 
 from __future__ import annotations
