@@ -2,7 +2,7 @@
 # Regenerate fastkd's benchmark results with one command: run the whole suite with the right flags,
 # then the report. Writes benchmarks/results/<device>/ (CSV per op, README.md tables, PNG plots).
 #
-#   bash benchmarks/run.sh                      # default sizes (CPU: 26 minutes on 2 idle cores)
+#   bash benchmarks/run.sh                      # default sizes (CPU: 26 min when first timed; see benchmarks/README.md)
 #   bash benchmarks/run.sh --sizes full         # the full sweep (long on CPU)
 #   bash benchmarks/run.sh --sizes quick        # smoke run: tiny shapes, marked as such in the report
 #   bash benchmarks/run.sh --readme             # also refresh the tables in README.md
