@@ -517,16 +517,21 @@ class T3(Method):
             self._load_rewriter()
 
     @torch.no_grad()
+    def _teacher_logits(self, rows: list[dict]) -> Tensor:
+        """The teacher's float32 logits on ``rows`` (their texts, with the pairs on a pair task), 64 at a time."""
+        out = []
+        for i in range(0, len(rows), 64):
+            chunk = rows[i : i + 64]
+            pairs = [r.get("text_pair") for r in chunk] if self.ctx.pair_task else None
+            view = self.ctx.encode_texts([r["text"] for r in chunk], pairs)
+            out.append(self.ctx.forward(self.ctx.teacher, view, "teacher").logits.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.ctx.num_labels)
+
     def _label_rows(self, rows: list[dict]) -> None:
         """Give rows without one the teacher's label (a pool file's stored labels may be another teacher's)."""
         todo = [r for r in rows if r.get("label") is None]
-        for i in range(0, len(todo), 64):
-            chunk = todo[i : i + 64]
-            pairs = [r.get("text_pair") for r in chunk] if self.ctx.pair_task else None
-            view = self.ctx.encode_texts([r["text"] for r in chunk], pairs)
-            labels = self.ctx.forward(self.ctx.teacher, view, "teacher").logits.argmax(-1).tolist()
-            for r, y in zip(chunk, labels):
-                r["label"] = int(y)
+        for r, y in zip(todo, self._teacher_logits(todo).argmax(-1).tolist()):
+            r["label"] = int(y)
 
     def _filtered(self, rows: list[dict]) -> list[dict]:
         """``pool_filter=intended``: the rows whose teacher label is the intended one (rows of a plain text
@@ -535,25 +540,19 @@ class T3(Method):
             return rows
         return [r for r in rows if r.get("intended_label") is None or int(r["label"]) == int(r["intended_label"])]
 
-    @torch.no_grad()
     def _margin_weights(self, rows: list[dict]) -> Tensor:
         """``pool_weight_floor + 1 - (p1 - p2)`` per row, ``p1 - p2`` the teacher's top-2 probability margin."""
-        out = []
-        for i in range(0, len(rows), 64):
-            chunk = rows[i : i + 64]
-            pairs = [r.get("text_pair") for r in chunk] if self.ctx.pair_task else None
-            view = self.ctx.encode_texts([r["text"] for r in chunk], pairs)
-            probs = self.ctx.forward(self.ctx.teacher, view, "teacher").logits.float().softmax(-1)
-            top = probs.topk(min(2, probs.shape[-1]), dim=-1).values
-            margin = top[:, 0] - top[:, 1] if top.shape[-1] > 1 else torch.ones_like(top[:, 0])
-            out.append(self.opt.pool_weight_floor + 1.0 - margin.cpu().double())
-        return torch.cat(out)
+        probs = self._teacher_logits(rows).softmax(-1).double()
+        if probs.shape[-1] < 2:  # one output: no second class, the margin is 1
+            return torch.full((len(rows),), self.opt.pool_weight_floor, dtype=torch.float64)
+        top = probs.topk(2, dim=-1).values
+        return self.opt.pool_weight_floor + 1.0 - (top[:, 0] - top[:, 1])
 
     def _pool_indices(self, n: int, generator: torch.Generator) -> list[int]:
         """``n`` pool rows: uniform, by teacher margin (``pool_weight=margin``), or (``pool_balance``) a
         teacher class uniformly, then a row of it."""
         if self.opt.pool_weight == "margin":
-            if self._weights is None or len(self._weights) != len(self.pool):
+            if self._weights is None:  # reset wherever the pool changes
                 self._weights = self._margin_weights(self.pool)
             return torch.multinomial(self._weights, n, replacement=True, generator=generator).tolist()
         if not self.opt.pool_balance:
