@@ -1025,24 +1025,59 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     p.add_argument(
         "--t3-pool-rows", type=int, default=None, metavar="N",
-        help="t3 pool size of every task run (with --dev or --prepare-only: a setting chosen on dev; give each size its "
-        "own --dev TAG, since a tag's done seeds are skipped)",
+        help="t3 pool size of every task run, the same as --t3-pool num_rows=N",
+    )  # fmt: skip
+    p.add_argument(
+        "--t3-pool", action="append", default=[], metavar="KEY=VALUE",
+        help="a t3 pool setting (num_rows, or a t3 option such as prompt or max_new_tokens) for every task of the "
+        "call (with --dev or --prepare-only: settings are chosen on dev; give each pool its own --dev TAG, since a "
+        "tag's done seeds are skipped)",
     )  # fmt: skip
     args = p.parse_args(argv)
-    if args.t3_pool_rows is None:
+    pool = _t3_pool_overrides(p, args)
+    if not pool:
         return _main(p, args)
-    if args.t3_pool_rows < 1:
-        p.error(f"--t3-pool-rows: expected a positive number of rows, got {args.t3_pool_rows}")
-    if not (args.dev or args.prepare_only):
-        p.error("--t3-pool-rows changes t3's pool: give --dev TAG or --prepare-only (settings are chosen on dev)")
     saved = {task: dict(v) for task, v in T3_POOL_TASK.items()}
     try:  # for this call only: a later main() in the same process sees the committed settings
         for task in args.tasks:
-            T3_POOL_TASK[task] = {**T3_POOL_TASK.get(task, {}), "num_rows": args.t3_pool_rows}
+            T3_POOL_TASK[task] = {**T3_POOL_TASK.get(task, {}), **pool}
         return _main(p, args)
     finally:
         T3_POOL_TASK.clear()
         T3_POOL_TASK.update(saved)
+
+
+def _t3_pool_overrides(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
+    """``--t3-pool KEY=VALUE`` and ``--t3-pool-rows N`` as typed pool settings (a bad one is a one-line error)."""
+    from fastkd.errors import OptionError
+    from fastkd.methods.t3 import T3
+
+    items = list(args.t3_pool) + ([f"num_rows={args.t3_pool_rows}"] if args.t3_pool_rows is not None else [])
+    if not items:
+        return {}
+    if not (args.dev or args.prepare_only):
+        p.error("--t3-pool/--t3-pool-rows changes t3's pool: give --dev TAG or --prepare-only (settings are chosen on dev)")
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().replace("-", "_")
+        if not sep or not key:
+            p.error(f"--t3-pool: expected KEY=VALUE, got {item!r}")
+        if key == "num_rows":
+            try:
+                out[key] = int(value)
+            except ValueError:
+                out[key] = 0
+            if out[key] < 1:
+                p.error(f"--t3-pool num_rows: expected a positive number of rows, got {value!r}")
+            continue
+        if key in ("generator", "gguf_file", "pool_file", "pool_size"):
+            p.error(f"--t3-pool {key}: the benchmark sets it; expected num_rows or a generation setting")
+        try:
+            out[key] = getattr(T3.parse_options({"generator": "lm", key: value}), key)
+        except OptionError as e:
+            p.error(f"--t3-pool {item!r}: {e}")
+    return out
 
 
 def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -372,7 +372,7 @@ def test_quality_option_overrides_need_a_dev_run(tmp_path, capsys):
     assert "expected METHOD.KEY=VALUE" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         Q.main(["--work", str(tmp_path), "--t3-pool-rows", "8192"])
-    assert "--t3-pool-rows changes t3's pool" in capsys.readouterr().err
+    assert "--t3-pool/--t3-pool-rows changes t3's pool" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         Q.main(["--work", str(tmp_path), "--dev", "x", "--t3-pool-rows", "0"])
     assert "expected a positive number of rows" in capsys.readouterr().err
@@ -654,3 +654,30 @@ def test_quality_t3_pool_rows_flag_lasts_one_call(monkeypatch, tmp_path):
     assert seen == [100]
     assert Q.t3_pool_settings("movie_reviews")["num_rows"] == 4096
     assert Q.t3_pool_settings("tweets")["num_rows"] == 4096
+
+
+def test_quality_t3_pool_flag_sets_typed_generation_settings_for_one_call(monkeypatch, tmp_path, capsys):
+    """--t3-pool KEY=VALUE changes a pool setting (typed as the t3 option) for the call's tasks only;
+    unknown keys, the settings the benchmark owns and bad values are one-line errors naming the flag."""
+    from benchmarks import quality as Q
+
+    seen = []
+    monkeypatch.setattr(Q, "_main", lambda p, args: seen.append(Q.t3_pool_settings("tweets")) or 0)
+    argv = ["--work", str(tmp_path), "--tasks", "tweets", "--prepare-only"]
+    prompt = "Write a {label} {task} inspired by: {text}"
+    assert Q.main([*argv, "--t3-pool", "max_new_tokens=40", "--t3-pool", f"prompt={prompt}"]) == 0
+    assert seen[0]["max_new_tokens"] == 40 and seen[0]["prompt"] == prompt and seen[0]["num_rows"] == 4096
+    assert Q.t3_pool_settings("tweets")["max_new_tokens"] == 24 and "prompt" not in Q.t3_pool_settings("tweets")
+    for bad, msg in [
+        ("colour=red", "unknown option 'colour'"),
+        ("max_new_tokens=many", "max_new_tokens"),
+        ("prompt=no placeholders", "prompt must contain {label}"),
+        ("pool_file=x.jsonl", "the benchmark sets it"),
+        ("num_rows=-3", "expected a positive number of rows"),
+        ("max_new_tokens", "expected KEY=VALUE"),
+    ]:
+        with pytest.raises(SystemExit):
+            Q.main([*argv, "--t3-pool", bad])
+        err = capsys.readouterr().err
+        assert msg in err and "--t3-pool" in err, (bad, err)
+    assert len(seen) == 1
