@@ -1054,7 +1054,7 @@ def main(argv: list[str] | None = None) -> int:
 def _t3_pool_overrides(p: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, Any]:
     """``--t3-pool KEY=VALUE`` and ``--t3-pool-rows N`` as typed pool settings (a bad one is a one-line error)."""
     from fastkd.errors import OptionError
-    from fastkd.methods.t3 import T3
+    from fastkd.methods.t3 import DRAW_OPTIONS, T3
 
     items = list(args.t3_pool) + ([f"num_rows={args.t3_pool_rows}"] if args.t3_pool_rows is not None else [])
     if not items:
@@ -1077,6 +1077,8 @@ def _t3_pool_overrides(p: argparse.ArgumentParser, args: argparse.Namespace) -> 
             continue
         if key in ("generator", "gguf_file", "pool_file", "pool_size"):
             p.error(f"--t3-pool {key}: the benchmark sets it; expected num_rows or a generation setting")
+        if key in DRAW_OPTIONS:
+            p.error(f"--t3-pool {key}: how a student draws from the pool, not the pool; use -O t3.{key}=VALUE")
         try:
             out[key] = getattr(T3.parse_options({"generator": "lm", key: value}), key)
         except OptionError as e:

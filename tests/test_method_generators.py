@@ -673,6 +673,7 @@ def test_quality_t3_pool_flag_sets_typed_generation_settings_for_one_call(monkey
         ("max_new_tokens=many", "max_new_tokens"),
         ("prompt=no placeholders", "prompt must contain {label}"),
         ("pool_file=x.jsonl", "the benchmark sets it"),
+        ("pool_balance=true", "use -O t3.pool_balance=VALUE"),
         ("num_rows=-3", "expected a positive number of rows"),
         ("max_new_tokens", "expected KEY=VALUE"),
     ]:
