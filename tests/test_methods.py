@@ -32,6 +32,7 @@ ZSKD_MLM = {"generator": "mlm", "gen_every": 20, "gen_steps": 2}
 CASES = [
     pytest.param("random", {}, id="random"),
     pytest.param("ood", {}, id="ood"),
+    pytest.param("ood", {"balance": 64}, id="ood-balance"),  # class-balanced draws from 64 labelled rows
     pytest.param("supervised", {}, id="supervised"),
     pytest.param("zskd", ZSKD_MLM, id="zskd-mlm"),
     pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding"),
@@ -448,6 +449,72 @@ def test_ood_pairs_for_pair_tasks(teacher_and_tok):
     assert 0 < related < 20  # both related (cropped copies) and unrelated pairs
     (view,) = method.batch(_info())
     assert (view.token_type_ids == 1).any()
+
+
+def test_balanced_sampler_draws_each_class_equally_and_by_position():
+    """BalancedSampler: the first `size` stream rows are labelled once; draws are class-uniform whatever
+    the label skew, a pure function of the stream position (a resumed run reads the same rows), and
+    reproducible from a generator for random_rows. size is capped at the corpus; < 1 is refused."""
+    from fastkd.methods.base import BalancedSampler, TextSampler
+
+    texts = [f"text {i}" for i in range(500)]
+    base = TextSampler(texts, seed=3, pair_task=False, bucket=8)
+
+    # a skewed labeller: 80% class 0, 15% class 1, 5% class 2
+    def skew(ts, ps):
+        return torch.tensor([0 if int(t.split()[1]) % 20 < 16 else 1 if int(t.split()[1]) % 20 < 19 else 2 for t in ts])
+
+    calls = []
+    s = BalancedSampler(base, 200, lambda ts, ps: calls.append(len(ts)) or skew(ts, ps))
+    assert calls == [200] and set(s.texts) <= set(texts) and s.texts == base.rows(0, 200)[0]
+    shares = s.label_shares(3)
+    assert shares[0] > 0.6 and 0 < shares[2] < 0.15
+    drawn, _ = s.rows(0, 3000)
+    got = skew(drawn, None)
+    for k in range(3):
+        assert abs(float((got == k).float().mean()) - 1 / 3) < 0.04, k
+    assert s.rows(1234, 16) == (drawn[1234:1250], None)  # position-pure
+    a, _ = s.random_rows(32, torch.Generator().manual_seed(5))
+    b, _ = s.random_rows(32, torch.Generator().manual_seed(5))
+    assert a == b and set(a) <= set(s.texts)
+    assert len(BalancedSampler(base, 10_000, skew).texts) == 500
+    with pytest.raises(ValueError, match="balance: expected a number of OOD rows to label >= 1"):
+        BalancedSampler(base, 0, skew)
+
+
+def test_ood_and_zskd_balance_option(teacher_and_tok):
+    """-O balance=N: ood and zskd draw from the first N stream rows, class-balanced by the tiny
+    teacher's labels (pairs kept on a pair task); off by default; negative values are one-line errors."""
+    from fastkd.methods.base import BalancedSampler, TextSampler
+
+    teacher, tok = teacher_and_tok
+    ood = get_method("ood")
+    plain = ood(_ctx(teacher, tok), ood.parse_options({}))
+    plain.setup()
+    assert isinstance(plain.sampler, TextSampler)
+    m = ood(_ctx(teacher, tok), ood.parse_options({"balance": "40"}))
+    m.setup()
+    assert isinstance(m.sampler, BalancedSampler) and len(m.sampler.texts) == 40
+    texts, _ = m.sampler.rows(0, 400)
+    labels = m.ctx.teacher_logits_on(texts).argmax(-1)
+    present = sorted(m.sampler.by_label)
+    for k in present:  # each class the teacher gives the 40 rows is drawn about equally often
+        assert abs(float((labels == k).float().mean()) - 1 / len(present)) < 0.1
+    (view,) = m.batch(_info())
+    assert view.input_ids.shape[0] == 8
+    pairs = ood(_ctx(teacher, tok, pair_task=True), ood.parse_options({"balance": "30"}))
+    pairs.setup()
+    _, p2 = pairs.sampler.rows(0, 10)
+    assert len(p2) == 10 and all(isinstance(p, str) for p in p2)
+    zskd = get_method("zskd")
+    z = zskd(_ctx(teacher, tok), zskd.parse_options({"generator": "embedding", "balance": "40"}))
+    z.setup()
+    assert isinstance(z.sampler, BalancedSampler)
+    clean, adv = z.batch(_info())
+    assert clean.input_ids.shape[0] == adv.input_ids.shape[0] == 8
+    for cls, name in ((ood, "ood"), (zskd, "zskd")):
+        with pytest.raises(OptionError, match=f"{name} balance must be >= 0"):
+            cls.parse_options({"balance": "-1"})
 
 
 def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):

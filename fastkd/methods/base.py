@@ -144,6 +144,18 @@ class MethodContext:
         return fastkd.distill_loss(student_logits.float(), teacher_logits.float(), **kw)
 
     # ---- helpers for text-based methods ---------------------------------------------------
+    @torch.no_grad()
+    def teacher_logits_on(
+        self, texts: Sequence[str], pairs: Sequence[str | None] | None = None, chunk: int = 64
+    ) -> Tensor:  # fmt: skip
+        """The teacher's float32 logits ``[N, C]`` on ``texts`` (with ``pairs`` on a pair task), ``chunk`` rows
+        at a time, on the CPU."""
+        out = []
+        for i in range(0, len(texts), chunk):
+            view = self.encode_texts(texts[i : i + chunk], pairs[i : i + chunk] if pairs is not None else None)
+            out.append(self.forward(self.teacher, view, "teacher").logits.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.num_labels)
+
     def encode_texts(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> View:
         enc = encode(self.tokenizer, texts, pairs, max_length=self.max_length, device=self.device)
         return View(
@@ -364,3 +376,65 @@ class TextSampler:
             return texts, None
         partner = torch.randint(len(self.texts), (count,), generator=generator).tolist()
         return texts, [self.texts[j] for j in partner]
+
+
+class BalancedSampler:
+    """Rows of a text corpus drawn class-balanced by the teacher's label (ours; the ``balance`` option
+    of ``ood`` and ``zskd``).
+
+    The first ``size`` rows of ``base``'s seeded stream (with their pairs on a pair task) are
+    labelled by the teacher once (``labels``: one class per row). Row ``p`` of the stream is then a
+    class drawn uniformly among those present and a row of that class, both from ``p``'s own seeded
+    RNG, so a resumed run reads what the uninterrupted one read. On an OOD corpus the teacher
+    labels unevenly (it calls most WordNet glosses neutral on the tweet task); uniform draws then
+    show the student the rare classes' rows rarely.
+    """
+
+    def __init__(self, base: TextSampler, size: int, labels: Callable[[list[str], list | None], Tensor]) -> None:
+        if size < 1:
+            raise ValueError(f"balance: expected a number of OOD rows to label >= 1, got {size}")
+        size = min(size, len(base.texts))
+        self.texts, pairs = base.rows(0, size)
+        self.pairs = list(pairs) if pairs is not None else None
+        self.seed = base.seed
+        got = labels(self.texts, self.pairs)
+        by: dict[int, list[int]] = {}
+        for i, y in enumerate(got.tolist()):
+            by.setdefault(int(y), []).append(i)
+        self.by_label = by
+        self.classes = sorted(by)
+
+    def label_shares(self, num_labels: int) -> list[float]:
+        """The share of each class among the labelled rows."""
+        n = sum(len(v) for v in self.by_label.values())
+        return [len(self.by_label.get(k, [])) / n for k in range(num_labels)]
+
+    def _pick(self, g: torch.Generator) -> int:
+        rows = self.by_label[self.classes[int(torch.randint(len(self.classes), (), generator=g))]]
+        return rows[int(torch.randint(len(rows), (), generator=g))]
+
+    def _take(self, idx: list[int]) -> tuple[list[str], list[str | None] | None]:
+        return [self.texts[i] for i in idx], [self.pairs[i] for i in idx] if self.pairs is not None else None
+
+    def rows(self, offset: int, count: int) -> tuple[list[str], list[str | None] | None]:
+        from fastkd.data import mix_seed
+
+        return self._take(
+            [
+                self._pick(torch.Generator().manual_seed(mix_seed(self.seed, 13, p)))
+                for p in range(offset, offset + count)
+            ]
+        )
+
+    def random_rows(self, count: int, generator: torch.Generator) -> tuple[list[str], list[str | None] | None]:
+        return self._take([self._pick(generator) for _ in range(count)])
+
+
+def ood_sampler(ctx: MethodContext, balance: int) -> TextSampler | BalancedSampler:
+    """The OOD rows of ``ood`` and ``zskd``: the seeded stream (length-bucketed), or with ``balance > 0``
+    the first ``balance`` rows of it drawn class-balanced by the teacher's label."""
+    assert ctx.ood_texts is not None
+    base = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size)
+    if balance <= 0:
+        return base
+    return BalancedSampler(base, balance, lambda texts, pairs: ctx.teacher_logits_on(texts, pairs).argmax(-1))

@@ -3,7 +3,9 @@
 * ``random`` — random token sequences (uniform over the vocabulary without special tokens, random
   lengths), labelled only by the teacher's soft outputs: the floor every method must beat.
 * ``ood`` — plain KD on out-of-domain sentences (and pairs built from them for pair tasks), with
-  no adversarial part: Zero-shot KD's first ingredient alone.
+  no adversarial part: Zero-shot KD's first ingredient alone. ``-O balance=N`` (ours, off by
+  default) labels the first N rows of its stream with the teacher once and draws them
+  class-balanced (:class:`fastkd.methods.base.BalancedSampler`).
 * ``supervised`` — KD on the real task training data: the upper bound, for comparison only. It is
   the only method that reads the training split.
 """
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd.methods.base import Method, StepInfo, TextSampler, View, opt
+from fastkd.methods.base import Method, StepInfo, View, ood_sampler, opt
 
 
 class RandomTokens(Method):
@@ -81,14 +83,18 @@ class OutOfDomain(Method):
     summary = "KD on out-of-domain text, no adversarial part (baseline)"
     needs_ood = True
 
-    def setup(self) -> None:
-        assert self.ctx.ood_texts is not None
-        self.sampler = TextSampler(
-            self.ctx.ood_texts,
-            self.ctx.seed,
-            self.ctx.pair_task,
-            bucket=self.ctx.batch_size or self.ctx.micro_batch_size,
+    @dataclass
+    class Options:
+        balance: int = opt(
+            0, "draw OOD rows class-balanced by the teacher's label from the first N rows of the stream (0: off; ours)"
         )
+
+        def check(self) -> None:
+            if self.balance < 0:
+                raise ValueError(f"ood balance must be >= 0 (rows to label; 0: off), got {self.balance}")
+
+    def setup(self) -> None:
+        self.sampler = ood_sampler(self.ctx, self.opt.balance)
 
     def batch(self, info: StepInfo) -> list[View]:
         texts, pairs = self.sampler.rows(info.offset, info.batch_size)

@@ -523,16 +523,10 @@ class T3(Method):
         if self.needs_lm:
             self._load_rewriter()
 
-    @torch.no_grad()
     def _teacher_logits(self, rows: list[dict]) -> Tensor:
         """The teacher's float32 logits on ``rows`` (their texts, with the pairs on a pair task), 64 at a time."""
-        out = []
-        for i in range(0, len(rows), 64):
-            chunk = rows[i : i + 64]
-            pairs = [r.get("text_pair") for r in chunk] if self.ctx.pair_task else None
-            view = self.ctx.encode_texts([r["text"] for r in chunk], pairs)
-            out.append(self.ctx.forward(self.ctx.teacher, view, "teacher").logits.float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.ctx.num_labels)
+        pairs = [r.get("text_pair") for r in rows] if self.ctx.pair_task else None
+        return self.ctx.teacher_logits_on([r["text"] for r in rows], pairs)
 
     def _label_rows(self, rows: list[dict]) -> None:
         """Give rows without one the teacher's label (a pool file's stored labels may be another teacher's)."""

@@ -90,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 import fastkd
-from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
+from fastkd.methods.base import Method, StepInfo, View, _accepts, ood_sampler, opt
 
 
 class _StraightThroughEmbed(torch.autograd.Function):
@@ -263,8 +263,13 @@ class ZeroShotKD(Method):
             "(the clean OOD batch's)",
         )
         adv_balance_cap: float = opt(5.0, "largest per-class weight adv_balance may give")
+        balance: int = opt(
+            0, "draw OOD rows class-balanced by the teacher's label from the first N rows of the stream (0: off; ours)"
+        )
 
         def check(self) -> None:
+            if self.balance < 0:
+                raise ValueError(f"zskd balance must be >= 0 (rows to label; 0: off), got {self.balance}")
             if self.generator not in ("mlm", "embedding"):
                 raise ValueError(f"zskd generator must be 'mlm' or 'embedding', got {self.generator!r}")
             if not 0.0 < self.mask_prob <= 1.0:
@@ -283,9 +288,7 @@ class ZeroShotKD(Method):
     def setup(self) -> None:
         ctx = self.ctx
         assert ctx.ood_texts is not None
-        self.sampler = TextSampler(
-            ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size
-        )
+        self.sampler = ood_sampler(ctx, self.opt.balance)
         self.uses_embeddings = self.opt.generator == "embedding"
         self.mask_id = ctx.tokenizer.mask_token_id
         self.generator: nn.Module | None = None
