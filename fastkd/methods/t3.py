@@ -55,9 +55,9 @@ What is reconstruction
       The quality benchmark draws class-balanced on both tasks: on the tweet task (a 4,096-row pool
       the teacher calls 22/53/25% negative/neutral/positive) it lifted dev accuracy from 58.1% to
       61.2% (5 of 5 seeds) and held-out accuracy by 2.8 points (10 seeds); on the movie task, whose
-      pool is 48/52 already, it changed nothing. A dev control (the pool's source glosses, drawn
-      balanced, no rewriting) matched its tweet accuracy with another class profile, so much of
-      that gain is the balancing itself. It stays off here by default because
+      pool is 48/52 already, it changed nothing. (The teacher calls 25% of the tweet rewrites
+      positive against about 1% of their source glosses, so the rewrites are what give a balanced
+      draw enough rows of the rare class.) It stays off here by default because
       ``pool_weight=margin`` is the other way of drawing rows.
     * ``source_fraction`` (ours, default 0): that share of each batch is the untransformed OOD
       source text, the generator's input. A small budget affords only a few hundred generated texts,
