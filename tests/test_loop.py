@@ -25,7 +25,7 @@ def _state(out_dir) -> dict:
 
 RESUME_CASES = [
     pytest.param("ood", {}, id="ood"),
-    pytest.param("ood", {"balance": 32}, id="ood-balance"),
+    pytest.param("ood", {"balance": 32, "balance_cache": "none"}, id="ood-balance"),
     pytest.param("random", {}, id="random"),
     pytest.param("supervised", {}, id="supervised"),
     # min_gen_lift 0: this tests resume, not the generator's quality (test_method_generators does)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -32,7 +33,7 @@ ZSKD_MLM = {"generator": "mlm", "gen_every": 20, "gen_steps": 2}
 CASES = [
     pytest.param("random", {}, id="random"),
     pytest.param("ood", {}, id="ood"),
-    pytest.param("ood", {"balance": 64}, id="ood-balance"),  # class-balanced draws from 64 labelled rows
+    pytest.param("ood", {"balance": 64, "balance_cache": "none"}, id="ood-balance"),  # balanced draws, 64 labelled rows
     pytest.param("supervised", {}, id="supervised"),
     pytest.param("zskd", ZSKD_MLM, id="zskd-mlm"),
     pytest.param("zskd", {"generator": "embedding"}, id="zskd-embedding"),
@@ -492,7 +493,7 @@ def test_ood_and_zskd_balance_option(teacher_and_tok):
     plain = ood(_ctx(teacher, tok), ood.parse_options({}))
     plain.setup()
     assert isinstance(plain.sampler, TextSampler)
-    m = ood(_ctx(teacher, tok), ood.parse_options({"balance": "40"}))
+    m = ood(_ctx(teacher, tok), ood.parse_options({"balance": "40", "balance_cache": "none"}))
     m.setup()
     assert isinstance(m.sampler, BalancedSampler) and len(m.sampler.texts) == 40
     texts, _ = m.sampler.rows(0, 400)
@@ -502,12 +503,12 @@ def test_ood_and_zskd_balance_option(teacher_and_tok):
         assert abs(float((labels == k).float().mean()) - 1 / len(present)) < 0.1
     (view,) = m.batch(_info())
     assert view.input_ids.shape[0] == 8
-    pairs = ood(_ctx(teacher, tok, pair_task=True), ood.parse_options({"balance": "30"}))
+    pairs = ood(_ctx(teacher, tok, pair_task=True), ood.parse_options({"balance": "30", "balance_cache": "none"}))
     pairs.setup()
     _, p2 = pairs.sampler.rows(0, 10)
     assert len(p2) == 10 and all(isinstance(p, str) for p in p2)
     zskd = get_method("zskd")
-    z = zskd(_ctx(teacher, tok), zskd.parse_options({"generator": "embedding", "balance": "40"}))
+    z = zskd(_ctx(teacher, tok), zskd.parse_options({"generator": "embedding", "balance": "40", "balance_cache": "none"}))
     z.setup()
     assert isinstance(z.sampler, BalancedSampler)
     clean, adv = z.batch(_info())
@@ -515,6 +516,51 @@ def test_ood_and_zskd_balance_option(teacher_and_tok):
     for cls, name in ((ood, "ood"), (zskd, "zskd")):
         with pytest.raises(OptionError, match=f"{name} balance must be >= 0"):
             cls.parse_options({"balance": "-1"})
+
+
+def test_label_cache_labels_once_per_teacher(teacher_and_tok, tmp_path):
+    """LabelCache (balance_cache): the labels are the teacher's argmax in the rows' order; a second
+    run with the same teacher labels nothing (no teacher forward); pairs are rows of their own; a
+    different teacher or max length uses another file; a broken file is labelled again; the ood and
+    zskd options reach it."""
+    from fastkd.methods.base import BalancedSampler, LabelCache
+
+    teacher, tok = teacher_and_tok
+    ctx = _ctx(teacher, tok)
+    texts = _tiny.ood_texts(60, 4)
+    want = ctx.teacher_logits_on(texts).argmax(-1)
+    calls = []
+    real = ctx.teacher_logits_on
+
+    def counted(ts, ps=None, chunk=64):
+        calls.append(len(ts))
+        return real(ts, ps, chunk)
+
+    ctx.teacher_logits_on = counted
+    cache = LabelCache(tmp_path, ctx)
+    got = cache.labels(texts + texts[:5], None)  # repeated rows are labelled once
+    assert torch.equal(got, torch.cat([want, want[:5]])) and sum(calls) == len(set(texts))
+    assert cache.path.is_file() and cache.path.parent == tmp_path / "labels"
+    calls.clear()
+    again = LabelCache(tmp_path, ctx)
+    assert again.path == cache.path and torch.equal(again.labels(texts[::-1], None), want.flip(0)) and not calls
+    pairs = ["a pair"] * 10
+    assert torch.equal(again.labels(texts[:10], pairs), real(texts[:10], pairs).argmax(-1)) and sum(calls) == 10
+    assert LabelCache(tmp_path, _ctx(teacher, tok, max_length=16)).path != cache.path
+    other = copy.deepcopy(teacher)
+    with torch.no_grad():
+        other.classifier.bias.add_(0.01)  # the same teacher fine-tuned a little further
+    assert LabelCache(tmp_path, _ctx(other, tok, student=ctx.student)).path != cache.path
+    cache.path.write_text("{not json")
+    calls.clear()
+    assert torch.equal(LabelCache(tmp_path, ctx).labels(texts, None), want) and sum(calls) == len(set(texts))
+    ood = get_method("ood")
+    m = ood(_ctx(teacher, tok), ood.parse_options({"balance": "40", "balance_cache": str(tmp_path / "c")}))
+    m.setup()
+    assert isinstance(m.sampler, BalancedSampler) and (tmp_path / "c" / "labels").is_dir()
+    plain = ood(_ctx(teacher, tok), ood.parse_options({"balance": "40", "balance_cache": "none"}))
+    plain.setup()
+    assert m.sampler.by_label == plain.sampler.by_label and m.sampler.rows(0, 50) == plain.sampler.rows(0, 50)
 
 
 def test_asdfd_guessing_makes_the_teacher_confident(teacher_and_tok):

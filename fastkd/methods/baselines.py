@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fastkd.methods.base import Method, StepInfo, View, ood_sampler, opt
+from fastkd.methods.base import BalanceOptions, Method, StepInfo, View, ood_sampler, opt
 
 
 class RandomTokens(Method):
@@ -84,17 +84,12 @@ class OutOfDomain(Method):
     needs_ood = True
 
     @dataclass
-    class Options:
-        balance: int = opt(
-            0, "draw OOD rows class-balanced by the teacher's label from the first N rows of the stream (0: off; ours)"
-        )
-
+    class Options(BalanceOptions):
         def check(self) -> None:
-            if self.balance < 0:
-                raise ValueError(f"ood balance must be >= 0 (rows to label; 0: off), got {self.balance}")
+            self.check_balance("ood")
 
     def setup(self) -> None:
-        self.sampler = ood_sampler(self.ctx, self.opt.balance)
+        self.sampler = ood_sampler(self.ctx, self.opt.balance, self.opt.balance_cache)
 
     def batch(self, info: StepInfo) -> list[View]:
         texts, pairs = self.sampler.rows(info.offset, info.batch_size)

@@ -90,7 +90,7 @@ import torch
 from torch import Tensor, nn
 
 import fastkd
-from fastkd.methods.base import Method, StepInfo, View, _accepts, ood_sampler, opt
+from fastkd.methods.base import BalanceOptions, Method, StepInfo, View, _accepts, ood_sampler, opt
 
 
 class _StraightThroughEmbed(torch.autograd.Function):
@@ -226,7 +226,7 @@ class ZeroShotKD(Method):
     needs_ood = True
 
     @dataclass
-    class Options:
+    class Options(BalanceOptions):
         generator: str = opt("mlm", "adversarial generator: 'mlm' (token level, MATE-KD) or 'embedding' (ascent)")
         mask_prob: float = opt(0.3, "fraction of OOD tokens the masked-LM generator refills")
         gen_steps: int = opt(10, "generator updates per cycle of gen_every student steps (mlm), spread evenly")
@@ -263,13 +263,9 @@ class ZeroShotKD(Method):
             "(the clean OOD batch's)",
         )
         adv_balance_cap: float = opt(5.0, "largest per-class weight adv_balance may give")
-        balance: int = opt(
-            0, "draw OOD rows class-balanced by the teacher's label from the first N rows of the stream (0: off; ours)"
-        )
 
         def check(self) -> None:
-            if self.balance < 0:
-                raise ValueError(f"zskd balance must be >= 0 (rows to label; 0: off), got {self.balance}")
+            self.check_balance("zskd")
             if self.generator not in ("mlm", "embedding"):
                 raise ValueError(f"zskd generator must be 'mlm' or 'embedding', got {self.generator!r}")
             if not 0.0 < self.mask_prob <= 1.0:
@@ -288,7 +284,7 @@ class ZeroShotKD(Method):
     def setup(self) -> None:
         ctx = self.ctx
         assert ctx.ood_texts is not None
-        self.sampler = ood_sampler(ctx, self.opt.balance)
+        self.sampler = ood_sampler(ctx, self.opt.balance, self.opt.balance_cache)
         self.uses_embeddings = self.opt.generator == "embedding"
         self.mask_id = ctx.tokenizer.mask_token_id
         self.generator: nn.Module | None = None
