@@ -61,9 +61,13 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # run from a source checkout without installing
     sys.path.insert(0, str(ROOT))
 
-METHODS = ("random", "ood", "zskd", "asdfd", "t3", "supervised")
+METHODS = ("random", "ood", "ood-balanced", "zskd", "asdfd", "t3", "supervised")
 SEED_METHODS = ("zskd", "asdfd", "t3")
-RUN_ORDER = ("ood", "zskd", "asdfd", "t3", "random", "supervised")  # the baseline first: a cut-short run compares
+# Benchmark rows that run a fastkd method with other options: `ood-balanced` is `ood -O balance=32768` (ours),
+# a second baseline: on tweets the teacher calls ~79% of glosses neutral and ~1% positive, which holds plain
+# `ood` back (session-10 dev, results README). The issue's baseline stays plain `ood`.
+VARIANTS = {"ood-balanced": "ood"}
+RUN_ORDER = ("ood", "ood-balanced", "zskd", "asdfd", "t3", "random", "supervised")  # the baseline first: a cut-short run compares
 TASKS = ("movie_reviews", "tweets")
 # -O METHOD.hidden_weight=W sets the loop's hidden-state matching weight, -O METHOD.temperature=T its KD temperature
 LOOP_OPTIONS = ("hidden_weight", "temperature")
@@ -108,6 +112,9 @@ OPTIONS: dict[str, dict[str, Any]] = {
     },
     "asdfd": {"construct_steps": 2, "seq_len": 16},
     "t3": {"source_fraction": 0.0, "refresh_every": 0, "pool_balance": True},
+    # 32,768 labelled rows (about 330 positive tweets' glosses): registered in session 11 from the session-10
+    # dev runs (tweets 66.5% vs ood 55.7%, 5 of 5 seeds; movie 73.5% vs 72.5%, 3 of 3), before any test read.
+    "ood-balanced": {"balance": 32768},
 }
 # Per-task choices on the dev split, over OPTIONS (the results README gives the dev runs behind each).
 # t3 source_fraction on tweets (3 dev seeds each): 0.5 -> 56.9%, 0.75 -> 58.8%; ood 54.9%. The tweet pool
@@ -130,6 +137,11 @@ OPTIONS: dict[str, dict[str, Any]] = {
 TASK_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
     "movie_reviews": {"zskd": {"mask_prob": 0.5}},
 }
+
+
+def fastkd_method(method: str) -> str:
+    """The fastkd method a benchmark row runs (``ood-balanced`` runs ``ood``)."""
+    return VARIANTS.get(method, method)
 
 
 def method_options(task: str, method: str) -> dict[str, Any]:
@@ -264,7 +276,7 @@ def _metrics_evidence(out_dir: Path, method: str) -> dict[str, Any]:
         ]
         ev["pool_windows"] = stats
     key = {"zskd": None, "asdfd": "kd_pseudo", "t3": "kd_generated", "ood": "kd_ood", "random": "kd_random",
-           "supervised": "kd_train"}.get(method)  # fmt: skip
+           "supervised": "kd_train"}.get(fastkd_method(method))  # fmt: skip
     if key:
         vals = [r[key] for r in train if key in r]
         if vals:
@@ -303,7 +315,7 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
     tag = ctx.get("tag") or ""
     out_dir = work / task / (f"dev-{method}-{tag}-s{seed}" if dev_only else f"{method}-s{seed}")
     cfg = DistillConfig(
-        teacher=teacher_dir, method=method, ood=data["ood"] if reads_ood(method) else None,
+        teacher=teacher_dir, method=fastkd_method(method), ood=data["ood"] if reads_ood(fastkd_method(method)) else None,
         train=data["split"]["train"] if method == "supervised" else None, eval=None, out_dir=str(out_dir),
         max_steps=BUDGET["steps"], batch_size=BUDGET["batch_size"], max_length=BUDGET["max_length"],
         lr=BUDGET["lr"], threads=BUDGET["threads"], eval_every=0, save_every=0, seed=seed, device="cpu",
@@ -462,17 +474,19 @@ def bootstrap_delta_paired(
 
 
 def paired_lines(runs: list[dict[str, Any]]) -> list[str]:
-    """A secondary table: each seed method against ``ood`` paired by seed (the headline interval, in
-    summary.csv, resamples each method's seeds independently and stays the goal's measure)."""
-    out = ["| task | method | common seeds | ahead of ood | delta, paired by seed [95%] |", "|---|---|---|---|---|"]
+    """A secondary table: each seed method (and ``ood-balanced``) against ``ood``, and each seed method
+    against ``ood-balanced``, paired by seed (the headline interval, in summary.csv, resamples each
+    method's seeds independently and stays the goal's measure)."""
+    out = ["| task | method | baseline | common seeds | ahead | delta, paired by seed [95%] |", "|---|---|---|---|---|---|"]
     for task in TASKS:
-        ood = {r["seed"]: r["test_correct"] for r in runs if r["task"] == task and r["method"] == "ood"}
-        for m in SEED_METHODS:
-            got = {r["seed"]: r["test_correct"] for r in runs if r["task"] == task and r["method"] == m}
-            if not ood or not set(got) & set(ood):
-                continue
-            d, lo, hi, ahead, k = bootstrap_delta_paired(got, ood)
-            out.append(f"| {task} | {m} | {k} | {ahead} of {k} | {d:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
+        for base, methods in (("ood", ("ood-balanced", *SEED_METHODS)), ("ood-balanced", SEED_METHODS)):
+            ref = {r["seed"]: r["test_correct"] for r in runs if r["task"] == task and r["method"] == base}
+            for m in methods:
+                got = {r["seed"]: r["test_correct"] for r in runs if r["task"] == task and r["method"] == m}
+                if not ref or not set(got) & set(ref):
+                    continue
+                d, lo, hi, ahead, k = bootstrap_delta_paired(got, ref)
+                out.append(f"| {task} | {m} | {base} | {k} | {ahead} of {k} | {d:+.1f} [{lo:+.1f}, {hi:+.1f}] |")
     return out
 
 
@@ -540,7 +554,7 @@ def goals(rows: list[dict[str, Any]]) -> list[str]:
             ok = r["delta_ci_low"] > 0
             out.append(f"- {task}: {m} beats ood with a 95% interval above zero: {'MET' if ok else 'NOT MET'} "
                        f"({r['delta_vs_ood']:+.1f} points, [{r['delta_ci_low']:+.1f}, {r['delta_ci_high']:+.1f}])")  # fmt: skip
-        df = [rs[m] for m in ("random", "ood", *SEED_METHODS) if m in rs and isinstance(rs[m]["pct_of_teacher"], float)]
+        df = [rs[m] for m in ("random", "ood", "ood-balanced", *SEED_METHODS) if m in rs and isinstance(rs[m]["pct_of_teacher"], float)]
         if df:
             best = max(df, key=lambda r: r["mean_acc"])
             if task == "movie_reviews":
@@ -575,7 +589,7 @@ def plot(
         return False
     other_cpus = sorted({r["cpu"] for r in runs if r.get("cpu") and r["cpu"] != main_cpu})
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.2), squeeze=False)
-    colors = dict(zip(METHODS, ("#999999", "#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#000000")))
+    colors = dict(zip(METHODS, ("#999999", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#9467bd", "#000000")))
     for ax, task in zip(axes[0], TASKS):
         for m in METHODS:
             rs = [r for r in runs if r["task"] == task and r["method"] == m]
@@ -829,7 +843,7 @@ def rescore_holdout(work: Path, cache: str | None) -> int:
                 continue
             run_dir = work / task / f"{r['method']}-s{r['seed']}"
             res = json.loads((run_dir / "result.json").read_text())
-            if res.get("method") != r["method"] or res.get("steps") != r["steps"]:
+            if res.get("method") != fastkd_method(r["method"]) or res.get("steps") != r["steps"]:
                 raise SystemExit(
                     f"{run_dir}: its student is not the run of runs.jsonl ({res.get('method')}, {res.get('steps')})"
                 )

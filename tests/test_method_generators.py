@@ -410,7 +410,13 @@ def test_quality_task_options_layer_over_the_method_options(monkeypatch):
         assert task in Q.TASKS
         for method in methods:
             extra = {"generator": "lm"} if method == "t3" else {}  # t3's one required option
-            get_method(method).parse_options({**Q.method_options(task, method), **extra})
+            get_method(Q.fastkd_method(method)).parse_options({**Q.method_options(task, method), **extra})
+    # a variant row runs its fastkd method with its own registered options, on every task
+    assert Q.fastkd_method("ood-balanced") == "ood" and Q.fastkd_method("zskd") == "zskd"
+    for task in Q.TASKS:
+        assert Q.method_options(task, "ood-balanced") == {"balance": 32768}
+        get_method("ood").parse_options(Q.method_options(task, "ood-balanced"))
+    assert set(Q.VARIANTS) <= set(Q.METHODS) and all(v in Q.METHODS for v in Q.VARIANTS.values())
 
 
 def _teacher_labels(teacher, tok, texts):

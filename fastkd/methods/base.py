@@ -157,7 +157,8 @@ class MethodContext:
         out = []
         for i in range(0, len(texts), chunk):
             view = self.encode_texts(texts[i : i + chunk], pairs[i : i + chunk] if pairs is not None else None)
-            out.append(self.forward(self.teacher, view, "teacher").logits.float().cpu())
+            with torch.no_grad():
+                out.append(self.forward(self.teacher, view, "teacher").logits.float().cpu())
         return torch.cat(out) if out else torch.empty(0, self.num_labels)
 
     def encode_texts(self, texts: Sequence[str], pairs: Sequence[str | None] | None = None) -> View:
