@@ -476,6 +476,36 @@ def test_t3_pool_balance_draws_each_teacher_class_equally(teacher_and_tok, tmp_p
         assert len(set(idx)) == 44  # every row is still drawn
 
 
+def test_t3_balance_draws_the_source_rows_class_balanced(teacher_and_tok, tmp_path):
+    """balance=N: the source_fraction rows of a batch come from a BalancedSampler over the first N OOD
+    stream rows (the pool rows are drawn as before, the batch is reproducible from its generator);
+    without source_fraction it is a one-line error."""
+    from fastkd.methods.base import BalancedSampler
+    from fastkd.methods.base import StepInfo as SI
+
+    teacher, tok = teacher_and_tok
+    path = _pool_file(tmp_path, [(t, 0) for t in _structured_texts(20, 2)])
+    plain = _t3(teacher, tok, path, source_fraction=0.5)
+    m = _t3(teacher, tok, path, source_fraction=0.5, balance=40, balance_cache="none")
+    assert plain.source_sampler is None and isinstance(m.source_sampler, BalancedSampler)
+
+    def info(seed):
+        return SI(step=0, micro=0, rank=0, world=1, batch_size=8, offset=0, generator=torch.Generator().manual_seed(seed))
+
+    drawn = []
+    draw = m.source_sampler.random_rows
+    m.source_sampler.random_rows = lambda n, g: drawn.append(draw(n, g)) or drawn[-1]
+    (view,) = m.batch(info(3))
+    (again,) = m.batch(info(3))
+    assert torch.equal(view.input_ids, again.input_ids) and view.input_ids.shape[0] == 8
+    assert len(drawn) == 2 and drawn[0] == drawn[1] and len(drawn[0][0]) == 4  # half the batch, from the sampler
+    assert set(drawn[0][0]) <= set(m.source_sampler.texts)  # rows of the labelled N
+    from fastkd.methods import OptionError
+
+    with pytest.raises(OptionError, match="t3 balance draws the source_fraction rows"):
+        get_method("t3").parse_options({"generator": "x", "balance": "8"})
+
+
 def test_t3_pool_weight_margin_draws_rows_by_teacher_margin(teacher_and_tok, tmp_path, monkeypatch):
     """pool_weight=margin draws each row with probability (floor + 1 - top-2 margin) / sum; uniform stays
     uniform; bad settings are errors. The tiny teacher is equally sure of every text, so the teacher's

@@ -689,14 +689,16 @@ def test_t3_pool_cache_key_ignores_how_students_draw(teacher_and_tok, tmp_path):
     assert not gen()["cached"]
     assert gen(pool_filter="intended", pool_balance="true")["cached"]
     assert gen(pool_weight="margin", pool_weight_floor="0.2")["cached"]
+    mixed = gen(source_fraction="0.5")  # (source_fraction is in the key: pools cached before keep their names)
+    assert gen(source_fraction="0.5", balance="64", balance_cache="none")["path"] == mixed["path"]
     assert not gen(max_new_tokens="7")["cached"]
-    assert len(list(tmp_path.glob("t3-*.jsonl"))) == 2
+    assert len(list(tmp_path.glob("t3-*.jsonl"))) == 3
     # gen_dtype at its default is left out of the key (pools cached before it existed stay valid);
     # bfloat16 sampling makes another pool
     first = gen()
     assert first["cached"] and gen(gen_dtype="float32")["path"] == first["path"]
     assert not gen(gen_dtype="bfloat16")["cached"]
-    assert len(list(tmp_path.glob("t3-*.jsonl"))) == 3
+    assert len(list(tmp_path.glob("t3-*.jsonl"))) == 4
 
 
 def test_t3_logprobs_match_the_generator_with_left_padding(teacher_and_tok):

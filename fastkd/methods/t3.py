@@ -62,7 +62,9 @@ What is reconstruction
     * ``source_fraction`` (ours, default 0): that share of each batch is the untransformed OOD
       source text, the generator's input. A small budget affords only a few hundred generated texts,
       which a student memorises; mixing in the general-domain text it was rewritten from keeps the
-      student's inputs diverse.
+      student's inputs diverse. With ``balance=N`` (ours, off by default) those rows are drawn
+      class-balanced by the teacher's label from the first N rows of the OOD stream, as ``ood -O
+      balance=N`` draws all of its rows (:class:`fastkd.methods.base.BalancedSampler`).
     * ``pool_weight=margin`` (ours, default ``uniform``): draw pool rows with probability
       proportional to ``pool_weight_floor + 1 - (p1 - p2)``, where ``p1 - p2`` is the teacher's
       margin between its top two classes on the row (computed once per pool with one teacher
@@ -83,16 +85,16 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.data import encode, load_text
-from fastkd.methods.base import Method, StepInfo, TextSampler, View, _accepts, opt
+from fastkd.methods.base import BalanceOptions, Method, StepInfo, TextSampler, View, _accepts, ood_sampler, opt
 
 # T3 options that change how the student draws from a pool, not the pool: not in the pool cache's key.
-DRAW_OPTIONS = ("pool_filter", "pool_balance", "pool_weight", "pool_weight_floor")
+DRAW_OPTIONS = ("pool_filter", "pool_balance", "pool_weight", "pool_weight_floor", "balance", "balance_cache")
 
 DEFAULT_PROMPT = "Rewrite the following text as a {label} {task}, in one sentence.\n\nText: {text}"
 
 
 @dataclass
-class T3Options:
+class T3Options(BalanceOptions):
     generator: str | None = opt(None, "causal LM that rewrites text: folder, hub id, or a .gguf file (required)")
     gguf_file: str | None = opt(None, "GGUF file name inside the generator folder")
     task: str = opt("text", "what the task's texts are, for the prompt (e.g. 'movie review')")
@@ -164,6 +166,9 @@ class T3Options:
             raise ValueError(f"pool_filter must be none or intended, got {self.pool_filter!r}")
         if not 0.0 <= self.source_fraction < 1.0:
             raise ValueError(f"source_fraction must be in [0, 1), got {self.source_fraction}")
+        self.check_balance("t3")
+        if self.balance and not self.source_fraction:
+            raise ValueError("t3 balance draws the source_fraction rows class-balanced: give -O source_fraction > 0")
         for key in ("{label}", "{text}"):
             if key not in self.prompt:
                 raise ValueError(f"prompt must contain {key}")
@@ -502,6 +507,8 @@ class T3(Method):
         ctx = self.ctx
         assert ctx.ood_texts is not None
         self.sampler = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task)
+        # the source_fraction rows: uniform from the OOD text, or class-balanced by the teacher's label (balance)
+        self.source_sampler = ood_sampler(ctx, self.opt.balance, self.opt.balance_cache) if self.opt.balance else None
         self.pool: list[dict] = []
         self.pool_next = 0
         self._by_label: dict[int, list[int]] | None = None  # pool indices per teacher label (pool_balance)
@@ -634,7 +641,7 @@ class T3(Method):
         texts = [r["text"] for r in rows]
         pairs = [r.get("text_pair") for r in rows] if self.ctx.pair_task else None
         if n_source:
-            src, src_pairs = self.sampler.random_rows(n_source, info.generator)
+            src, src_pairs = (self.source_sampler or self.sampler).random_rows(n_source, info.generator)
             texts += src
             if pairs is not None and src_pairs is not None:
                 pairs += src_pairs
