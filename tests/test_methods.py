@@ -492,7 +492,13 @@ def test_ood_and_zskd_balance_option(teacher_and_tok):
     ood = get_method("ood")
     plain = ood(_ctx(teacher, tok), ood.parse_options({}))
     plain.setup()
-    assert isinstance(plain.sampler, TextSampler)
+    assert isinstance(plain.sampler, TextSampler) and plain.sampler.bucket == 8
+    flat = ood(_ctx(teacher, tok), ood.parse_options({"length_buckets": "false"}))  # stream order, no buckets
+    flat.setup()
+    assert flat.sampler.bucket == 0 and flat.sampler.rows(0, 40)[0] == [
+        flat.sampler.texts[i] for i in flat.sampler.stream.indices(0, 40)
+    ]
+    assert sorted(flat.sampler.rows(0, 128)[0]) == sorted(plain.sampler.rows(0, 128)[0])  # same rows, reordered
     m = ood(_ctx(teacher, tok), ood.parse_options({"balance": "40", "balance_cache": "none"}))
     m.setup()
     assert isinstance(m.sampler, BalancedSampler) and len(m.sampler.texts) == 40

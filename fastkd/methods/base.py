@@ -529,12 +529,16 @@ class LabelCache:
             pass  # caching is an optimisation
 
 
-def ood_sampler(ctx: MethodContext, balance: int, cache: str | None = None) -> TextSampler | BalancedSampler:
-    """The OOD rows of ``ood`` and ``zskd``: the seeded stream (length-bucketed), or with ``balance > 0``
-    the first ``balance`` rows of it drawn class-balanced by the teacher's label. ``cache``: a folder
-    for the teacher's labels (:class:`LabelCache`; ``auto`` = the fastkd cache), or None / ``none``."""
+def ood_sampler(
+    ctx: MethodContext, balance: int, cache: str | None = None, buckets: bool = True
+) -> TextSampler | BalancedSampler:  # fmt: skip
+    """The OOD rows of ``ood`` and ``zskd``: the seeded stream (length-bucketed unless ``buckets`` is
+    False), or with ``balance > 0`` the first ``balance`` rows of it drawn class-balanced by the
+    teacher's label (not bucketed). ``cache``: a folder for the teacher's labels (:class:`LabelCache`;
+    ``auto`` = the fastkd cache), or None / ``none``."""
     assert ctx.ood_texts is not None
-    base = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=ctx.batch_size or ctx.micro_batch_size)
+    bucket = (ctx.batch_size or ctx.micro_batch_size) if buckets else 0
+    base = TextSampler(ctx.ood_texts, ctx.seed, ctx.pair_task, bucket=bucket)
     if balance <= 0:
         return base
     if cache == "auto":

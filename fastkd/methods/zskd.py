@@ -58,6 +58,11 @@ What is reconstruction (the papers leave it open, or our setting differs)
       clean batch's (:func:`balance_weights`); the logged ``kd_adversarial`` stays the plain mean.
       Measured on the movie dev split (5 seeds, ``benchmarks/results/quality/README.md``): ``clean``
       changes neither accuracy nor the per-class split, ``uniform`` deepens the lean; so it is off.
+    * Class-balanced clean rows (``balance=N``, off by default; ours): the clean OOD rows drawn as
+      ``ood -O balance=N`` draws them (:class:`fastkd.methods.base.BalancedSampler`). On tweet dev
+      with N = 32,768, zskd scores 63.8% (seeds 0-1; ``ood`` with the same balance 67.0%) and with
+      ``adv_balance=uniform`` 65.8% (seeds 0-2; ``ood`` 67.5%, ahead of it in 1 of 3): the refills do
+      not add to what balancing gives (``benchmarks/results/quality/README.md``, session 11).
     * The straight-through estimator: the forward pass uses the hard Gumbel sample (a plain
       embedding lookup, cheaper than the dense ``one_hot @ E``); the backward pass routes the
       gradient through the soft sample (``grad @ E^T``), which is what the straight-through
