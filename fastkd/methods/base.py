@@ -453,6 +453,13 @@ class BalanceOptions:
             raise ValueError(f"{method} balance must be >= 0 (rows to label; 0: off), got {self.balance}")
 
 
+def hash_weights(h: Any, model: nn.Module) -> None:
+    """Feed a model's weights (names and float32 values, in name order) into the hash ``h``."""
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+
+
 class LabelCache:
     """The teacher's labels (argmax) of text rows, kept in one JSON file per teacher (ours; ``balance``).
 
@@ -471,9 +478,7 @@ class LabelCache:
         from fastkd.logits import tokenizer_fingerprint
 
         h = hashlib.sha256()
-        for name, tensor in sorted(ctx.teacher.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        hash_weights(h, ctx.teacher)
         h.update(tokenizer_fingerprint(ctx.tokenizer).encode())
         h.update(json.dumps([ctx.max_length, ctx.num_labels, self.VERSION]).encode())
         self.path = Path(folder) / "labels" / f"teacher-{h.hexdigest()[:16]}.json"

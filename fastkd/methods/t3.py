@@ -85,7 +85,17 @@ import torch
 from torch import Tensor, nn
 
 from fastkd.data import encode, load_text
-from fastkd.methods.base import BalanceOptions, Method, StepInfo, TextSampler, View, _accepts, ood_sampler, opt
+from fastkd.methods.base import (
+    BalanceOptions,
+    Method,
+    StepInfo,
+    TextSampler,
+    View,
+    _accepts,
+    hash_weights,
+    ood_sampler,
+    opt,
+)
 
 # T3 options that change how the student draws from a pool, not the pool: not in the pool cache's key.
 DRAW_OPTIONS = ("pool_filter", "pool_balance", "pool_weight", "pool_weight_floor", "balance", "balance_cache")
@@ -712,9 +722,7 @@ def generate_dataset(
     path = None
     if cache is not None:
         h = hashlib.sha256()
-        for name, tensor in sorted(teacher.state_dict().items()):
-            h.update(name.encode())
-            h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+        hash_weights(h, teacher)
         for t in ood_texts:
             h.update(t.encode("utf-8", "replace") + b"\n")
         # options that only decide how a student draws from the pool are not part of its identity (and
