@@ -245,10 +245,10 @@ def init_unigram_bias(gen: nn.Module, tokenizer: Any, texts: Sequence[str], ban:
 
 
 def _fingerprint(gen: nn.Module, texts: Sequence[str], settings: dict[str, Any]) -> str:
+    from fastkd.methods.base import hash_weights
+
     h = hashlib.sha256()
-    for name, tensor in sorted(gen.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    hash_weights(h, gen)
     for t in texts:
         h.update(t.encode("utf-8", "replace") + b"\n")
     h.update(json.dumps(settings, sort_keys=True).encode())
