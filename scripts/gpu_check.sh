@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# One call on a lent GPU machine (the `device` tool; README "GPU"): build fastkd._C with the CUDA
+# kernels, run the kernel tests on the GPU (CUDA and Triton backends against the references), then
+# the GPU benchmarks, most important first, each phase bounded so that the whole fits one call.
+# Everything lands in $OUT (default ./gpu_out): env.txt, build.log, tests.log, bench.log, the
+# pytest-benchmark JSONs and results.tgz (the report's benchmarks/results/<device>/ folder).
+#
+#   GPU_BUDGET=520 bash scripts/gpu_check.sh      # seconds for the whole script (default 520)
+#   SKIP_BUILD=1 SKIP_TESTS=1 bash scripts/gpu_check.sh   # a warm rerun of the benchmarks only
+#
+# A wheel folder .whl/ (liger-kernel, for the `liger` provider) is installed to /tmp/site first.
+# torch.compile is left out of the GPU providers by default (a compile per case and mode costs
+# more device time than the lease has); FASTKD_BENCH_PROVIDERS overrides.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-gpu_out}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${GPU_BUDGET:-520}
+T0=$(date +%s)
+export PYTHONUNBUFFERED=1
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+cap() { local a=$1 l; l=$(($(left) - 15)); [ "$l" -lt "$a" ] && a=$l; [ "$a" -lt 5 ] && a=5; echo "$a"; }
+phase() { printf '\n==> [%ss left] %s\n' "$(left)" "$*"; }
+
+phase "environment"
+{
+  date -u
+  nvidia-smi -L; nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
+  nvcc --version | tail -2
+  nproc
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+} >"$OUT/env.txt" 2>&1
+cat "$OUT/env.txt"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+phase "build fastkd._C with CUDA (sm_90)"
+if [ "${SKIP_BUILD:-0}" = 1 ]; then
+  echo "SKIP_BUILD=1: keeping the build there is"
+elif rm -rf build fastkd/_C*.so; FASTKD_CUDA=1 FASTKD_CUDA_ARCH=9.0 MAX_JOBS=$(nproc) timeout "$(cap 300)" $PY setup.py build_ext --inplace >"$OUT/build.log" 2>&1; then
+  echo "CUDA build ok"
+else
+  echo "CUDA BUILD FAILED:"; grep -E "error|Error" "$OUT/build.log" | head -30
+  echo "falling back to a CPU-only build so the Triton kernels still run"
+  rm -rf build fastkd/_C*.so
+  FASTKD_CUDA=0 MAX_JOBS=$(nproc) timeout "$(cap 120)" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || echo "CPU build failed too"
+fi
+grep -E "ptxas info|spill|bytes stack" "$OUT/build.log" | sort | uniq -c | sort -rn | head -5
+$PY -m fastkd.info 2>&1 | tee -a "$OUT/env.txt"
+
+phase "kernel tests on the GPU"
+[ "${SKIP_TESTS:-0}" = 1 ] || timeout "$(cap 170)" $PY -m pytest -q -p no:cacheprovider -m "not slow" -n 8 --timeout 150 -rfE \
+  tests/test_distill_loss.py tests/test_fused_linear_distill.py tests/test_topk_distill.py \
+  tests/test_hidden_match.py tests/test_embedding_ascent.py tests/test_nearest_tokens.py \
+  tests/test_numerics.py tests/test_foundation.py >"$OUT/tests.log" 2>&1
+echo "pytest exit $?"
+grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -25
+tail -3 "$OUT/tests.log"
+
+export FASTKD_BENCH_PROVIDERS=${FASTKD_BENCH_PROVIDERS:-eager,fastkd-cuda,fastkd-triton,liger}
+export FASTKD_BENCH_TIME=${FASTKD_BENCH_TIME:-0.2} FASTKD_BENCH_MIN_ROUNDS=${FASTKD_BENCH_MIN_ROUNDS:-5}
+unset TRITON_INTERPRET
+JSONS=()
+for spec in distill_loss:110 fused_linear_distill:80 hidden_match:50 nearest_tokens:40 embedding_ascent:40; do
+  name=${spec%%:*}; alloc=${spec##*:}
+  [ "$(left)" -lt 40 ] && { echo "skip bench $name: budget spent"; continue; }
+  phase "bench $name (providers $FASTKD_BENCH_PROVIDERS)"
+  timeout "$(cap "$alloc")" $PY -m pytest "benchmarks/bench_$name.py" --benchmark-only -p no:cacheprovider -q -k "not backward" \
+    --benchmark-json "$OUT/bench_$name.json" --benchmark-columns=median,rounds >>"$OUT/bench.log" 2>&1
+  echo "exit $?"
+  [ -s "$OUT/bench_$name.json" ] && JSONS+=("$OUT/bench_$name.json")
+done
+
+phase "report"
+if [ ${#JSONS[@]} -gt 0 ]; then
+  $PY -m benchmarks.report "${JSONS[@]}" >"$OUT/report.log" 2>&1 || tail -5 "$OUT/report.log"
+  tar czf "$OUT/results.tgz" benchmarks/results "$OUT"/*.log "$OUT"/*.txt 2>/dev/null
+  # the JSONs go into the archive too, so the file count stays within what comes back
+  tar czf "$OUT/bench_json.tgz" "${JSONS[@]}" && rm -f "${JSONS[@]}"
+  NEW=$(ls -td benchmarks/results/*/ | head -1)
+  grep -vE "^!\[|^$" "$NEW/README.md" | cut -c1-200 | head -60
+fi
+ls -la "$OUT"
+phase "done"
