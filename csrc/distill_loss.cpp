@@ -1,7 +1,7 @@
 // fastkd:cpu-dispatch
 // fastkd::distill_loss — fused temperature-softmax distillation loss, CPU kernel (at::vec SIMD,
 // at::parallel_for over rows), compiled once per instruction-set level (cpu_dispatch.h). The CUDA
-// kernel is in distill_loss.cu, the Triton kernel in kernels/distill_loss.py, the reference in
+// kernel is in distill_loss_cuda.cu, the Triton kernel in kernels/distill_loss.py, the reference in
 // fastkd/ops/distill_loss.py.
 //
 // Math, per row (student logits x_s, teacher logits x_t, temperature T), in shifted form:

@@ -1,6 +1,6 @@
 // fastkd::distill_loss — the CUDA kernels of the fused temperature-softmax distillation loss, and the
 // host-side choices of how to launch them. Same semantics as the CPU kernel (distill_loss.cpp) and the
-// Triton kernel (kernels/distill_loss.py). distill_loss.cu registers the op and launches these; this
+// Triton kernel (kernels/distill_loss.py). distill_loss_cuda.cu registers the op and launches these; this
 // header needs no torch headers, so tests/cuda_emu/ can run the kernels on the host.
 //
 // Math, per row (student logits x_s, teacher logits x_t, temperature T, c = loss_scale * row_scale[i]),
@@ -14,7 +14,7 @@
 //             dD/ds = (1-b) q (log q - log m - KL(q||m))
 //             dD/dt =  b    p (log p - log m - KL(p||m))
 //   loss[i] = c D; the gradients written are (c/T) dD/ds and (c/T) dD/dt (chain rule through 1/T), in
-//   the input dtype, so backward is one in-place scale (scale_grad.cu).
+//   the input dtype, so backward is one in-place scale (scale_grad_cuda.cu).
 //   x - max is exact in floating point, so a common offset of the logits (1e6, 1e30) costs no
 //   precision (the raw form sum p (t - s) + lse(s) - lse(t) cancels two numbers of the offset's size).
 //   A zero probability contributes nothing (a masked vocabulary entry at -inf is legitimate; a -inf
@@ -69,7 +69,7 @@
 namespace fastkd {
 namespace distill_cuda {
 
-// Divergence codes: fastkd::Divergence of common.h (checked by distill_loss.cu), kept as plain ints here
+// Divergence codes: fastkd::Divergence of common.h (checked by distill_loss_cuda.cu), kept as plain ints here
 // so that this header needs no torch headers.
 constexpr int kKL = 0, kReverseKL = 1, kJSD = 2;
 
@@ -484,7 +484,7 @@ __global__ void __launch_bounds__(kBlockThreads, 2) distill_loss_block_kernel(co
     process_row<scalar_t, acc_t, kDiv, kBlockThreads, true>(P, row, threadIdx.x, scratch, cache);
 }
 
-// ---- host side: parameters and launch shape (used by distill_loss.cu and by the host emulation)
+// ---- host side: parameters and launch shape (used by distill_loss_cuda.cu and by the host emulation)
 
 template <typename scalar_t, typename acc_t>
 Params<scalar_t, acc_t> make_params(const scalar_t* s, const scalar_t* t, const acc_t* row_scale, acc_t* loss,

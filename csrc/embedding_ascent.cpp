@@ -1,7 +1,7 @@
 // fastkd:cpu-dispatch
 // fastkd::embedding_ascent_ / embedding_ascent_multi_ — fused in-place gradient step on token
 // embeddings, CPU kernel (at::vec SIMD within a row, at::parallel_for over rows of every tensor of
-// the list). The CUDA kernel is in embedding_ascent.cu, the Triton kernel in
+// the list). The CUDA kernel is in embedding_ascent_cuda.cu, the Triton kernel in
 // kernels/embedding_ascent.py, the reference and the documentation of the options in
 // fastkd/ops/embedding_ascent.py.
 //

@@ -1,4 +1,4 @@
-// fastkd::embedding_ascent_ — the CUDA kernel (embedding_ascent.cu registers the op and launches
+// fastkd::embedding_ascent_ — the CUDA kernel (embedding_ascent_cuda.cu registers the op and launches
 // it; the math is written in embedding_ascent.cpp and kernels/embedding_ascent.py). This header
 // needs no torch headers, so tests/cuda_emu/ also runs the kernel on the host.
 //

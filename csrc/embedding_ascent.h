@@ -1,5 +1,5 @@
 // fastkd::embedding_ascent_ — host-side pieces shared by the CPU (embedding_ascent.cpp) and CUDA
-// (embedding_ascent.cu) implementations: the norm codes, the checks of a direct torch.ops call, and
+// (embedding_ascent_cuda.cu) implementations: the norm codes, the checks of a direct torch.ops call, and
 // the translation of every operand into "rows" (a base pointer and a row stride over [N, H]).
 //
 // Strided operands: a tensor [..., H] whose last dimension is unit-stride and whose leading

@@ -1,6 +1,6 @@
 // fastkd:cpu-dispatch
 // fastkd::hidden_match — fused multi-layer hidden-state matching (projection + MSE / cosine / NMSE),
-// CPU kernel. The CUDA kernel is in hidden_match.cu, the Triton kernel in kernels/hidden_match.py, the
+// CPU kernel. The CUDA kernel is in hidden_match_cuda.cu, the Triton kernel in kernels/hidden_match.py, the
 // reference in fastkd/ops/hidden_match.py; the loss math and its gradient coefficients are written
 // in hidden_match.h.
 //

@@ -1,5 +1,5 @@
 // fastkd::hidden_match — the CUDA row kernel (device code only: no torch or c10/cuda headers, so the
-// host emulation in tests/cuda_emu/ compiles it too). Launched by hidden_match.cu, after cuBLAS has
+// host emulation in tests/cuda_emu/ compiles it too). Launched by hidden_match_cuda.cu, after cuBLAS has
 // projected a group of layers; the per-row math is in hidden_match_math.h.
 //
 // One block per row (grid-stride over rows): a strided pass over the row accumulates the sums

@@ -1,5 +1,5 @@
 // fastkd::hidden_match — the argument checks shared by the CPU (hidden_match.cpp) and CUDA
-// (hidden_match.cu) entry points; the per-row math is in hidden_match_math.h.
+// (hidden_match_cuda.cu) entry points; the per-row math is in hidden_match_math.h.
 #pragma once
 
 #include "common.h"

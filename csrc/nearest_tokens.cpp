@@ -1,6 +1,6 @@
 // fastkd:cpu-dispatch
 // fastkd::nearest_tokens — top-k vocabulary entries for each embedding, streaming over the
-// vocabulary, CPU kernel. The CUDA kernel is in nearest_tokens.cu, the Triton kernel in
+// vocabulary, CPU kernel. The CUDA kernel is in nearest_tokens_cuda.cu, the Triton kernel in
 // kernels/nearest_tokens.py, the reference and the documentation in fastkd/ops/nearest_tokens.py.
 //
 // Scores (e an embedding row, w a vocabulary row):

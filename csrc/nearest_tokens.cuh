@@ -1,4 +1,4 @@
-// fastkd::nearest_tokens — the CUDA kernels (nearest_tokens.cu tiles the vocabulary, runs the cuBLAS
+// fastkd::nearest_tokens — the CUDA kernels (nearest_tokens_cuda.cu tiles the vocabulary, runs the cuBLAS
 // GEMMs and launches these; the scores, keys and tie rules are written in nearest_tokens.cpp). This
 // header needs no torch headers, so tests/cuda_emu/ also runs the kernels on the host.
 //

@@ -1,4 +1,4 @@
-// fastkd::nearest_tokens — pieces shared by the CPU (nearest_tokens.cpp) and CUDA (nearest_tokens.cu)
+// fastkd::nearest_tokens — pieces shared by the CPU (nearest_tokens.cpp) and CUDA (nearest_tokens_cuda.cu)
 // implementations: metric codes, constants and the checks of a direct torch.ops call.
 #pragma once
 

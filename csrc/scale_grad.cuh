@@ -1,5 +1,5 @@
 // fastkd::scale_grad_ — the CUDA kernels: grad[i, ...] *= scale (0-d) or scale[i] (scale [N]), in place.
-// Same semantics as the CPU kernel (scale_grad.cpp, which declares the schema); scale_grad.cu
+// Same semantics as the CPU kernel (scale_grad.cpp, which declares the schema); scale_grad_cuda.cu
 // registers the op and launches these. This header needs no torch headers (tests/cuda_emu/ runs the
 // kernels on the host).
 //

@@ -1,5 +1,5 @@
 // fastkd::topk_distill — forward KL(teacher || student) against a sparse (top-K) teacher, CPU kernel.
-// The CUDA kernel is in topk_distill.cu, the Triton kernel in kernels/topk_distill.py, the reference
+// The CUDA kernel is in topk_distill_cuda.cu, the Triton kernel in kernels/topk_distill.py, the reference
 // in fastkd/ops/topk_distill.py.
 //
 // Math, per row (student logits x [V], teacher ids k_1..k_K (distinct) and teacher logits y_1..y_K

@@ -27,19 +27,21 @@ __version__ = "0.1.0"
 def _alias_source_kernels() -> None:
     # An installed fastkd ships the Triton kernels as the subpackage fastkd/kernels. In a source
     # checkout they live in the top-level kernels/ folder (the design card's layout): register that
-    # folder as fastkd.kernels so both layouts import the same way. Nothing is imported here.
+    # folder as fastkd.kernels so both layouts import the same way. Nothing is imported here. The
+    # folder has no __init__.py (kernels/README.md says why), so the alias is a bare package module.
     here = _os.path.dirname(_os.path.abspath(__file__))
     if _os.path.isdir(_os.path.join(here, "kernels")) or "fastkd.kernels" in _sys.modules:
         return
-    src = _os.path.join(_os.path.dirname(here), "kernels", "__init__.py")
-    if not _os.path.isfile(src):
+    src = _os.path.join(_os.path.dirname(here), "kernels")
+    if not _os.path.isfile(_os.path.join(src, "distill_loss.py")):
         return
-    spec = _ilu.spec_from_file_location("fastkd.kernels", src, submodule_search_locations=[_os.path.dirname(src)])
-    if spec is None or spec.loader is None:
+    spec = _ilu.spec_from_loader("fastkd.kernels", loader=None, is_package=True)
+    if spec is None:
         return
+    spec.submodule_search_locations = [src]
     module = _ilu.module_from_spec(spec)
+    module.__doc__ = "fastkd's Triton kernels (the checkout's kernels/ folder; see its README.md)."
     _sys.modules["fastkd.kernels"] = module
-    spec.loader.exec_module(module)
     globals()["kernels"] = module
 
 

@@ -36,9 +36,9 @@ import torch
 import triton
 import triton.language as tl
 
-KL = 0
-REVERSE_KL = 1
-JSD = 2
+KL = tl.constexpr(0)  # constexpr: the compiled kernels read them as globals
+REVERSE_KL = tl.constexpr(1)
+JSD = tl.constexpr(2)
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453

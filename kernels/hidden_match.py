@@ -46,8 +46,9 @@ NMSE = 2
 def _dot(a, b, acc, UPCAST: tl.constexpr, PREC: tl.constexpr):
     """acc + a @ b; UPCAST computes in float32 (the interpreter mis-multiplies bfloat16 tiles)."""
     if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC)
-    return tl.dot(a, b, acc, input_precision=PREC)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PREC, out_dtype=acc.dtype)
+    # out_dtype must match the accumulator (compiled Triton asserts it: float64 tiles accumulate in float64)
+    return tl.dot(a, b, acc, input_precision=PREC, out_dtype=acc.dtype)
 
 
 @triton.jit

@@ -81,7 +81,7 @@ def embedding_ascent_(embeds, grads, *, origins=None, masks=None, bufs=None, ste
 
 
 def nearest_tokens(e: torch.Tensor, w: torch.Tensor, k: int, metric: str, tile_v: int = 64, max_tile: int = 256):
-    """csrc/nearest_tokens.cu's host loop in Python (tiles, padding, GEMMs with torch) around the
+    """csrc/nearest_tokens_cuda.cu's host loop in Python (tiles, padding, GEMMs with torch) around the
     emulated merge_kernel and finalize_kernel. Smaller tiles than on the GPU, so that a small
     vocabulary spans several tiles."""
     from fastkd.ops.nearest_tokens import EPS, METRICS

@@ -345,7 +345,7 @@ def test_opcheck_triton():
     single, multi = _triton_op("single"), _triton_op("multi")
     for args in _op_samples()[:2]:
         torch.library.opcheck(single, args)
-    e1, g1 = torch.randn(3, 8), torch.randn(3, 8)
+    e1, g1 = torch.randn(3, 8, device=DEVICE), torch.randn(3, 8, device=DEVICE)
     torch.library.opcheck(multi, ([e1], [g1], [], [None], [], 0.1, 1, None, None, 0.0, True))
 
 

@@ -152,7 +152,14 @@ def test_kernels_package_importable():
     import fastkd.kernels.distill_loss as k
 
     assert hasattr(k, "distill_loss_kernel")
-    assert fastkd.kernels.__file__.endswith(os.path.join("kernels", "__init__.py"))
+    assert any(os.path.basename(p) == "kernels" for p in fastkd.kernels.__path__)
+
+
+def test_kernels_folder_does_not_shadow_an_installed_kernels_package():
+    """The checkout's root is on sys.path under pytest: a regular package kernels/ there would hide
+    Hugging Face's ``kernels``, which transformers imports when it is installed."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(fastkd.__file__)))
+    assert not os.path.exists(os.path.join(root, "kernels", "__init__.py"))
 
 
 # --------------------------------------------------------------------------------------------

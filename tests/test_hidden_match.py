@@ -674,12 +674,14 @@ def test_matcher_triton_backend_matches_cpu():
     if not any(p.id == "triton" and not p.marks for p in BACKENDS):
         pytest.skip("triton backend unavailable")
     teacher, student, ids, am = _bert_pair()
+    teacher, student, ids, am = teacher.to(DEVICE), student.to(DEVICE), ids.to(DEVICE), am.to(DEVICE)
     so = student(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
     with torch.no_grad():
         to = teacher(input_ids=ids, attention_mask=am, output_hidden_states=True, output_attentions=True)
     torch.manual_seed(1)
     m1 = HiddenStateMatcher(32, 64, 2, 4, layer_map=[(2, 4)], loss="cosine", attention="mse", backend="triton")
     m2 = HiddenStateMatcher(32, 64, 2, 4, layer_map=[(2, 4)], loss="cosine", attention="mse", backend="torch")
+    m1, m2 = m1.to(DEVICE), m2.to(DEVICE)
     m2.load_state_dict(m1.state_dict())
     a = m1(so.hidden_states, to.hidden_states, am, so.attentions, to.attentions)
     c = m2(so.hidden_states, to.hidden_states, am, so.attentions, to.attentions)

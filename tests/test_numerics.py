@@ -148,13 +148,19 @@ def _reference64(s, t, divergence, beta, temperature):
     return loss.detach(), gs, gt
 
 
+def _gpu_backend(backend: str) -> bool:
+    """Whether ``backend`` runs on CUDA tensors here (Triton compiled on a GPU, or the CUDA kernels)."""
+    return backend == "cuda" or (backend == "triton" and not INTERPRETED and torch.cuda.is_available())
+
+
 def _run(backend, s, t, divergence, beta, temperature):
-    s1 = s.clone().requires_grad_(True)
-    t1 = t.clone().requires_grad_(True)
+    dev = "cuda" if _gpu_backend(backend) else s.device
+    s1 = s.to(dev).requires_grad_(True)
+    t1 = t.to(dev).requires_grad_(True)
     loss = fastkd.distill_loss(s1, t1, temperature=temperature, divergence=divergence, beta=beta, reduction="sum",
                                backend=backend)  # fmt: skip
     loss.backward()
-    return loss.detach(), s1.grad, t1.grad
+    return loss.detach().cpu(), s1.grad.cpu(), t1.grad.cpu()
 
 
 def _emu(s, t, divergence, beta, temperature):
@@ -203,7 +209,19 @@ def _backends():
     out = [pytest.param("cpu", id="cpu", marks=[] if HAVE_C else [pytest.mark.skip(reason="no fastkd._C")])]
     out.append(pytest.param("triton", id="triton"))
     out.append(pytest.param("cuda-emu", id="cuda-emu"))
+    ok, reason = _cuda_usable()
+    out.append(pytest.param("cuda", id="cuda", marks=[] if ok else [pytest.mark.skip(reason=reason)]))
     return out
+
+
+def _cuda_usable() -> tuple[bool, str]:
+    """The compiled CUDA kernels on a GPU (only where fastkd._C was built with them)."""
+    if not torch.cuda.is_available():
+        return False, "no CUDA device"
+    from fastkd.ops.distill_loss import OP
+
+    ok, reason = OP.usable("cuda", torch.device("cuda"))
+    return ok, f"backend 'cuda' unavailable: {reason}"
 
 
 def _dispatch(backend, s, t, divergence, beta, temperature):
@@ -294,10 +312,11 @@ def test_all_minus_inf_row_is_nan(backend, divergence, beta):
         else:
             if backend == "triton" and not (INTERPRETED or torch.cuda.is_available()):
                 pytest.skip("Triton needs a GPU or TRITON_INTERPRET=1")
-            s1, t1 = s.clone().requires_grad_(True), t.clone().requires_grad_(True)
+            dev = "cuda" if _gpu_backend(backend) else "cpu"
+            s1, t1 = s.to(dev).requires_grad_(True), t.to(dev).requires_grad_(True)
             rows = fastkd.distill_loss(s1, t1, divergence=divergence, beta=beta, reduction="none", backend=backend)
             rows.sum().backward()
-            gs, gt = s1.grad, t1.grad
+            rows, gs, gt = rows.detach().cpu(), s1.grad.cpu(), t1.grad.cpu()
         assert torch.isnan(rows[1]), f"{which}: loss of the -inf row is {rows[1].item()}"
         assert torch.isfinite(rows[[0, 2]]).all()
         assert torch.isnan(gs[1]).all() and torch.isnan(gt[1]).all(), f"{which}: gradient rows not NaN"

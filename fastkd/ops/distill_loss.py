@@ -1,7 +1,7 @@
 """``fastkd.distill_loss``: the fused temperature-softmax distillation loss.
 
 Layers (one file each): ``kernels/distill_loss.py`` (Triton), ``csrc/distill_loss.cpp`` (C++ CPU,
-at::vec), ``csrc/distill_loss.cu`` (CUDA), and this module: the pure-PyTorch reference, input
+at::vec), ``csrc/distill_loss_cuda.cu`` (CUDA), and this module: the pure-PyTorch reference, input
 validation, registration with ``torch.library`` (fake tensors, autograd) and backend dispatch.
 
 All fused backends share one op schema::

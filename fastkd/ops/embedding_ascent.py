@@ -9,7 +9,7 @@ same memory; here it is one pass that reads each operand once and writes ``embed
 momentum buffer) once.
 
 Layers (one file each): ``kernels/embedding_ascent.py`` (Triton), ``csrc/embedding_ascent.cpp``
-(C++ CPU, at::vec), ``csrc/embedding_ascent.cu`` (CUDA), and this module: the pure-PyTorch
+(C++ CPU, at::vec), ``csrc/embedding_ascent_cuda.cu`` (CUDA), and this module: the pure-PyTorch
 reference, input validation, ``torch.library`` registration (fake tensors) and backend dispatch.
 
 Op schemas (the in-place ops declare what they mutate)::

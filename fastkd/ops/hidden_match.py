@@ -1,7 +1,7 @@
 """``fastkd.hidden_match``: fused multi-layer hidden-state matching (projection + MSE / cosine / NMSE).
 
 Layers (one file each): ``kernels/hidden_match.py`` (Triton), ``csrc/hidden_match.cpp`` (C++ CPU),
-``csrc/hidden_match.cu`` (CUDA), ``csrc/hidden_match.h`` (the per-row math both C++ kernels share),
+``csrc/hidden_match_cuda.cu`` (CUDA), ``csrc/hidden_match.h`` (the per-row math both C++ kernels share),
 and this module: the pure-PyTorch reference, input validation, registration with ``torch.library``
 (fake tensors, autograd) and backend dispatch.
 

@@ -7,7 +7,7 @@ Decodes pseudo embeddings into text and snaps adversarial embeddings to real tok
 Layers (one file each): ``kernels/nearest_tokens.py`` (Triton: one fused kernel, GEMM tiles with a
 running top-k in registers), ``csrc/nearest_tokens.cpp`` (C++ CPU: an exact int8 GEMM with a proven
 error bound selects a few candidates per row, which are then scored exactly; float GEMM tiles with a
-vectorised running top-k for the other cases), ``csrc/nearest_tokens.cu`` (CUDA: cuBLAS tiles and a
+vectorised running top-k for the other cases), ``csrc/nearest_tokens_cuda.cu`` (CUDA: cuBLAS tiles and a
 top-k merge kernel), and this module: the pure-PyTorch reference, input validation,
 ``torch.library`` registration and backend dispatch.
 

@@ -7,7 +7,7 @@ the upstream gradient: a 0-d ``scale`` (``reduction`` to a scalar) or one value 
 This module is the one place that does it, for every backend:
 
 * ``kernels/scale_grad.py`` (Triton), ``csrc/scale_grad.cpp`` (C++ CPU, at::vec) and
-  ``csrc/scale_grad.cu`` (CUDA; the raw kernel op ``fastkd::scale_grad_kernel_`` for both), and the
+  ``csrc/scale_grad_cuda.cu`` (CUDA; the raw kernel op ``fastkd::scale_grad_kernel_`` for both), and the
   pure-PyTorch reference here. The CUDA and Triton kernels read the scale on the device and skip
   the work where it is 1, so the usual ``loss.backward()`` moves no bytes and never synchronises.
 * ONE ``torch.library.custom_op``, ``fastkd::scale_grad_(Tensor(a!) grad, Tensor scale, str

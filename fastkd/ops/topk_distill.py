@@ -1,7 +1,7 @@
 """``fastkd.topk_distill_loss``: forward KL(teacher || student) against a sparse, top-K teacher.
 
 Layers (one file each): ``kernels/topk_distill.py`` (Triton), ``csrc/topk_distill.cpp`` (C++ CPU),
-``csrc/topk_distill.cu`` (CUDA), and this module: the pure-PyTorch reference, input validation,
+``csrc/topk_distill_cuda.cu`` (CUDA), and this module: the pure-PyTorch reference, input validation,
 registration with ``torch.library`` (fake tensors, autograd) and backend dispatch. The math and
 the gradient are written above the kernels (``csrc/topk_distill.cpp``, ``kernels/topk_distill.py``).
 

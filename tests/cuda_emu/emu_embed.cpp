@@ -1,6 +1,6 @@
 // Host entry points (C ABI, for ctypes) that run the CUDA kernels of csrc/embedding_ascent.cuh and
 // csrc/nearest_tokens.cuh under the host emulation of cuda_host_emu.h, launched the way
-// csrc/embedding_ascent.cu and csrc/nearest_tokens.cu launch them. Built by tests/cuda_emu/__init__.py for tests/emu_embed.py.
+// csrc/embedding_ascent_cuda.cu and csrc/nearest_tokens_cuda.cu launch them. Built by tests/cuda_emu/__init__.py for tests/emu_embed.py.
 #include "cuda_host_emu.h"
 
 #include <c10/util/BFloat16.h>

@@ -1,6 +1,6 @@
 // Host entry point (C ABI, for ctypes) that runs fastkd's hidden_match CUDA row kernel
 // (csrc/hidden_match.cuh) under the host emulation of cuda_host_emu.h, launched the way
-// csrc/hidden_match.cu launches it. Built by tests/cuda_emu/__init__.py for tests/test_hidden_match.py.
+// csrc/hidden_match_cuda.cu launches it. Built by tests/cuda_emu/__init__.py for tests/test_hidden_match.py.
 #include "cuda_host_emu.h"
 
 #include <c10/util/BFloat16.h>

@@ -1,6 +1,6 @@
 // Host entry points (C ABI, for ctypes) that run fastkd's CUDA kernels (csrc/distill_loss.cuh,
 // csrc/scale_grad.cuh) under the host emulation of cuda_host_emu.h, launched the way
-// csrc/distill_loss.cu and csrc/scale_grad.cu launch them. Built by tests/cuda_emu/__init__.py for tests/test_distill_loss.py.
+// csrc/distill_loss_cuda.cu and csrc/scale_grad_cuda.cu launch them. Built by tests/cuda_emu/__init__.py for tests/test_distill_loss.py.
 #include "cuda_host_emu.h"
 
 #include <c10/util/BFloat16.h>
