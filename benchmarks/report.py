@@ -439,7 +439,11 @@ def readme_section(
             continue
         m = _meta(rows)
         link = Path(os.path.relpath(Path(d).resolve(), Path(relative_to or Path.cwd()).resolve())).as_posix()
-        out += [f"### {m['device']}", "", *meta_lines(rows), f"- all cases, CSVs and plots: [{link}/]({link}/)", ""]
+        notes = [
+            f"- how this run was made (where not by the command above) and what it found: [{link}/NOTES.md]({link}/NOTES.md)"
+        ]
+        out += [f"### {m['device']}", "", *meta_lines(rows), *(notes if (Path(d) / "NOTES.md").is_file() else []),
+                f"- all cases, CSVs and plots: [{link}/]({link}/)", ""]  # fmt: skip
         by_op: dict[str, list[dict]] = defaultdict(list)
         for r in rows:
             by_op[r["op"]].append(r)

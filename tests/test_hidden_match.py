@@ -25,12 +25,13 @@ PROJ = ("per_layer", "shared", "none")
 
 
 def make_inputs(
-    L=3, B=2, T=5, Hs=7, Ht=9, *, proj="per_layer", bias=True, mask=True, dtype=torch.float64, seed=0, grad_t=True
+    L=3, B=2, T=5, Hs=7, Ht=9, *, proj="per_layer", bias=True, mask=True, dtype=torch.float64, seed=0, grad_t=True,
+    device=DEVICE,
 ):
     g = torch.Generator().manual_seed(seed)
 
     def rnd(*shape, scale=1.0):
-        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(DEVICE, dtype)
+        return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device, dtype)
 
     if proj == "none":
         Ht = Hs
@@ -48,7 +49,7 @@ def make_inputs(
     if mask:
         m = torch.rand(B, T, generator=g) > 0.3
         m[0, 0] = True
-        m = m.to(DEVICE)
+        m = m.to(device)
     return S, Tt, W, b, m
 
 
@@ -179,7 +180,7 @@ def test_awkward_shapes(backend, L, B, T, Hs, Ht, loss):
 def test_cpu_several_row_tiles(dtype, loss):
     # the CPU kernel tiles rows by up to 32 MiB of projection (at least 64 rows): a very wide teacher
     # gives 64-row tiles, so N = 75 runs two tiles per layer, the last one partial
-    S, Tt, W, b, m = make_inputs(L=2, B=3, T=25, Hs=3, Ht=65601, proj="shared", dtype=dtype, seed=13)
+    S, Tt, W, b, m = make_inputs(L=2, B=3, T=25, Hs=3, Ht=65601, proj="shared", dtype=dtype, seed=13, device="cpu")
     got = run(lambda *a, **k: hidden_match(*a, backend="cpu", **k), S, Tt, W, b, m, loss=loss)
     if dtype == torch.float64:
         assert_close_all(got, ref64(S, Tt, W, b, m, loss=loss), atol=1e-10, rtol=1e-9)
