@@ -849,3 +849,35 @@ def test_more_than_2_pow_31_elements_cpu_bf16():
         ref = _reference(s[rows], t[rows], temperature=2.0, reduction="none")
         assert _err(loss[rows], ref[0]) <= 1e-5
         assert _err(s.grad[rows], ref[1]) <= TOL[torch.bfloat16]["grad"]
+
+
+# --------------------------------------------------------------------------------------------
+# The CPU eager fast path: the kernel's twin without an autograd registration (issue 15 item 4)
+# --------------------------------------------------------------------------------------------
+@pytest.mark.skipif(not fastkd._ext.available(), reason="needs the compiled library")
+def test_cpu_eager_path_calls_the_twin_op_and_matches_the_registered_op():
+    g = torch.Generator().manual_seed(21)
+    s = torch.randn(64, 3, generator=g, requires_grad=True)
+    t = torch.randn(64, 3, generator=g)
+    args = (dl._row_scale_cached(None, 64, 3, "batchmean", s.device, torch.float32), 2.0, 0, 0.5, 4.0, True, True,
+            False)  # fmt: skip
+    with torch.no_grad():
+        a = torch.ops.fastkd.distill_loss(s, t, *args)
+        b = torch.ops.fastkd._distill_loss_eager(s, t, *args)
+    for x, y in zip(a, b):
+        assert torch.equal(x, y)
+    with torch.autograd.profiler.profile() as prof:
+        loss = fastkd.distill_loss(s, t, temperature=2.0, backend="cpu")
+        loss.backward()
+    names = {e.name for e in prof.function_events}
+    assert "fastkd::_distill_loss_eager" in names and "fastkd::distill_loss" not in names
+    s64 = s.detach().double().requires_grad_(True)
+    ref = reference_distill_loss(s64, t.double(), temperature=2.0)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(s.grad.double(), s64.grad, rtol=1e-5, atol=1e-7)
+    # under torch.compile the registered op (with its autograd) is what gets traced
+    compiled = torch.compile(lambda x, y: fastkd.distill_loss(x, y, temperature=2.0, backend="cpu"), fullgraph=True)
+    s2 = s.detach().clone().requires_grad_(True)
+    compiled(s2, t).backward()
+    torch.testing.assert_close(s2.grad, s.grad, rtol=1e-5, atol=1e-7)

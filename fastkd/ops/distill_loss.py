@@ -345,9 +345,9 @@ class _EagerFusedLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, teacher, extra):
         # extra = (op, backend, row_scale, the op's other arguments): one argument, not four, for
-        # Function.apply to inspect. Grad mode is off in here: the op's registered autograd passes
-        # straight to its kernel. (Dispatching below the Autograd keys would skip that wrapper's
-        # pytree walk, ~10 us at classification sizes, but needs a private torch API: not in the op layer.)
+        # Function.apply to inspect. Grad mode is off in here: a registered autograd passes straight
+        # to the kernel, after its Python wrapper's pytree walk; on CPU ``op`` is the kernel's twin
+        # without an autograd registration (_distill_loss_eager), which skips that walk too.
         op, backend, row_scale, rest = extra
         loss, gs, gt = op(student, teacher, row_scale, *rest)
         ctx.backend = backend
@@ -365,6 +365,7 @@ class _EagerFusedLoss(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------
 def _fused(
     op: Callable,
+    eager_op: Callable | None,
     scale_backend: str | None,
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -395,7 +396,7 @@ def _fused(
         float(temperature), div, float(beta), _loss_scale(temperature, scale_by_t2), reduction != "none", g_s, g_t,
     )  # fmt: skip
     if (g_s or g_t) and not torch.compiler.is_compiling():
-        loss = _EagerFusedLoss.apply(s2, t2, (op, scale_backend, row_scale, args))
+        loss = _EagerFusedLoss.apply(s2, t2, (eager_op or op, scale_backend, row_scale, args))
     else:
         loss, _, _ = op(s2, t2, row_scale, *args)
     return loss.reshape(lead) if reduction == "none" else loss
@@ -412,12 +413,15 @@ def _torch_impl(student_logits, teacher_logits, keep, temperature, divergence, b
 
 @OP.register("cpu", "cuda")  # fastkd._C: the dispatcher picks the CPU or CUDA kernel
 def _compiled_impl(*args):
-    return _fused(torch.ops.fastkd.distill_loss.default, None, *args)
+    # On CPU the eager path calls the kernel's twin without an autograd registration (csrc/distill_loss.cpp:
+    # _distill_loss_eager), skipping torch.library's Python autograd wrapper; CUDA keeps distill_loss.
+    eager = torch.ops.fastkd._distill_loss_eager.default if args[0].device.type == "cpu" else None
+    return _fused(torch.ops.fastkd.distill_loss.default, eager, None, *args)
 
 
 @OP.register("triton", prepare=_triton_op)  # defines the custom op outside traced code
 def _triton_impl(*args):
-    return _fused(_triton_op(), "triton", *args)
+    return _fused(_triton_op(), None, "triton", *args)
 
 
 def distill_loss(
