@@ -99,5 +99,17 @@ std::vector<std::string> supported_levels() {
   return out;
 }
 
+bool cpu_has_int8_dot() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512vnni") || __builtin_cpu_supports("avxvnni");
+  }();
+  return has;
+#else
+  return false;
+#endif
+}
+
 }  // namespace dispatch
 }  // namespace fastkd

@@ -211,10 +211,16 @@ def _cpu_only():
         pytest.skip("the CPU kernel")
 
 
+@pytest.fixture
+def int8_path(monkeypatch):
+    """Force the int8 path (by default only CPUs with VNNI take it: elsewhere torch's int8 GEMM is slow)."""
+    monkeypatch.setenv("FASTKD_NEAREST_INT8", "1")
+
+
 @pytest.mark.parametrize("metric", METRICS)
 @pytest.mark.parametrize(("N", "V", "H", "k"), [(32, 512, 8, 1), (300, 5000, 97, 7), (64, 1500, 384, 48)], ids=str)
 @pytest.mark.parametrize("kind", ["gaussian", "spiky", "near-duplicates"])
-def test_cpu_int8_path_exact(metric, N, V, H, k, kind):
+def test_cpu_int8_path_exact(int8_path, metric, N, V, H, k, kind):
     _cpu_only()
     g = torch.Generator().manual_seed(N + V + k)
     e = torch.randn(N, H, generator=g, dtype=torch.float64)
@@ -245,7 +251,7 @@ def test_cpu_int8_path_exact(metric, N, V, H, k, kind):
 
 
 @pytest.mark.parametrize("metric", METRICS)
-def test_cpu_int8_path_hands_back_rows_with_thousands_of_ties(metric):
+def test_cpu_int8_path_hands_back_rows_with_thousands_of_ties(int8_path, metric):
     # 3000 identical vocabulary rows and zero embeddings: far too many candidates to keep, so those
     # rows go to the float path; the answer is still the lowest ids first.
     _cpu_only()
@@ -413,3 +419,19 @@ def test_cuda_kernels_emulated_nan():
         rids, _ = reference_nearest_tokens(e, w, 3, metric)
         assert torch.equal(ids, rids), metric
         assert ids[1].tolist() == [0, 1, 2] and torch.isnan(scores[1]).all()
+
+
+def test_int8_switch_same_answer_and_bad_value(monkeypatch):
+    """FASTKD_NEAREST_INT8: 0 (float path), 1 (int8 path) and auto give the same ids; a bad value is
+    an error naming the variable."""
+    _cpu_only()
+    g = torch.Generator().manual_seed(5)
+    e, w = torch.randn(64, 24, generator=g), torch.randn(2000, 24, generator=g)
+    got = {}
+    for mode in ("0", "1", "auto"):
+        monkeypatch.setenv("FASTKD_NEAREST_INT8", mode)
+        got[mode] = fastkd.nearest_tokens(e, w, k=4, metric="cosine", backend="cpu")[0]
+    assert torch.equal(got["0"], got["1"]) and torch.equal(got["0"], got["auto"])
+    monkeypatch.setenv("FASTKD_NEAREST_INT8", "yes")
+    with pytest.raises(RuntimeError, match="FASTKD_NEAREST_INT8 must be auto, 0 or 1"):
+        fastkd.nearest_tokens(e, w, k=4, metric="cosine", backend="cpu")

@@ -363,10 +363,11 @@ def test_hidden_match_tile_offsets_are_int64():
 
 
 @pytest.mark.skipif(not HAVE_C, reason="needs fastkd._C")
-def test_nearest_tokens_int8_path_bounded_hidden_size():
+def test_nearest_tokens_int8_path_bounded_hidden_size(monkeypatch):
     """At H = 140,000 the int8 GEMM's int32 sums (up to 127 * 127 * H) would wrap; the ids must still
     be the exact top-k. Rows constant per column: every quantised entry is 127, so every int32 dot
     product is 127 * 127 * H > 2**31 and only the scales rank the columns."""
+    monkeypatch.setenv("FASTKD_NEAREST_INT8", "1")  # the int8 path is a candidate on any CPU
     H, N, V = 140_000, 32, 512
     E = torch.ones(N, H)
     W = torch.linspace(0.5, 1.5, V)[:, None].expand(V, H).contiguous()

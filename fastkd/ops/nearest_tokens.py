@@ -190,17 +190,18 @@ def nearest_tokens(
     no gradient.
 
     Memory: the ``[N, V]`` score matrix is never formed. CPU: O(N k) for the results, one score tile
-    per thread, and (on its default int8 path) int8 copies of the inputs, ``(N + V) H`` bytes, plus
+    per thread, and (on its int8 path) int8 copies of the inputs, ``(N + V) H`` bytes, plus
     a few dozen candidates per row; Triton: the outputs only; CUDA: the outputs, a float32 copy of
     16-bit embeddings and one score tile of at most 2**24 entries. The ``cuda`` and ``triton``
     backends keep the running top-k in registers, for ``k <= 128``: the automatic choice runs a
     larger ``k`` on the next backend (the reference on a GPU); naming one of them for it raises
     :class:`fastkd.BackendUnavailableError`.
 
-    The CPU kernel's default path (N >= 32, V >= 512, k <= 48, finite inputs) bounds every score
-    with an exact int8 GEMM of quantised rows and a proven error bound, and scores exactly only the
-    columns that can still reach the top-k: the same answer as scoring everything, about 4x faster
-    than float32 GEMM tiles on CPUs with AVX-512 VNNI.
+    On CPUs with VNNI (AVX512-VNNI or AVX-VNNI) the CPU kernel's default path (N >= 32, V >= 512,
+    k <= 48, finite inputs) bounds every score with an exact int8 GEMM of quantised rows and a proven
+    error bound, and scores exactly only the columns that can still reach the top-k: the same answer
+    as scoring everything, about 4x faster than float32 GEMM tiles. Without VNNI torch's int8 GEMM is
+    a slow reference loop, so the float path runs; ``FASTKD_NEAREST_INT8=0|1`` forces either path.
     """
     _check_inputs(embeds, embedding_matrix, k, metric)
     dtype = torch.promote_types(embeds.dtype, embedding_matrix.dtype)
