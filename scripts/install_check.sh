@@ -19,7 +19,9 @@ import os
 import fastkd, fastkd.kernels, fastkd.kernels.distill_loss
 from fastkd import _ext
 assert "/venv/" in fastkd.__file__, f"fastkd was imported from {fastkd.__file__}, not the venv"
-assert "/venv/" in fastkd.kernels.__file__, fastkd.kernels.__file__
+# fastkd.kernels is a namespace subpackage (kernels/README.md says why): it has a __path__, no __file__
+assert all("/venv/" in p for p in fastkd.kernels.__path__), list(fastkd.kernels.__path__)
+assert "/venv/" in fastkd.kernels.distill_loss.__file__, fastkd.kernels.distill_loss.__file__
 assert _ext.available(), _ext.unavailable_reason()
 print("installed fastkd imports from", os.path.dirname(fastkd.__file__), "with fastkd._C and fastkd.kernels")
 PY
