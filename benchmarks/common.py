@@ -726,7 +726,16 @@ def run_case(
     min_rounds = int(_env_float(ENV_MIN_ROUNDS, 10 if IS_CUDA else 3))
     t = max(mem.seconds, 1e-7)
     iterations = 1 if setup is not None else max(1, math.ceil(50e-6 / t))  # rounds of >= 50 us
-    rounds = int(min(max(min_rounds, budget / (t * iterations)), 1000))
+    per_round = t * iterations
+    if setup is not None:
+        # backward mode: every round runs the (untimed) forward first; count it in the budget, or a
+        # fast backward behind a slow forward asks for 1000 forwards (minutes on a 2-core CPU)
+        t0 = time.perf_counter()
+        args, kwargs = setup()
+        per_round += time.perf_counter() - t0
+        clear()
+        del args, kwargs
+    rounds = int(min(max(min_rounds, budget / per_round), 1000))
     benchmark.pedantic(
         target,
         setup=setup,
