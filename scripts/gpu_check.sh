@@ -52,7 +52,6 @@ else
   rm -rf build fastkd/_C*.so
   FASTKD_CUDA=0 FASTKD_CPU_LEVELS=$CPU_LEVELS MAX_JOBS=$(nproc) timeout "$(cap 120)" $PY setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || echo "CPU build failed too"
 fi
-grep -E "ptxas info|spill|bytes stack" "$OUT/build.log" | sort | uniq -c | sort -rn | head -5
 $PY -m fastkd.info 2>&1 | tee -a "$OUT/env.txt"
 
 phase "kernel tests on the GPU"

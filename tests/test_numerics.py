@@ -21,9 +21,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from conftest import backend_params
 
 import fastkd
 from fastkd import _ext
+from fastkd.ops.distill_loss import OP as DL_OP
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
@@ -209,19 +211,9 @@ def _backends():
     out = [pytest.param("cpu", id="cpu", marks=[] if HAVE_C else [pytest.mark.skip(reason="no fastkd._C")])]
     out.append(pytest.param("triton", id="triton"))
     out.append(pytest.param("cuda-emu", id="cuda-emu"))
-    ok, reason = _cuda_usable()
-    out.append(pytest.param("cuda", id="cuda", marks=[] if ok else [pytest.mark.skip(reason=reason)]))
+    # the compiled CUDA kernels on a GPU: conftest's param, skipped with the reason elsewhere
+    out += [p for p in backend_params(DL_OP) if p.id == "cuda"]
     return out
-
-
-def _cuda_usable() -> tuple[bool, str]:
-    """The compiled CUDA kernels on a GPU (only where fastkd._C was built with them)."""
-    if not torch.cuda.is_available():
-        return False, "no CUDA device"
-    from fastkd.ops.distill_loss import OP
-
-    ok, reason = OP.usable("cuda", torch.device("cuda"))
-    return ok, f"backend 'cuda' unavailable: {reason}"
 
 
 def _dispatch(backend, s, t, divergence, beta, temperature):
