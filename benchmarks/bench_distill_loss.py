@@ -171,6 +171,7 @@ def test_distill_loss(benchmark, case, provider, mode):
     common.require_fit(need, f"{provider} {mode} on [{N}, {V}] {common.dtype_name(dtype)}")
     s, t = _inputs(N, V, dtype)
     fn = make_fn(provider, variant, (variant, N, V, dtype))
+    eager = eager_kl if variant == "kl" else eager_jsd
     floor = {"forward": 2 * elems * b, "backward": None, "full": 3 * elems * b}[mode]
     common.run_case(
         benchmark,
@@ -185,4 +186,5 @@ def test_distill_loss(benchmark, case, provider, mode):
         input_bytes=2 * elems * b,
         floor_bytes=floor,
         extra={"family": family, "temperature": TEMPERATURE},
+        baseline=lambda: eager(s, t),
     )

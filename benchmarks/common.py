@@ -68,6 +68,9 @@ ENV_SIZES = "FASTKD_BENCH_SIZES"  # quick | default | full
 ENV_PROVIDERS = "FASTKD_BENCH_PROVIDERS"  # comma list to restrict providers, e.g. "eager,fastkd-cpu"
 ENV_TIME = "FASTKD_BENCH_TIME"  # seconds of timed rounds per case (default 1.0 on CPU, 0.5 on GPU)
 ENV_MIN_ROUNDS = "FASTKD_BENCH_MIN_ROUNDS"  # default 3 on CPU, 10 on GPU
+# Cases faster than this (ms per call) are also timed against the eager baseline interleaved (see
+# paired_ratio); 0 turns the paired timing off.
+ENV_PAIR_BELOW_MS = "FASTKD_BENCH_PAIR_BELOW_MS"  # default 2.0
 DEFAULT_CPU_THREADS = 2
 
 
@@ -626,6 +629,7 @@ def run_case(
     floor_flops: int | None = None,
     variant: str | None = None,
     extra: dict | None = None,
+    baseline: Callable[[], torch.Tensor | None] | None = None,
 ) -> None:
     """Time one (op, provider, mode, shape, dtype) case and record it for the report.
 
@@ -638,6 +642,11 @@ def run_case(
 
     ``leaves``: tensors whose ``.grad`` is cleared before each run, so gradients are written, not
     accumulated. On GPU every timed call ends with ``torch.cuda.synchronize()``.
+
+    ``baseline``: the eager provider's ``fwd`` on the same inputs. When given (forward and full modes)
+    and one call takes under ``FASTKD_BENCH_PAIR_BELOW_MS``, the case is also timed interleaved with
+    it (:func:`paired_ratio`) and ``extra_info["paired_vs_eager"]`` records eager time / this
+    provider's time, which the report prefers to the ratio of two separate medians.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -745,3 +754,66 @@ def run_case(
         warmup_rounds=0,
     )
     clear()
+    below = _env_float(ENV_PAIR_BELOW_MS, 2.0) * 1e-3
+    if baseline is not None and provider != "eager" and setup is None and t < below:
+
+        def base_target() -> None:
+            clear()
+            if mode == "full":
+                backward_of(baseline())
+            else:
+                baseline()
+            _sync()
+
+        base_target()  # warm-up
+        ratio, lo, hi, n = paired_ratio(target, base_target, budget_s=2 * budget)
+        clear()
+        benchmark.extra_info.update(paired_vs_eager=ratio, paired_p20=lo, paired_p80=hi, paired_blocks=n)
+
+
+def paired_ratio(
+    target: Callable[[], None],
+    baseline: Callable[[], None],
+    *,
+    budget_s: float = 2.0,
+    block_s: float = 0.01,
+    max_blocks: int = 400,
+) -> tuple[float, float, float, int]:
+    """Time ``baseline`` against ``target`` interleaved: blocks of k calls of each in turn (the one
+    that goes first alternates), k chosen so a block lasts about ``block_s``, as many blocks as fit
+    ``budget_s`` (at least 20). Returns the median, 20th and 80th percentile over blocks of
+    baseline time / target time, and the number of blocks. pytest-benchmark times all rounds of
+    one provider and then the next; on a machine whose speed drifts (a VM, frequency scaling) the
+    drift between the two runs can exceed the difference measured at ~100 us a call, while within
+    one block pair both sides see the same machine."""
+    t0 = time.perf_counter()
+    target()
+    baseline()
+    per_pair = max(time.perf_counter() - t0, 1e-7)
+    k = max(1, round(block_s / (per_pair / 2)))
+    blocks = int(min(max(20, budget_s / (per_pair * k)), max_blocks))
+    ratios = []
+    for b in range(blocks):
+        order = (target, baseline) if b % 2 == 0 else (baseline, target)
+        took = []
+        for fn in order:
+            t1 = time.perf_counter()
+            for _ in range(k):
+                fn()
+            took.append(time.perf_counter() - t1)
+        tt, tb = (took[0], took[1]) if b % 2 == 0 else (took[1], took[0])
+        ratios.append(tb / tt)
+    ratios.sort()
+    return _median(ratios), _percentile_sorted(ratios, 20), _percentile_sorted(ratios, 80), blocks
+
+
+def _median(xs: Sequence[float]) -> float:
+    n = len(xs)
+    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+
+
+def _percentile_sorted(xs: Sequence[float], q: float) -> float:
+    pos = (len(xs) - 1) * q / 100
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)

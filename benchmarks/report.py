@@ -48,6 +48,12 @@ COMMAND = "bash benchmarks/run.sh"
 MODE_ORDER = {"forward": 0, "backward": 1, "full": 2}
 PROVIDER_ORDER = ["eager", "compile", "liger", "fastkd-cpu", "fastkd-cuda", "fastkd-triton"]
 BASELINES = ("eager", "compile", "liger")
+PAIRED_MARK = "†"
+PAIRED_NOTE = (
+    f"{PAIRED_MARK} timed interleaved with eager in the same process (blocks of calls alternating, median of "
+    "the block ratios; `benchmarks/common.py` paired_ratio), not as the ratio of the two medians: at a fraction "
+    "of a millisecond per call the machine's drift between two separate runs exceeds the difference measured."
+)
 
 FIELDS = [
     "op", "variant", "provider", "mode", "shape", "dtype", "family", "group",
@@ -56,11 +62,12 @@ FIELDS = [
     "cpu_isa", "floor_bytes", "floor_flops", "copy_gbps", "matmul_tflops",
     "achieved_gbps", "achieved_tflops", "pct_of_floor",
     "input_bytes", "peak_mem_bytes", "mem_method", "floor_bound", "sweep_x", "sweep_name",
+    "paired_vs_eager", "paired_p20", "paired_p80", "paired_blocks",
 ]  # fmt: skip
 _NUMERIC = {
     "median_ms", "p20_ms", "p80_ms", "rounds", "iterations", "threads", "load_avg", "cpu_count", "floor_bytes", "floor_flops",
     "copy_gbps", "matmul_tflops", "achieved_gbps", "achieved_tflops", "pct_of_floor", "input_bytes",
-    "peak_mem_bytes", "sweep_x",
+    "peak_mem_bytes", "sweep_x", "paired_vs_eager", "paired_p20", "paired_p80", "paired_blocks",
 }  # fmt: skip
 
 
@@ -184,6 +191,10 @@ def rows_from_json(data: dict) -> list[dict]:
             "mem_method": ei.get("mem_method", ""),
             "sweep_x": ei.get("sweep_x"),
             "sweep_name": ei.get("sweep_name", ""),
+            "paired_vs_eager": ei.get("paired_vs_eager"),
+            "paired_p20": ei.get("paired_p20"),
+            "paired_p80": ei.get("paired_p80"),
+            "paired_blocks": ei.get("paired_blocks"),
         }
         rows.append(_derive(row))
     return rows
@@ -321,6 +332,7 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
         head.append("% of floor (fastkd)")
     head.append("memory above inputs: fastkd / eager")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
+    paired = False
     for (_op, variant, dtype, _family, shape, _group, mode), by_p in cs.items():
         name, fk = best_fastkd(by_p)
         case = f"{variant + ' ' if variant else ''}{shape} {dtype}"
@@ -328,7 +340,10 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
         for p in providers:
             cells.append(fmt_time(by_p[p]["median_ms"]) if p in by_p else "–")
         for b in baselines:
-            if fk and b in by_p and by_p[b].get("median_ms"):
+            if b == "eager" and fk and fk.get("paired_vs_eager"):
+                cells.append(fmt_ratio(fk["paired_vs_eager"]) + PAIRED_MARK)
+                paired = True
+            elif fk and b in by_p and by_p[b].get("median_ms"):
                 cells.append(fmt_ratio(by_p[b]["median_ms"] / fk["median_ms"]))
             else:
                 cells.append("–")
@@ -341,6 +356,9 @@ def op_table(rows: list[dict], modes: Sequence[str] | None = None) -> str:
         em_e = by_p["eager"].get("peak_mem_bytes") if "eager" in by_p else None
         cells.append(f"{fmt_bytes(em_f)} / {fmt_bytes(em_e)}")
         lines.append("| " + " | ".join(cells) + " |")
+    if paired:
+        lines.append("")
+        lines.append(PAIRED_NOTE)
     return "\n".join(lines)
 
 

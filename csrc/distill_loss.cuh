@@ -95,6 +95,11 @@ __device__ __forceinline__ float dlog2(float x) { return log2f(x); }
 __device__ __forceinline__ double dlog2(double x) { return log2(x); }
 __device__ __forceinline__ float dlog(float x) { return logf(x); }
 __device__ __forceinline__ double dlog(double x) { return log(x); }
+// Per-row divisions in IEEE round-to-nearest even under --use_fast_math (which makes `/` the
+// approximate div.full.f32, up to 2 ulp off): log2(Z_s / Z_t) of two equal sums must be exactly 0,
+// or a uniform row at logits of 1e30 gets a gradient of ~1e-10 instead of 0 (test_plus_minus_1e30).
+__device__ __forceinline__ float ddiv(float a, float b) { return __fdiv_rn(a, b); }
+__device__ __forceinline__ double ddiv(double a, double b) { return a / b; }
 __device__ __forceinline__ float dmax(float a, float b) { return fmaxf(a, b); }  // NaN-ignoring
 __device__ __forceinline__ double dmax(double a, double b) { return fmax(a, b); }
 template <typename acc_t>
@@ -378,7 +383,7 @@ __device__ __forceinline__ void process_row(const Params<scalar_t, acc_t>& P, in
   const acc_t ms = st.s.m, mt = st.t.m;
   const acc_t lse2_s = dlog2(st.s.z), lse2_t = dlog2(st.t.z);
   // log2(Z_s / Z_t) for the loss, without the cancellation of two numbers of size ~log2(V):
-  const acc_t lse2_diff = dlog2(st.s.z / st.t.z);
+  const acc_t lse2_diff = dlog2(ddiv(st.s.z, st.t.z));
   GradFn<kDiv, acc_t> fn{lse2_s, lse2_t, acc_t(0), c * P.inv_t, acc_t(0), acc_t(0), P.beta, acc_t(1) - P.beta};
 
   // Visits every element of the row as (j, s2, t2) for scalars and (j, s2[kN], t2[kN]) for vectors,
@@ -412,10 +417,10 @@ __device__ __forceinline__ void process_row(const Params<scalar_t, acc_t>& P, in
 
   acc_t D;
   if constexpr (kDiv == kKL) {
-    fn.D = st.t.a / st.t.z + lse2_diff;  // base 2
+    fn.D = ddiv(st.t.a, st.t.z) + lse2_diff;  // base 2
     D = ln2 * fn.D;
   } else if constexpr (kDiv == kReverseKL) {
-    fn.D = st.s.a / st.s.z - lse2_diff;
+    fn.D = ddiv(st.s.a, st.s.z) - lse2_diff;
     D = ln2 * fn.D;
   } else {
     // ---- JSD pass 2: KL(p||m) and KL(q||m)

@@ -1,6 +1,7 @@
 // fastkd::embedding_ascent_ — host-side pieces shared by the CPU (embedding_ascent.cpp) and CUDA
 // (embedding_ascent_cuda.cu) implementations: the norm codes, the checks of a direct torch.ops call, and
-// the translation of every operand into "rows" (a base pointer and a row stride over [N, H]).
+// the translation of every operand into "rows" (a base pointer and a row stride over [N, H]). The
+// functions are defined in host_shared.cpp, compiled once by the C++ compiler (see there why not inline).
 //
 // Strided operands: a tensor [..., H] whose last dimension is unit-stride and whose leading
 // dimensions collapse into one (any slice along the leading dimensions, a [:, :H] column slice of a
@@ -26,21 +27,7 @@ enum Norm : int64_t { L2 = 0, SIGN = 1, NONE = 2 };
 
 // Stride (elements) between consecutive rows of t seen as [N, H], or -1 when the leading
 // dimensions do not collapse into one or the last dimension is not unit-stride.
-inline int64_t row_stride(const at::Tensor& t) {
-  const int64_t H = t.size(-1);
-  if (H > 1 && t.stride(-1) != 1) return -1;
-  int64_t rs = -1, expect = -1;
-  for (int64_t i = t.dim() - 2; i >= 0; --i) {
-    if (t.size(i) == 1) continue;
-    if (rs == -1) {
-      rs = t.stride(i);
-    } else if (t.stride(i) != expect) {
-      return -1;
-    }
-    expect = t.stride(i) * t.size(i);
-  }
-  return rs == -1 ? H : rs;
-}
+int64_t row_stride(const at::Tensor& t);
 
 // One operand as rows: `t` is what the kernel reads or writes (the caller's tensor, or a contiguous
 // copy of it), `writeback` is the caller's tensor when `t` is a copy that must be copied back.
@@ -50,77 +37,17 @@ struct Rows {
   int64_t stride = 0;
 };
 
-inline Rows as_rows(const at::Tensor& x, bool writable) {
-  const int64_t H = x.size(-1);
-  const int64_t N = H == 0 ? 0 : x.numel() / H;
-  const int64_t rs = row_stride(x);
-  // A writable operand needs rows that do not overlap each other (rs >= H) unless there is one row.
-  if (rs >= 0 && (!writable || N <= 1 || rs >= H)) return {x, at::Tensor(), rs};
-  at::Tensor c = x.contiguous();
-  return {c, writable ? x : at::Tensor(), H};
-}
+Rows as_rows(const at::Tensor& x, bool writable);
 
-inline void check_writable(const at::Tensor& x, const char* name) {
-  FASTKD_CHECK(at::has_internal_overlap(x) != at::MemOverlap::Yes, name,
-               " has elements that share memory (e.g. an expanded tensor); the in-place update needs one "
-               "memory location per element: pass a .clone()");
-}
+void check_writable(const at::Tensor& x, const char* name);
 
 // Checks of one (embeds, grad, origin, mask, momentum_buffer) group; `idx` >= 0 names the list entry.
-inline void check_group(const at::Tensor& embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,
-                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& buf, bool need_origin,
-                        int64_t idx) {
-  const std::string at_ = idx >= 0 ? "[" + std::to_string(idx) + "]" : "";
-  FASTKD_CHECK(embeds.dim() >= 1, "embeds", at_, " must have shape [..., H], got a 0-d tensor");
-  FASTKD_CHECK(at::isFloatingType(embeds.scalar_type()), "embeds", at_, " must be a floating-point tensor, got ",
-               embeds.scalar_type());
-  FASTKD_CHECK(grad.sizes() == embeds.sizes(), "grad", at_, " must have the shape of embeds ", embeds.sizes(), ", got ",
-               grad.sizes());
-  FASTKD_CHECK(grad.scalar_type() == embeds.scalar_type(), "grad", at_, " must have the dtype of embeds (",
-               embeds.scalar_type(), "), got ", grad.scalar_type());
-  FASTKD_CHECK_DEVICE(grad, embeds.device());
-  check_writable(embeds, "embeds");
-  if (need_origin) {
-    FASTKD_CHECK(origin.has_value() && origin->defined(), "origin", at_, " is required when radius is given");
-    FASTKD_CHECK(origin->sizes() == embeds.sizes(), "origin", at_, " must have the shape of embeds ", embeds.sizes(),
-                 ", got ", origin->sizes());
-    FASTKD_CHECK(origin->scalar_type() == embeds.scalar_type(), "origin", at_, " must have the dtype of embeds (",
-                 embeds.scalar_type(), "), got ", origin->scalar_type());
-    FASTKD_CHECK_DEVICE((*origin), embeds.device());
-  }
-  const int64_t H = embeds.size(-1);
-  const int64_t N = H == 0 ? 0 : embeds.numel() / H;
-  if (mask.has_value() && mask->defined()) {
-    FASTKD_CHECK(mask->scalar_type() == at::kBool, "mask", at_, " must be a boolean tensor, got ", mask->scalar_type());
-    FASTKD_CHECK(mask->numel() == N && mask->sizes() == embeds.sizes().slice(0, embeds.dim() - 1), "mask", at_,
-                 " must have the leading shape of embeds ", embeds.sizes().slice(0, embeds.dim() - 1), ", got ",
-                 mask->sizes());
-    FASTKD_CHECK_DEVICE((*mask), embeds.device());
-  }
-  if (buf.has_value() && buf->defined()) {
-    FASTKD_CHECK(buf->sizes() == embeds.sizes(), "momentum_buffer", at_, " must have the shape of embeds ",
-                 embeds.sizes(), ", got ", buf->sizes());
-    const auto acc = embeds.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-    FASTKD_CHECK(buf->scalar_type() == embeds.scalar_type() || buf->scalar_type() == acc, "momentum_buffer", at_,
-                 " must have the dtype of embeds (", embeds.scalar_type(), ") or ", acc, ", got ", buf->scalar_type());
-    FASTKD_CHECK_DEVICE((*buf), embeds.device());
-    check_writable(*buf, "momentum_buffer");
-    const auto st = at::get_overlap_status(embeds, *buf);
-    FASTKD_CHECK(st != at::MemOverlapStatus::Full && st != at::MemOverlapStatus::Partial, "momentum_buffer", at_,
-                 " must not share memory with embeds");
-  }
-}
+void check_group(const at::Tensor& embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& buf, bool need_origin,
+                 int64_t idx);
 
-inline void check_scalars(double step_size, int64_t norm, std::optional<double> radius, std::optional<double> max_norm,
-                          double momentum) {
-  FASTKD_CHECK(std::isfinite(step_size) && step_size > 0, "step_size must be positive and finite, got ", step_size);
-  FASTKD_CHECK(norm >= L2 && norm <= NONE, "norm code must be 0 (l2), 1 (linf / sign) or 2 (none), got ", norm);
-  FASTKD_CHECK(!radius.has_value() || (std::isfinite(*radius) && *radius > 0), "radius must be positive and finite, got ",
-               radius.value_or(0));
-  FASTKD_CHECK(!max_norm.has_value() || (std::isfinite(*max_norm) && *max_norm > 0),
-               "max_norm must be positive and finite, got ", max_norm.value_or(0));
-  FASTKD_CHECK(std::isfinite(momentum) && momentum >= 0, "momentum must be finite and >= 0, got ", momentum);
-}
+void check_scalars(double step_size, int64_t norm, std::optional<double> radius, std::optional<double> max_norm,
+                   double momentum);
 
 // One tensor of the (multi-tensor) update, addressed as rows.
 struct Group {
@@ -129,39 +56,18 @@ struct Group {
   int64_t rows = 0, H = 0;
 };
 
-inline Group make_group(const at::Tensor& embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,
-                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& buf, bool use_origin) {
-  Group gr;
-  gr.H = embeds.size(-1);
-  gr.rows = gr.H == 0 ? 0 : embeds.numel() / gr.H;
-  gr.e = as_rows(embeds, true);
-  gr.g = as_rows(grad, false);
-  if (use_origin) gr.o = as_rows(*origin, false);
-  if (buf.has_value() && buf->defined()) gr.b = as_rows(*buf, true);
-  if (mask.has_value() && mask->defined()) gr.m = mask->reshape({-1}).contiguous();
-  return gr;
-}
+Group make_group(const at::Tensor& embeds, const at::Tensor& grad, const std::optional<at::Tensor>& origin,
+                 const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& buf, bool use_origin);
 
 // Bump the version counter of a tensor the kernel wrote (ops registered from C++ get no
 // ADInplaceOrView kernel that would do it), so that autograd notices when a tensor it saved for
 // backward was modified. Inference tensors have no counter.
-inline void bump_version(const at::Tensor& t) {
-  if (!t.is_inference()) t.unsafeGetTensorImpl()->bump_version();
-}
+void bump_version(const at::Tensor& t);
 
 // After the kernels ran: write the results computed on copies into the caller's tensors, and
 // bump the version counters of the mutated operands.
-inline void write_back(std::vector<Group>& groups, const std::vector<at::Tensor>& embeds,
-                       const std::vector<std::optional<at::Tensor>>& bufs) {
-  for (auto& gr : groups) {
-    if (gr.e.writeback.defined()) gr.e.writeback.copy_(gr.e.t);
-    if (gr.b.writeback.defined()) gr.b.writeback.copy_(gr.b.t);
-  }
-  for (size_t i = 0; i < embeds.size(); ++i) {
-    bump_version(embeds[i]);
-    if (bufs[i].has_value() && bufs[i]->defined()) bump_version(*bufs[i]);
-  }
-}
+void write_back(std::vector<Group>& groups, const std::vector<at::Tensor>& embeds,
+                const std::vector<std::optional<at::Tensor>>& bufs);
 
 // All checks of a (multi-tensor) call, then every tensor as rows. `device_type` is the device the
 // calling kernel runs on.
@@ -172,38 +78,12 @@ struct Prepared {
   at::ScalarType dtype = at::kFloat;
 };
 
-inline Prepared prepare(const std::vector<at::Tensor>& embeds, const std::vector<at::Tensor>& grads,
-                        const std::vector<std::optional<at::Tensor>>& origins,
-                        const std::vector<std::optional<at::Tensor>>& masks,
-                        const std::vector<std::optional<at::Tensor>>& bufs, double step_size, int64_t norm,
-                        std::optional<double> radius, std::optional<double> max_norm, double momentum,
-                        c10::DeviceType device_type) {
-  check_scalars(step_size, norm, radius, max_norm, momentum);
-  Prepared out;
-  const int64_t G = static_cast<int64_t>(embeds.size());
-  if (G == 0) return out;
-  const bool multi = G > 1;
-  out.dtype = embeds[0].scalar_type();
-  for (int64_t i = 0; i < G; ++i) {
-    check_group(embeds[i], grads[i], origins[i], masks[i], bufs[i], radius.has_value(), multi ? i : -1);
-    FASTKD_CHECK(embeds[i].device().type() == device_type, "embeds must be ", device_type,
-                 " tensors for this kernel, got ", embeds[i].device());
-    FASTKD_CHECK(embeds[i].device() == embeds[0].device(), "embeds[", i, "] must be on embeds[0]'s device ",
-                 embeds[0].device(), ", got ", embeds[i].device());
-    FASTKD_CHECK(embeds[i].scalar_type() == out.dtype, "embeds[", i, "] must have the dtype of embeds[0] (", out.dtype,
-                 "), got ", embeds[i].scalar_type());
-    const bool hb = bufs[i].has_value() && bufs[i]->defined();
-    FASTKD_CHECK(i == 0 || hb == out.has_buf, "momentum_buffers must be given for every tensor or for none");
-    FASTKD_CHECK(!hb || i == 0 || bufs[i]->scalar_type() == bufs[0]->scalar_type(),
-                 "momentum_buffers must share one dtype");
-    out.has_buf = hb;
-  }
-  out.buf_same = !out.has_buf || bufs[0]->scalar_type() == out.dtype;
-  out.groups.reserve(G);
-  for (int64_t i = 0; i < G; ++i)
-    out.groups.push_back(make_group(embeds[i], grads[i], origins[i], masks[i], bufs[i], radius.has_value()));
-  return out;
-}
+Prepared prepare(const std::vector<at::Tensor>& embeds, const std::vector<at::Tensor>& grads,
+                 const std::vector<std::optional<at::Tensor>>& origins,
+                 const std::vector<std::optional<at::Tensor>>& masks,
+                 const std::vector<std::optional<at::Tensor>>& bufs, double step_size, int64_t norm,
+                 std::optional<double> radius, std::optional<double> max_norm, double momentum,
+                 c10::DeviceType device_type);
 
 // The list form's arguments as per-tensor vectors (origins / momentum_buffers empty = none).
 struct Lists {
@@ -211,30 +91,8 @@ struct Lists {
   std::vector<std::optional<at::Tensor>> o, m, b;
 };
 
-inline Lists unpack_lists(at::TensorList embeds, at::TensorList grads, at::TensorList origins,
-                          const c10::List<std::optional<at::Tensor>>& masks, at::TensorList momentum_buffers) {
-  const size_t G = embeds.size();
-  FASTKD_CHECK(grads.size() == G, "grads must have one tensor per embeds tensor (", G, "), got ", grads.size());
-  FASTKD_CHECK(origins.empty() || origins.size() == G, "origins must be empty or have one tensor per embeds tensor (",
-               G, "), got ", origins.size());
-  FASTKD_CHECK(masks.empty() || masks.size() == G, "masks must be empty or have one entry per embeds tensor (", G,
-               "), got ", masks.size());
-  FASTKD_CHECK(momentum_buffers.empty() || momentum_buffers.size() == G,
-               "momentum_buffers must be empty or have one tensor per embeds tensor (", G, "), got ",
-               momentum_buffers.size());
-  Lists l;
-  l.e.assign(embeds.begin(), embeds.end());
-  l.g.assign(grads.begin(), grads.end());
-  l.o.resize(G);
-  l.m.resize(G);
-  l.b.resize(G);
-  for (size_t i = 0; i < G; ++i) {
-    if (!origins.empty()) l.o[i] = origins[i];
-    if (!masks.empty()) l.m[i] = masks.get(i);
-    if (!momentum_buffers.empty()) l.b[i] = momentum_buffers[i];
-  }
-  return l;
-}
+Lists unpack_lists(at::TensorList embeds, at::TensorList grads, at::TensorList origins,
+                   const c10::List<std::optional<at::Tensor>>& masks, at::TensorList momentum_buffers);
 
 }  // namespace ascent
 }  // namespace fastkd

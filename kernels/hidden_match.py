@@ -36,6 +36,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+from fastkd.kernels.distill_loss import _f32_pair
 
 MSE = 0
 COSINE = 1
@@ -137,7 +138,8 @@ def hm_rows_kernel(
     N,
     Ht,
     n_col_tiles,
-    eps,
+    eps_hi,  # eps as an fp32 pair hi + lo (Triton passes Python floats as fp32: 1e-8 alone would be
+    eps_lo,  #   off by 6e-9 relative in the float64 path, see distill_loss._f32_pair)
     LOSS: tl.constexpr,
     WRITE_DP: tl.constexpr,
     WRITE_DT: tl.constexpr,
@@ -159,6 +161,7 @@ def hm_rows_kernel(
     pt = tl.sum(tl.load(part_ptr + 2 * plane + poff, mask=pmask, other=0.0).to(ACC), axis=1)
     w = tl.load(rs_ptr + layer * N + rows, mask=rmask, other=0.0).to(ACC)
     keep = w != 0.0
+    eps = tl.cast(eps_hi, ACC) + tl.cast(eps_lo, ACC)
     rp = tl.sqrt(pp)
     rt = tl.sqrt(tt)
     big_p = rp > eps
@@ -346,7 +349,7 @@ def hidden_match_forward(
         rows = torch.empty((L, N), device=dev, dtype=acc_dtype)
         BR = 16
         hm_rows_kernel[(triton.cdiv(N, BR), L)](
-            buf, teacher, row_scale, part, dp, gT, rows, N, Ht, n_col_tiles, eps,
+            buf, teacher, row_scale, part, dp, gT, rows, N, Ht, n_col_tiles, *_f32_pair(eps),
             LOSS=loss, WRITE_DP=need_dp, WRITE_DT=grad_teacher, ACC=acc, BR=BR, BC=_blk(Ht, 128),
             BP=triton.next_power_of_2(max(n_col_tiles, 1)), num_warps=4,
         )  # fmt: skip

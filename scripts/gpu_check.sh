@@ -8,6 +8,7 @@
 #   GPU_BUDGET=520 bash scripts/gpu_check.sh      # seconds for the whole script (default 520)
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash scripts/gpu_check.sh   # a warm rerun of the benchmarks only
 #   GPU_BENCH="distill_loss:100 hidden_match:40"            # which bench files, seconds for each
+#   GPU_COMPILE_S=60 [GPU_COMPILE_K="pytest -k expr"]       # distill_loss vs torch.compile, a few cases
 #
 # A wheel folder .whl/ (liger-kernel, for the `liger` provider) is installed to /tmp/site first.
 # torch.compile is left out of the GPU providers by default (a compile per case and mode costs
@@ -63,6 +64,22 @@ echo "pytest exit $?"
 grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | cut -c1-220 | head -25
 tail -3 "$OUT/tests.log"
 
+# A failed C++ argument check of a direct op call, on CPU and CUDA tensors, in a fresh process: it must
+# raise RuntimeError, not crash (the first GPU run died with SIGSEGV there); a crash gets a backtrace.
+phase "direct op call errors (C++ exceptions)"
+for dev in cpu cuda; do
+  code="import torch, fastkd; e=torch.randn(3, 4, device='$dev')
+try:
+    torch.ops.fastkd.nearest_tokens(e, torch.randn(5, 4, device='$dev'), 6, 0); print('$dev: no error raised')
+except RuntimeError as x: print('$dev: RuntimeError ok:', str(x).splitlines()[0][:100])"
+  timeout 60 $PY -X faulthandler -c "$code" >"$OUT/diag_$dev.log" 2>&1; rc=$?
+  echo "$dev rc=$rc: $(head -c 300 "$OUT/diag_$dev.log")"
+  if [ $rc -ne 0 ] && command -v gdb >/dev/null; then
+    timeout 90 gdb -q -batch -ex run -ex bt --args $PY -c "$code" 2>&1 | tail -40 >>"$OUT/diag_$dev.log"
+    tail -25 "$OUT/diag_$dev.log"
+  fi
+done
+
 export FASTKD_BENCH_PROVIDERS=${FASTKD_BENCH_PROVIDERS:-eager,fastkd-cuda,fastkd-triton,liger}
 export FASTKD_BENCH_TIME=${FASTKD_BENCH_TIME:-0.2} FASTKD_BENCH_MIN_ROUNDS=${FASTKD_BENCH_MIN_ROUNDS:-5}
 unset TRITON_INTERPRET
@@ -77,12 +94,23 @@ for spec in ${GPU_BENCH:-distill_loss:110 fused_linear_distill:80 hidden_match:5
   [ -s "$OUT/bench_$name.json" ] && JSONS+=("$OUT/bench_$name.json")
 done
 
+# torch.compile on the GPU, a few distill_loss cases (a compile per case costs ~20 s): kept out of
+# the report (its JSON would replace the committed distill_loss.csv); bench_compile.log has the table.
+if [ "${GPU_COMPILE_S:-0}" -gt 0 ] && [ "$(left)" -gt 60 ]; then
+  phase "bench distill_loss with torch.compile (${GPU_COMPILE_K:-default cases})"
+  FASTKD_BENCH_PROVIDERS=eager,compile,fastkd-cuda timeout "$(cap "$GPU_COMPILE_S")" $PY -m pytest benchmarks/bench_distill_loss.py \
+    --benchmark-only -p no:cacheprovider -q -k "${GPU_COMPILE_K:-full and (16384x131072-bf16 or 16384x32000-bf16 or 256x10-bf16)}" \
+    --benchmark-json "$OUT/bench_distill_loss_compile.json" --benchmark-columns=median,rounds >"$OUT/bench_compile.log" 2>&1
+  echo "exit $?"; grep -E "test_distill_loss\[" "$OUT/bench_compile.log" | cut -c1-160 | head -12
+fi
+
 phase "report"
 if [ ${#JSONS[@]} -gt 0 ]; then
   $PY -m benchmarks.report "${JSONS[@]}" >"$OUT/report.log" 2>&1 || tail -5 "$OUT/report.log"
   tar czf "$OUT/results.tgz" benchmarks/results "$OUT"/*.log "$OUT"/*.txt 2>/dev/null
   # the JSONs go into the archive too, so the file count stays within what comes back
-  tar czf "$OUT/bench_json.tgz" "${JSONS[@]}" && rm -f "${JSONS[@]}"
+  tar czf "$OUT/bench_json.tgz" "${JSONS[@]}" $(ls "$OUT"/bench_distill_loss_compile.json 2>/dev/null) \
+    && rm -f "${JSONS[@]}" "$OUT"/bench_distill_loss_compile.json
   NEW=$(ls -td benchmarks/results/*/ | head -1)
   grep -vE "^!\[|^$" "$NEW/README.md" | cut -c1-200 | head -60
 fi

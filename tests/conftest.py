@@ -52,6 +52,20 @@ def backend_params(op) -> list:
     return params
 
 
+def op_devices() -> list:
+    """pytest params "cpu" and "cuda" for tests that call a compiled op of fastkd._C directly: its C++
+    argument checks run in the CPU and in the CUDA entry point. "cuda" is skipped with the reason
+    unless a GPU is present and fastkd._C was built with its CUDA kernels."""
+    from fastkd import _ext
+
+    ok = torch.cuda.is_available() and _ext.available() and _ext.cuda_built()
+    why = "no CUDA device" if not torch.cuda.is_available() else "fastkd._C built without CUDA kernels"
+    return [
+        pytest.param("cpu", id="cpu"),
+        pytest.param("cuda", id="cuda", marks=[] if ok else [pytest.mark.skip(reason=why)]),
+    ]
+
+
 def fused_op_params(op, compiled: str, triton_op) -> list:
     """pytest params of getters of an op's raw ops: ``torch.ops.fastkd.<compiled>.default`` (fastkd._C,
     only when the extension is built) and the Triton custom op ``triton_op()`` (skipped with the

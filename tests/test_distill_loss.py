@@ -16,7 +16,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import DEVICE, INTERPRETED, backend_params, fused_op_params
+from conftest import DEVICE, INTERPRETED, backend_params, fused_op_params, op_devices
 from conftest import LOGITS_TOL as TOL
 
 import fastkd
@@ -881,3 +881,21 @@ def test_cpu_eager_path_calls_the_twin_op_and_matches_the_registered_op():
     s2 = s.detach().clone().requires_grad_(True)
     compiled(s2, t).backward()
     torch.testing.assert_close(s2.grad, s.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.skipif(not fastkd._ext.available(), reason="needs the compiled library")
+@pytest.mark.parametrize("device", op_devices())
+def test_direct_op_call_errors_name_the_argument(device):
+    """A failed C++ check of a direct torch.ops call is a RuntimeError naming the argument, on the CPU
+    and in the CUDA entry point (whose checks nvcc's host pass compiles), never a crash."""
+    op = torch.ops.fastkd.distill_loss
+    s, t = torch.randn(4, 5, device=device), torch.randn(4, 5, device=device)
+    rs = torch.ones(4, device=device)
+    with pytest.raises(RuntimeError, match="must have the same shape"):
+        op(s, t[:, :4].contiguous(), rs, 1.0, 0, 0.5, 1.0, True, True, False)
+    with pytest.raises(RuntimeError, match="row_scale must be"):
+        op(s, t, rs[:3], 1.0, 0, 0.5, 1.0, True, True, False)
+    with pytest.raises(RuntimeError, match="temperature must be positive"):
+        op(s, t, rs, -1.0, 0, 0.5, 1.0, True, True, False)
+    with pytest.raises(RuntimeError, match="beta must be in"):
+        op(s, t, rs, 1.0, 2, 1.5, 1.0, True, True, False)

@@ -11,7 +11,7 @@ import torch
 
 import fastkd
 from fastkd.ops.embedding_ascent import MULTI_OP, OP, reference_embedding_ascent_
-from tests.conftest import DEVICE, backend_params
+from tests.conftest import DEVICE, backend_params, op_devices
 
 BACKENDS = backend_params(OP)
 MULTI_BACKENDS = backend_params(MULTI_OP)
@@ -474,7 +474,16 @@ def test_multi_mixed_dtypes_refused():
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.fastkd, "embedding_ascent_"), reason="fastkd._C not built")
-def test_direct_op_call_errors_name_the_argument():
+@pytest.mark.parametrize("device", op_devices())
+def test_direct_op_call_errors_name_the_argument(device):
+    torch.set_default_device(device)  # every tensor of the calls below (reset by the finally)
+    try:
+        _direct_op_calls()
+    finally:
+        torch.set_default_device(None)
+
+
+def _direct_op_calls():
     e = torch.randn(2, 8)
     op = torch.ops.fastkd.embedding_ascent_
     with pytest.raises(RuntimeError, match="grad must have the shape of embeds"):

@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from conftest import DEVICE, backend_params
+from conftest import DEVICE, backend_params, op_devices
 
 import fastkd
 from fastkd.nn import HiddenStateMatcher
@@ -573,8 +573,9 @@ def test_no_token_gives_zero(backend, reduction):
 
 
 @pytest.mark.skipif(not fastkd._ext.available(), reason="needs the compiled library")
-def test_compiled_op_checks_name_arguments():
-    args = list(_op_args("per_layer", True, True, "mse", (False,) * 4))
+@pytest.mark.parametrize("device", op_devices())
+def test_compiled_op_checks_name_arguments(device):
+    args = [a.to(device) if isinstance(a, torch.Tensor) else a for a in _op_args("per_layer", True, True, "mse", (False,) * 4)]
     bad = list(args)
     bad[4] = args[4][:1]
     with pytest.raises(RuntimeError, match="row_scale must be"):

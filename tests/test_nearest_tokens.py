@@ -3,6 +3,7 @@ ties go to the lowest id), dtypes, shapes, ties, NaN, memory, opcheck, torch.com
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import torch
 
 import fastkd
 from fastkd.ops.nearest_tokens import OP, reference_nearest_tokens
-from tests.conftest import DEVICE, backend_params
+from tests.conftest import DEVICE, backend_params, op_devices
 
 BACKENDS = backend_params(OP)
 METRICS = ["cosine", "dot", "l2"]
@@ -366,16 +367,18 @@ def test_bad_dtypes():
 
 
 @pytest.mark.skipif(not hasattr(torch.ops.fastkd, "nearest_tokens"), reason="fastkd._C not built")
-def test_direct_op_call_errors_name_the_argument():
+@pytest.mark.parametrize("device", op_devices())
+def test_direct_op_call_errors_name_the_argument(device):
     op = torch.ops.fastkd.nearest_tokens
+    r = functools.partial(torch.randn, device=device)
     with pytest.raises(RuntimeError, match="k must be in"):
-        op(torch.randn(3, 4), torch.randn(5, 4), 6, 0)
+        op(r(3, 4), r(5, 4), 6, 0)
     with pytest.raises(RuntimeError, match="embedding_matrix must be"):
-        op(torch.randn(3, 4), torch.randn(5, 3), 1, 0)
+        op(r(3, 4), r(5, 3), 1, 0)
     with pytest.raises(RuntimeError, match="metric code must be"):
-        op(torch.randn(3, 4), torch.randn(5, 4), 1, 5)
+        op(r(3, 4), r(5, 4), 1, 5)
     with pytest.raises(RuntimeError, match="embedding_matrix must have the dtype of embeds"):
-        op(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.float64), 1, 0)
+        op(r(3, 4), r(5, 4, dtype=torch.float64), 1, 0)
 
 
 # ---------------------------------------------------------------------------------------------
