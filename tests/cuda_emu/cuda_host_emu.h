@@ -159,6 +159,8 @@ T __shfl_xor_sync(unsigned /*mask*/, T v, int lane_mask) {
   return r;
 }
 
+// IEEE round-to-nearest division (what the device intrinsic guarantees under --use_fast_math)
+inline float __fdiv_rn(float a, float b) { return a / b; }
 inline int4 __ldcs(const int4* p) { return *p; }
 inline void __stcs(int4* p, int4 v) { *p = v; }
 
