@@ -213,6 +213,13 @@ def _extensions():
                 "cxx": cxx,
                 "nvcc": ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"],
             },
+            # libstdc++ first among the libraries (torch's CUDAExtension appends c10, torch, cudart,
+            # c10_cuda, torch_cuda after these), so that the dynamic linker finds the C++ runtime's
+            # symbols there before any CUDA library that carries its own copy. On the H200 image of
+            # 2026-12-04 every C++ exception thrown in a CUDA build crashed the process unless
+            # libstdc++ was preloaded (benchmarks/results/nvidia-h200/NOTES.md): this is the
+            # link-time form of that preload, not yet verified on a GPU.
+            libraries=["stdc++"],
             extra_link_args=["-fopenmp"],
             depends=depends,
         )

@@ -84,7 +84,9 @@ def make_fn(provider: str, variant: str, key: tuple):
         from liger_kernel.transformers import LigerFusedLinearJSD
 
         # Liger's JSD: beta weights the teacher the same way (beta = 0.5 is symmetric); no T^2 factor.
-        return LigerFusedLinearJSD(jsd_beta=BETA, temperature=TEMPERATURE)
+        # shift_labels (required positionally in 0.8.5): None, every row counts.
+        loss = LigerFusedLinearJSD(jsd_beta=BETA, temperature=TEMPERATURE)
+        return lambda hs, ws, ht, wt: loss(hs, ws, ht, wt, None)
 
     def fused(backend: str):
         def fn(hs, ws, ht, wt):

@@ -295,3 +295,43 @@ def test_readme_performance_section_is_regenerated_from_the_committed_results():
     assert text[i + len(report.BEGIN) : j].strip() == expected.strip(), (
         "README.md's performance section is stale: run `python -m benchmarks.report --update-readme README.md`"
     )
+
+
+def test_op_table_prefers_the_paired_eager_ratio_and_says_so(tmp_path):
+    paired = {"paired_vs_eager": 1.25, "paired_p20": 1.2, "paired_p80": 1.3, "paired_blocks": 40}
+    b = [
+        _bench("distill_loss", "eager", "full", "64x3", [100e-6] * 5, family="cls"),
+        # separate medians say 0.80x; the interleaved timing of the same run says 1.25x
+        _bench("distill_loss", "fastkd-cpu", "full", "64x3", [125e-6] * 5, family="cls", **paired),
+    ]
+    rows = report.rows_from_json(_doc(b))
+    table = report.op_table(rows)
+    line = next(x for x in table.splitlines() if x.startswith("| 64x3 float32 | full"))
+    assert [c.strip() for c in line.split("|")[1:-1]][4] == "1.25x" + report.PAIRED_MARK
+    assert report.PAIRED_NOTE in table
+    # the paired fields survive the CSV round trip the README tables are regenerated from
+    report.write_csvs(rows, tmp_path)
+    again = report.read_csvs(tmp_path / SLUG)
+    assert report.op_table(again) == table
+    # without a paired figure: the ratio of the medians, no footnote
+    rows[1]["paired_vs_eager"] = None
+    plain = report.op_table(rows)
+    assert "0.80x" in plain and report.PAIRED_NOTE not in plain
+
+
+def test_paired_ratio_measures_a_known_ratio():
+    import time
+
+    from benchmarks.common import paired_ratio
+
+    def spin(seconds):
+        def f():
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:
+                pass
+
+        return f
+
+    ratio, lo, hi, blocks = paired_ratio(spin(100e-6), spin(200e-6), budget_s=0.3, block_s=0.002)
+    assert blocks >= 20 and lo <= ratio <= hi
+    assert 1.6 < ratio < 2.4  # baseline twice as slow

@@ -194,6 +194,8 @@ def test_default_chunk_size():
     assert default_chunk_size(10, 32000) == 10
     assert default_chunk_size(100000, 10**7) == 8
     assert default_chunk_size(5, 7) == 5
+    assert default_chunk_size(16384, 128256, "cuda") == 1040  # 2**27 / V rounded down to a multiple of 8
+    assert default_chunk_size(16384, 128256, torch.device("cpu")) == 64
 
 
 @pytest.mark.parametrize("get_op", fused_op_params(OP, "fused_linear_distill", fl._triton_op))

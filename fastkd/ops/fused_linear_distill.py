@@ -50,11 +50,19 @@ OP = Op("fused_linear_distill")
 # Elements of one [C, V] chunk buffer in the default chunk size: 4 such buffers (S, T and their
 # gradients) are 128 MiB in float32.
 CHUNK_ELEMENTS = 1 << 23
+# On a GPU the chunk is 16x larger (4 bfloat16 buffers: 1 GiB). Every chunk adds its weight gradient
+# [V, H] into the float32 accumulator: at 16384 x 4096 x 128256 and 64-row chunks that was 256 passes
+# over a 2 GiB accumulator plus a 1 GiB product each (~1.5 TB of traffic, most of the 773 ms measured
+# on an H200, eager 133 ms; benchmarks/results/nvidia-h200/NOTES.md), and 64-row GEMMs are too
+# short for the tensor cores. 1024 rows there: 16 passes (~0.1 TB). Not yet measured on a GPU.
+CHUNK_ELEMENTS_CUDA = 1 << 27
 
 
-def default_chunk_size(N: int, V: int) -> int:
-    """Rows per chunk: about ``CHUNK_ELEMENTS / V``, a multiple of 8, at least 8, at most N."""
-    c = max(8, (CHUNK_ELEMENTS // max(V, 1)) // 8 * 8)
+def default_chunk_size(N: int, V: int, device: torch.device | str = "cpu") -> int:
+    """Rows per chunk: about ``CHUNK_ELEMENTS / V`` (``CHUNK_ELEMENTS_CUDA`` on a GPU), a multiple of
+    8, at least 8, at most N."""
+    elements = CHUNK_ELEMENTS_CUDA if torch.device(device).type == "cuda" else CHUNK_ELEMENTS
+    c = max(8, (elements // max(V, 1)) // 8 * 8)
     return max(1, min(c, N))
 
 
@@ -300,7 +308,7 @@ def _fused(op, hs, ws, ht, wt, bs, bt, tl, topk, keep, temperature, divergence, 
     loss = op(
         hs2, ws_, bs_, ht2, wt_, bt_, tl2, tids, tvals, tlse, row_scale, float(temperature), div,
         float(beta), _loss_scale(temperature, scale_by_t2), reduce,
-        int(chunk or default_chunk_size(N, V)), grad_student, grad_teacher,
+        int(chunk or default_chunk_size(N, V, hs.device)), grad_student, grad_teacher,
     )[0]  # fmt: skip
     return loss.reshape(lead) if not reduce else loss
 
@@ -359,7 +367,8 @@ def fused_linear_distill_loss(
             The teacher's tensors are cast to the student's dtype.
         temperature, divergence, beta, labels, ignore_index, mask, reduction, scale_by_t2, backend:
             exactly :func:`fastkd.distill_loss`'s semantics on the logits.
-        chunk_size: rows per chunk (default about ``2**23 / V``, a multiple of 8).
+        chunk_size: rows per chunk (default about ``2**23 / V`` on a CPU, ``2**27 / V`` on a GPU, a
+            multiple of 8).
 
     Gradients reach the student's hidden states, weight and bias, and the teacher's hidden states,
     weight, bias or logits when they require grad (never the top-K teacher). The fused backends
