@@ -44,6 +44,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -804,12 +805,7 @@ def paired_ratio(
         tt, tb = (took[0], took[1]) if b % 2 == 0 else (took[1], took[0])
         ratios.append(tb / tt)
     ratios.sort()
-    return _median(ratios), _percentile_sorted(ratios, 20), _percentile_sorted(ratios, 80), blocks
-
-
-def _median(xs: Sequence[float]) -> float:
-    n = len(xs)
-    return xs[n // 2] if n % 2 else 0.5 * (xs[n // 2 - 1] + xs[n // 2])
+    return statistics.median(ratios), _percentile_sorted(ratios, 20), _percentile_sorted(ratios, 80), blocks
 
 
 def _percentile_sorted(xs: Sequence[float], q: float) -> float:
