@@ -10,6 +10,7 @@
 #   SKIP_BUILD=1 SKIP_TESTS=1 bash scripts/gpu_check.sh   # a warm rerun of the benchmarks only
 #   GPU_BENCH="distill_loss:100 hidden_match:40"            # which bench files, seconds for each
 #   GPU_COMPILE_S=60 [GPU_COMPILE_K="pytest -k expr"]       # distill_loss vs torch.compile, a few cases
+#   GPU_CHUNK_SWEEP_S=60                                    # fused_linear_distill vs its chunk size
 #
 # A wheel folder .whl/ (liger-kernel, for the `liger` provider) is installed to /tmp/site first.
 # torch.compile is left out of the GPU providers by default (a compile per case and mode costs
@@ -94,6 +95,13 @@ export FASTKD_BENCH_PROVIDERS=${FASTKD_BENCH_PROVIDERS:-eager,fastkd-cuda,fastkd
 export FASTKD_BENCH_TIME=${FASTKD_BENCH_TIME:-0.2} FASTKD_BENCH_MIN_ROUNDS=${FASTKD_BENCH_MIN_ROUNDS:-5}
 unset TRITON_INTERPRET
 JSONS=()
+# fused_linear_distill against its chunk size (benchmarks/fld_chunk_sweep.py): the default chunk on a
+# GPU (2^27 / V rows) was chosen by counting, not measured; this measures it and its neighbours.
+if [ "${GPU_CHUNK_SWEEP_S:-0}" -gt 0 ] && [ "$(left)" -gt 60 ]; then
+  phase "fused_linear_distill chunk sweep"
+  timeout "$(cap "$GPU_CHUNK_SWEEP_S")" $PY -m benchmarks.fld_chunk_sweep --json "$OUT/chunk_sweep.json" >>"$OUT/bench.log" 2>&1
+  echo "exit $?"; grep -E "^\| " "$OUT/bench.log" | tail -14
+fi
 for spec in ${GPU_BENCH:-distill_loss:110 fused_linear_distill:80 hidden_match:50 nearest_tokens:40 embedding_ascent:40}; do
   name=${spec%%:*}; alloc=${spec##*:}
   [ "$(left)" -lt 40 ] && { echo "skip bench $name: budget spent"; continue; }
@@ -119,8 +127,8 @@ if [ ${#JSONS[@]} -gt 0 ]; then
   $PY -m benchmarks.report "${JSONS[@]}" >"$OUT/report.log" 2>&1 || tail -5 "$OUT/report.log"
   tar czf "$OUT/results.tgz" benchmarks/results "$OUT"/*.log "$OUT"/*.txt 2>/dev/null
   # the JSONs go into the archive too, so the file count stays within what comes back
-  tar czf "$OUT/bench_json.tgz" "${JSONS[@]}" $(ls "$OUT"/bench_distill_loss_compile.json 2>/dev/null) \
-    && rm -f "${JSONS[@]}" "$OUT"/bench_distill_loss_compile.json
+  tar czf "$OUT/bench_json.tgz" "${JSONS[@]}" $(ls "$OUT"/bench_distill_loss_compile.json "$OUT"/chunk_sweep.json 2>/dev/null) \
+    && rm -f "${JSONS[@]}" "$OUT"/bench_distill_loss_compile.json "$OUT"/chunk_sweep.json
   NEW=$(ls -td benchmarks/results/*/ | head -1)
   grep -vE "^!\[|^$" "$NEW/README.md" | cut -c1-200 | head -60
 fi

@@ -300,3 +300,24 @@ def _bad():
 def test_bad_input(args, kwargs, exc, match):
     with pytest.raises(exc, match=match):
         fastkd.fused_linear_distill_loss(*args, **kwargs)
+
+
+def test_chunk_sweep_script_runs_and_writes_its_rows(tmp_path):
+    """benchmarks/fld_chunk_sweep.py (a GPU measurement tool) on a tiny CPU case: every backend x
+    chunk row is timed and written, and bad arguments are a clear error."""
+    import json
+
+    from benchmarks import fld_chunk_sweep
+
+    out = tmp_path / "sweep.json"
+    args = ["--device", "cpu", "--shape", "40x16x50", "--dtype", "float32", "--backends", "torch", "--reps", "1"]
+    assert fld_chunk_sweep.main([*args, "--chunks", "8,64", "--json", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert [(r["provider"], r["chunk"]) for r in doc["rows"]] == [
+        ("eager", None),
+        ("fastkd-torch", 8),
+        ("fastkd-torch", 64),
+    ]
+    assert doc["meta"]["shape"] == [40, 16, 50] and all(r["ms"] > 0 for r in doc["rows"])
+    with pytest.raises(SystemExit):
+        fld_chunk_sweep.main([*args, "--chunks", "0"])
