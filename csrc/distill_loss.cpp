@@ -36,6 +36,7 @@
 //      its gradients.
 // exp and log are fastkd's own (fast_math.h): range reduction plus a minimax polynomial with FMA.
 #include "cpu_dispatch.h"
+#include "distill_loss.h"
 #include "fast_math.h"
 
 #include <ATen/Dispatch.h>
@@ -409,23 +410,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> distill_loss_cpu(const at::Tensor
                                                                 const at::Tensor& row_scale, double temperature,
                                                                 int64_t divergence, double beta, double loss_scale,
                                                                 bool reduce, bool grad_student, bool grad_teacher) {
-  FASTKD_CHECK_DIM(student, 2);
-  FASTKD_CHECK_DIM(teacher, 2);
-  FASTKD_CHECK_CONTIGUOUS(student);
-  FASTKD_CHECK_CONTIGUOUS(teacher);
-  FASTKD_CHECK_FLOATING(student);
-  FASTKD_CHECK(student.sizes() == teacher.sizes(), "student_logits and teacher_logits must have the same shape, got ",
-               student.sizes(), " and ", teacher.sizes());
-  FASTKD_CHECK(student.scalar_type() == teacher.scalar_type(), "student_logits and teacher_logits must share a dtype, got ",
-               student.scalar_type(), " and ", teacher.scalar_type());
+  check_distill_loss_args(student, teacher, row_scale, temperature, divergence, beta);
   const bool is_double = student.scalar_type() == at::kDouble;
-  FASTKD_CHECK(row_scale.scalar_type() == (is_double ? at::kDouble : at::kFloat) && row_scale.dim() == 1 &&
-                   row_scale.size(0) == student.size(0),
-               "row_scale must be [N] with N = ", student.size(0), " and dtype float32 (float64 for float64 logits), got ",
-               row_scale.scalar_type(), " ", row_scale.sizes());
-  FASTKD_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be positive and finite, got ", temperature);
-  FASTKD_CHECK(divergence >= KL && divergence <= JSD, "divergence code must be 0 (kl), 1 (reverse_kl) or 2 (jsd)");
-  FASTKD_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1], got ", beta);
 
   const int64_t N = student.size(0), V = student.size(1);
   auto rs = row_scale.contiguous();

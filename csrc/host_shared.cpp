@@ -1,13 +1,41 @@
-// Host-side helpers declared in embedding_ascent.h, nearest_tokens.h and hidden_match.h: the checks of a
+// Host-side helpers declared in distill_loss.h, embedding_ascent.h, nearest_tokens.h and hidden_match.h: the checks of a
 // direct torch.ops call and the row layout of strided operands, shared by the CPU kernels and the CUDA
 // entry points. They are defined here, once, and not inline in the headers: an inline function
 // included by both a C++ file and a .cu file is compiled twice, by the C++ compiler and by nvcc's host
 // pass with other flags, and the linker keeps one copy for both callers. On the first GPU run the
 // copy kept was nvcc's, and every failed check of the CPU ops (a C++ exception thrown from it) crashed
 // the process (benchmarks/results/nvidia-h200/NOTES.md). Here they are compiled by the C++ compiler only.
+#include "distill_loss.h"
 #include "embedding_ascent.h"
 #include "hidden_match.h"
 #include "nearest_tokens.h"
+
+#include <cmath>
+
+namespace fastkd {
+
+void check_distill_loss_args(const at::Tensor& student, const at::Tensor& teacher, const at::Tensor& row_scale,
+                             double temperature, int64_t divergence, double beta) {
+  FASTKD_CHECK_DIM(student, 2);
+  FASTKD_CHECK_DIM(teacher, 2);
+  FASTKD_CHECK_CONTIGUOUS(student);
+  FASTKD_CHECK_CONTIGUOUS(teacher);
+  FASTKD_CHECK_FLOATING(student);
+  FASTKD_CHECK(student.sizes() == teacher.sizes(), "student_logits and teacher_logits must have the same shape, got ",
+               student.sizes(), " and ", teacher.sizes());
+  FASTKD_CHECK(student.scalar_type() == teacher.scalar_type(), "student_logits and teacher_logits must share a dtype, got ",
+               student.scalar_type(), " and ", teacher.scalar_type());
+  const bool is_double = student.scalar_type() == at::kDouble;
+  FASTKD_CHECK(row_scale.scalar_type() == (is_double ? at::kDouble : at::kFloat) && row_scale.dim() == 1 &&
+                   row_scale.size(0) == student.size(0),
+               "row_scale must be [N] with N = ", student.size(0), " and dtype float32 (float64 for float64 logits), got ",
+               row_scale.scalar_type(), " ", row_scale.sizes());
+  FASTKD_CHECK(temperature > 0 && std::isfinite(temperature), "temperature must be positive and finite, got ", temperature);
+  FASTKD_CHECK(divergence >= KL && divergence <= JSD, "divergence code must be 0 (kl), 1 (reverse_kl) or 2 (jsd)");
+  FASTKD_CHECK(beta >= 0.0 && beta <= 1.0, "beta must be in [0, 1], got ", beta);
+}
+
+}  // namespace fastkd
 
 namespace fastkd::ascent {
 
