@@ -22,14 +22,15 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # quality.py's settings
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # run from a source checkout without installing
+    sys.path.insert(0, str(ROOT))
 
-import quality
-
-from fastkd import assets as A
-from fastkd.data import load_text
-from fastkd.methods.t3 import T3, generate_dataset
-from fastkd.models import load_classifier
+from benchmarks import quality  # noqa: E402  (the benchmark's pool settings)
+from fastkd import assets as A  # noqa: E402
+from fastkd.data import load_text  # noqa: E402
+from fastkd.methods.t3 import T3, generate_dataset  # noqa: E402
+from fastkd.models import load_classifier  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,9 +2,10 @@
 // direct torch.ops call and the row layout of strided operands, shared by the CPU kernels and the CUDA
 // entry points. They are defined here, once, and not inline in the headers: an inline function
 // included by both a C++ file and a .cu file is compiled twice, by the C++ compiler and by nvcc's host
-// pass with other flags, and the linker keeps one copy for both callers. On the first GPU run the
-// copy kept was nvcc's, and every failed check of the CPU ops (a C++ exception thrown from it) crashed
-// the process (benchmarks/results/nvidia-h200/NOTES.md). Here they are compiled by the C++ compiler only.
+// pass with other flags (no -fvisibility=hidden, no -DNDEBUG), and the linker keeps one copy for both
+// callers, so the CPU kernels could run nvcc's. Here they are compiled by the C++ compiler only. (This
+// was a suspect for the C++-exception crash of the first GPU runs; moving them did not cure it:
+// benchmarks/results/nvidia-h200/NOTES.md.)
 #include "distill_loss.h"
 #include "embedding_ascent.h"
 #include "hidden_match.h"
