@@ -52,9 +52,9 @@ OP = Op("fused_linear_distill")
 CHUNK_ELEMENTS = 1 << 23
 # On a GPU the chunk is 16x larger (4 bfloat16 buffers: 1 GiB). Every chunk adds its weight gradient
 # [V, H] into the float32 accumulator: at 16384 x 4096 x 128256 and 64-row chunks that was 256 passes
-# over a 2 GiB accumulator plus a 1 GiB product each (~1.5 TB of traffic, most of the 773 ms measured
+# over a 2 GiB accumulator plus a 1 GiB product each (~1.6 TB of traffic, most of the 773 ms measured
 # on an H200, eager 133 ms; benchmarks/results/nvidia-h200/NOTES.md), and 64-row GEMMs are too
-# short for the tensor cores. 1024 rows there: 16 passes (~0.1 TB). Not yet measured on a GPU.
+# short for the tensor cores. 1040 rows there: 16 passes (~0.1 TB). Not yet measured on a GPU.
 CHUNK_ELEMENTS_CUDA = 1 << 27
 
 
