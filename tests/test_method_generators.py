@@ -275,6 +275,22 @@ def test_pool_statistics_values():
     assert st["intended_agreement"] == 0.75
     assert st["mean_intended_confidence"] == pytest.approx(0.65)
     assert st["mean_max_jaccard"] == pytest.approx(0.5)  # the two copies score 1, the others 0
+    assert st["top_opening_share"] == 0.5  # "a" opens two of the four rows
+    assert "names_label_share" not in st  # only with label_words
+
+
+def test_names_a_label_and_its_pool_share():
+    from fastkd.methods.t3 import names_a_label
+
+    words = ["negative", "neutral", "positive"]
+    assert names_a_label("Negative! Not how I wish to be remembered.", words)
+    assert names_a_label("so POSITIVELY great", words)  # a label word starting a word, any case
+    assert not names_a_label("a nonnegative integer", words)  # inside a word: not a name of the class
+    assert not names_a_label("what a dreadful day", words)
+    rows = [{"text": t} for t in ("Negative Tweet: the volume", "Excited to go", "excited: positive", "rain again")]
+    st = pool_statistics(rows, 3, label_words=words)
+    assert st["names_label_share"] == 0.5
+    assert st["top_opening_share"] == 0.5  # "excited" opens two rows (case and punctuation ignored)
 
 
 def test_t3_reward_saturates_and_rewards_the_missing_class(teacher_and_tok):
@@ -296,6 +312,27 @@ def test_t3_reward_saturates_and_rewards_the_missing_class(teacher_and_tok):
     # the negative text fills the class the pool lacks
     assert parts["balance"][1] > 0 > parts["balance"][0]
     assert reward[1] > reward[0]
+
+
+def test_t3_reward_takes_the_specificity_of_a_text_that_names_its_label(teacher_and_tok):
+    from fastkd.methods.t3 import T3, Rewriter
+
+    teacher, tok = teacher_and_tok
+    base = {"generator": _tiny.causal_lm_dir(), **_tiny.T3_OPTIONS, "div_weight": 0.0, "balance_weight": 0.0,
+            "label_words": "bad,good"}  # fmt: skip
+    texts = ["good great excellent wonderful film", "great excellent wonderful film"]
+    got = {}
+    for pen in (0.0, 0.75, 1.0):
+        opts = T3.parse_options({**base, "leak_penalty": pen})
+        rw = Rewriter(teacher, tok, opts, device=torch.device("cpu"), max_length=24)
+        _, parts = rw.rewards(texts, [1, 1])
+        assert parts["leaked"].tolist() == [True, False]
+        got[pen] = parts["specificity"].tolist()
+    assert got[0.0][0] > 0.5 and got[0.0][1] > 0.5  # the tiny teacher likes both
+    assert got[0.75][0] == pytest.approx(got[0.0][0] * 0.25) and got[1.0][0] == 0.0  # only the first names "good"
+    assert got[1.0][1] == pytest.approx(got[0.0][1])
+    with pytest.raises(ValueError, match="leak_penalty must be in"):
+        T3.parse_options({**base, "leak_penalty": 1.5})
 
 
 def test_t3_tune_step_reports_kl_to_the_reference(teacher_and_tok):

@@ -28,6 +28,13 @@ What is reconstruction
       batch) ``+ balance_weight * K * (1/K - share of the text's teacher label among recent texts)``
       (class balance over the pool) ``- kl_weight * KL`` to the reference (untuned) LM, estimated
       per token on the sample (the usual penalty that keeps a tuned LM fluent).
+    * ``leak_penalty`` (ours, default 1): a rewrite that names a class (a label word starts one of
+      its words, :func:`names_a_label`) loses that share of its specificity. Without it the tuned
+      generator learns that the cheapest way to make the teacher sure of "negative" is to write
+      the word: a tweets pool tuned for 48 updates at ``tune_lr`` 3e-4 named a class in 34% of its
+      rows ("Negative: ...", "Excited: Positive Sentence") and opened 23% of them with "Excited";
+      its students scored 54.0% on tweet dev against 61.2% for the untuned pool (5 seeds), with
+      negatives right falling from 49% to 32%: they learned the word, not the sentiment.
     * Variance: the baseline of a sample is the mean reward of the *other* samples with the same
       intended label (leave-one-out, grouped by prompt label), the advantage is divided by the
       batch's standard deviation. Batches of ``tune_batch`` rewrites.
@@ -76,6 +83,8 @@ What is reconstruction
 from __future__ import annotations
 
 import os
+import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
@@ -146,6 +155,9 @@ class T3Options(BalanceOptions):
         0.5, "reward weight of class balance (teacher labels under-represented in the pool memory)"
     )
     kl_weight: float = opt(0.05, "KL penalty to the reference (untuned) LM, per generated token, in the reward")
+    leak_penalty: float = opt(
+        1.0, "share of the specificity a rewrite loses when it names a class (a label word; 0: off; ours)"
+    )
     memory: int = opt(512, "recent generated texts that diversity and class balance are measured against")
 
     def check(self) -> None:
@@ -160,6 +172,8 @@ class T3Options(BalanceOptions):
             raise ValueError("refresh_every, tune_steps, tune_layers and memory must be >= 0")
         if not 0.0 < self.spec_cap <= 1.0 or min(self.kl_weight, self.balance_weight, self.div_weight) < 0:
             raise ValueError("spec_cap must be in (0, 1]; kl_weight, balance_weight and div_weight >= 0")
+        if not 0.0 <= self.leak_penalty <= 1.0:
+            raise ValueError(f"leak_penalty must be in [0, 1], got {self.leak_penalty}")
         if not 0.0 < self.top_p <= 1.0 or self.gen_temperature <= 0 or self.tune_lr <= 0:
             raise ValueError("top_p must be in (0, 1]; gen_temperature and tune_lr positive")
         if not 0.0 <= self.refresh_fraction <= 1.0:
@@ -218,12 +232,28 @@ def pool_diversity(texts: Sequence[str], memory: Sequence[set]) -> list[float]:
     return out
 
 
-def pool_statistics(rows: Sequence[dict], num_labels: int, sample: int = 300) -> dict[str, Any]:
+def names_a_label(text: str, label_words: Sequence[str]) -> bool:
+    """Whether ``text`` names a class: one of ``label_words`` (case-insensitive) starts a word of it.
+
+    A rewrite asked to be "negative" that says "Negative!" is read by the teacher through the word,
+    not the content: the specificity reward pays for the label word and the tuned generator learns to
+    write it (a 48-update tweets pool at tune_lr 3e-4 named a class in 34% of its rows).
+    """
+    low = text.lower()
+    return any(re.search(r"(?<!\w)" + re.escape(w.lower()), low) for w in label_words if w.strip())
+
+
+def pool_statistics(
+    rows: Sequence[dict], num_labels: int, sample: int = 300, label_words: Sequence[str] | None = None
+) -> dict[str, Any]:
     """What a generated pool looks like: size, distinct texts and bigrams, self-similarity, class balance.
 
     ``distinct_2`` is distinct word bigrams / all bigrams; ``mean_max_jaccard`` the mean over (a sample
     of) rows of the largest bigram Jaccard similarity to another row; ``label_shares`` the teacher's
-    labels; ``intended_agreement`` how often the teacher's label is the intended one.
+    labels; ``intended_agreement`` how often the teacher's label is the intended one;
+    ``top_opening_share`` the share of rows that open with the pool's most common first word (a
+    collapsed generator opens most rows alike); with ``label_words``, ``names_label_share`` the
+    share of rows that name a class (:func:`names_a_label`).
     """
     texts = [r["text"] for r in rows]
     grams = [_bigrams(t) for t in texts]
@@ -240,6 +270,10 @@ def pool_statistics(rows: Sequence[dict], num_labels: int, sample: int = 300) ->
     shares = [labels.count(k) / max(1, len(labels)) for k in range(num_labels)]
     agree = [int(r["label"]) == int(r["intended_label"]) for r in rows if r.get("intended_label") is not None]
     conf = [float(r["teacher_confidence"]) for r in rows if r.get("teacher_confidence") is not None]
+    openings = Counter(t.split()[0].lower().strip(".,:;!?'\"") for t in texts if t.split())
+    extra = {} if label_words is None else {
+        "names_label_share": sum(names_a_label(t, label_words) for t in texts) / max(1, len(texts))
+    }  # fmt: skip
     return {
         "rows": len(rows),
         "distinct_texts": len(set(texts)) / max(1, len(texts)),
@@ -249,6 +283,8 @@ def pool_statistics(rows: Sequence[dict], num_labels: int, sample: int = 300) ->
         "label_shares": [round(x, 4) for x in shares],
         "intended_agreement": sum(agree) / max(1, len(agree)),
         "mean_intended_confidence": sum(conf) / max(1, len(conf)),
+        "top_opening_share": (openings.most_common(1)[0][1] / len(texts)) if openings else 0.0,
+        **extra,
     }
 
 
@@ -412,13 +448,16 @@ class Rewriter:
         probs = self.teacher_probs(texts, pairs)
         p = probs.gather(1, y[:, None]).squeeze(1)
         spec = p.clamp(max=self.opt.spec_cap) / self.opt.spec_cap
+        leaked = torch.tensor([names_a_label(t, self.label_words) for t in texts], device=self.device)
+        spec = spec * (1.0 - self.opt.leak_penalty * leaked.float())
         div = torch.tensor(pool_diversity(texts, self.memory), device=self.device)
         k = self.num_labels
         seen = torch.bincount(torch.tensor(self.memory_labels + probs.argmax(-1).tolist()), minlength=k).float()
         share = (seen / seen.sum()).to(self.device)
         balance = (1.0 / k - share[probs.argmax(-1)]) * k  # > 0 for a class the pool lacks
         reward = self.opt.spec_weight * spec + self.opt.div_weight * div + self.opt.balance_weight * balance
-        return reward, {"specificity": spec, "p_intended": p, "diversity": div, "balance": balance, "probs": probs}
+        parts = {"specificity": spec, "p_intended": p, "diversity": div, "balance": balance, "leaked": leaked}
+        return reward, {**parts, "probs": probs}
 
     def tune_step(
         self, sources: Sequence[str], labels: Sequence[int], reduce: Callable[[list], None] | None = None,
@@ -466,6 +505,7 @@ class Rewriter:
             "t3_p_intended": float(parts["p_intended"].mean()),
             "t3_diversity": float(parts["diversity"].mean()),
             "t3_balance": float(parts["balance"].mean()),
+            "t3_leaked": float(parts["leaked"].float().mean()),
             "t3_kl_ref": float(kl.mean()),
             "t3_reward": float(total.mean()),
         }
@@ -759,7 +799,7 @@ def generate_dataset(
     rows = rewriter.generate(sources, labels, pairs)
     info.update(
         {
-            "tune_history": history, "pool": pool_statistics(rows, rewriter.num_labels),
+            "tune_history": history, "pool": pool_statistics(rows, rewriter.num_labels, label_words=rewriter.label_words),
             "load_s": round(t_load, 1), "tune_s": round(t_tune, 1),
             "generate_s": round(time.perf_counter() - t0 - t_load - t_tune, 1), "cached": False,
         }
