@@ -287,6 +287,8 @@ def test_names_a_label_and_its_pool_share():
     assert names_a_label("so POSITIVELY great", words)  # a label word starting a word, any case
     assert not names_a_label("a nonnegative integer", words)  # inside a word: not a name of the class
     assert not names_a_label("what a dreadful day", words)
+    assert not names_a_label("5 stars in 1999", ["1", "5"])  # star-rating labels: numbers are ordinary text
+    assert names_a_label("a 5-star hotel", ["1 star", "5-star"])
     rows = [{"text": t} for t in ("Negative Tweet: the volume", "Excited to go", "excited: positive", "rain again")]
     st = pool_statistics(rows, 3, label_words=words)
     assert st["names_label_share"] == 0.5
