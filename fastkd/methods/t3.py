@@ -236,9 +236,7 @@ def names_a_label(text: str, label_words: Sequence[str]) -> bool:
     """Whether ``text`` names a class: one of ``label_words`` (case-insensitive) starts a word of it.
     Label words without a letter ("1", "5") are not looked for: numbers are ordinary text.
 
-    A rewrite asked to be "negative" that says "Negative!" is read by the teacher through the word,
-    not the content: the specificity reward pays for the label word and the tuned generator learns to
-    write it (a 48-update tweets pool at tune_lr 3e-4 named a class in 34% of its rows).
+    The test behind ``leak_penalty`` (the module docstring says why it exists).
     """
     low = text.lower()
     words = [w.strip().lower() for w in label_words if any(c.isalpha() for c in w)]
