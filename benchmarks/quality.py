@@ -49,6 +49,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import textwrap
 import time
@@ -303,6 +304,17 @@ def score_rows(
     return 100.0 * sum(correct) / len(correct), agreement, "".join(map(str, correct))
 
 
+def per_class_accuracy(correct: str, labels: list[int]) -> list[float]:
+    """Accuracy % within each gold class (0, 1, ...) from a run's per-row correctness string."""
+    if len(correct) != len(labels):
+        raise ValueError(f"correct has {len(correct)} rows but labels has {len(labels)}: they must be one split")
+    hits, totals = [0] * (max(labels) + 1), [0] * (max(labels) + 1)
+    for c, y in zip(correct, labels):
+        hits[y] += c == "1"
+        totals[y] += 1
+    return [round(100.0 * h / t, 2) if t else float("nan") for h, t in zip(hits, totals)]
+
+
 def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) -> dict[str, Any]:
     from fastkd.assets import load_rows
     from fastkd.loop import DistillConfig, distill
@@ -343,6 +355,7 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
         rec[f"{split}_acc"], rec[f"{split}_agreement"] = acc, agreement
         if split == "test" or dev_only:
             rec[f"{split}_correct"] = correct  # per row, for paired comparisons and per-class accuracy
+            rec[f"{split}_per_class"] = per_class_accuracy(correct, [r["label"] for r in rows])
     if dev_only:
         rec["tag"] = tag
         rec["loop"] = loop_kw
@@ -585,6 +598,9 @@ def _pyplot() -> Any:
     return plt
 
 
+METHOD_COLORS = dict(zip(METHODS, ("#999999", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#9467bd", "#000000")))
+
+
 def plot(
     path: Path, runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]], main_cpu: str | None = None
 ) -> bool:
@@ -595,7 +611,7 @@ def plot(
         return False
     other_cpus = sorted({r["cpu"] for r in runs if r.get("cpu") and r["cpu"] != main_cpu})
     fig, axes = plt.subplots(1, len(TASKS), figsize=(6 * len(TASKS), 4.2), squeeze=False)
-    colors = dict(zip(METHODS, ("#999999", "#1f77b4", "#17becf", "#d62728", "#2ca02c", "#9467bd", "#000000")))
+    colors = METHOD_COLORS
     for ax, task in zip(axes[0], TASKS):
         for m in METHODS:
             rs = [r for r in runs if r["task"] == task and r["method"] == m]
@@ -774,6 +790,119 @@ def dev_table(dev_runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
+def _dev_setting(r: dict[str, Any]) -> str:
+    """What a dev run ran with apart from its steps and the pool's file: the fastkd method, its options (as
+    text: ``-O`` gives strings, the benchmark's own options are typed), loop settings and t3 pool."""
+    given = {k: str(v) for k, v in {**r.get("options", {}), **r.get("loop", {})}.items()
+             if k not in ("pool_file", "pool_size")}  # fmt: skip
+    if r.get("t3_pool"):
+        given["t3_pool"] = json.dumps(r["t3_pool"], sort_keys=True)
+    return json.dumps([fastkd_method(r["method"]), given], sort_keys=True)
+
+
+def _first_per_seed(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """One record per seed (the first): reruns of a setting under other tags are the same run."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in runs:
+        out.setdefault(r["seed"], r)
+    return out
+
+
+def dev_summary(dev_runs: list[dict[str, Any]]) -> list[str]:
+    """One line per dev sweep point (task, method, tag), in the order they ran: steps, seeds, mean dev accuracy
+    with the per-seed values, accuracy within each gold class (``dev_per_class``), agreement with the teacher,
+    and the paired difference to plain ``ood`` (no options) at the same steps over the seeds both have."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in dev_runs:
+        groups.setdefault((r["task"], r["method"], r.get("tag", "")), []).append(r)
+    ood: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    for r in dev_runs:
+        if r["method"] == "ood" and not r.get("options") and not r.get("loop"):
+            ood.setdefault((r["task"], r["steps"]), {}).setdefault(r["seed"], r)
+    out = ["| task | method | tag | steps | seeds | dev % (per seed) | per class right | agreement | vs `ood`, paired |",
+           "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for (task, method, tag), rs in groups.items():
+        by_seed = _first_per_seed(rs)
+        seeds = sorted(by_seed)
+        accs = [by_seed[s]["dev_acc"] for s in seeds]
+        steps = sorted({r["steps"] for r in rs})
+        pcs = [by_seed[s]["dev_per_class"] for s in seeds if by_seed[s].get("dev_per_class")]
+        per_class = (" / ".join(f"{statistics.mean(c):.1f}" for c in zip(*pcs)) if len(pcs) == len(seeds) else "–")
+        agree = statistics.mean(by_seed[s].get("dev_agreement", float("nan")) for s in seeds)
+        base = ood.get((task, steps[0]), {}) if len(steps) == 1 else {}
+        common = [s for s in seeds if s in base]
+        if common and not (method == "ood" and not json.loads(_dev_setting(rs[0]))[1]):
+            diffs = [by_seed[s]["dev_acc"] - base[s]["dev_acc"] for s in common]
+            ahead = sum(d > 0 for d in diffs)
+            vs = f"{statistics.mean(diffs):+.1f} ({ahead} of {len(common)} ahead)"
+        else:
+            vs = ""
+        each = ", ".join(f"{a:.1f}" for a in accs)
+        out.append(f"| {task} | {method} | {tag} | {'/'.join(map(str, steps))} | {len(seeds)} | "
+                   f"{statistics.mean(accs):.1f} ({each}) | {per_class} | {agree:.1f} | {vs} |")  # fmt: skip
+    return out
+
+
+def budget_series(dev_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Dev settings run at more than one step count: per series the task, method, a label (the tag of its
+    longest run), and per step count the mean dev accuracy over the seeds every step count has."""
+    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    for r in dev_runs:
+        groups.setdefault((r["task"], _dev_setting(r)), []).append(r)
+    series = []
+    for (task, _), rs in groups.items():
+        by_steps: dict[int, dict[int, dict[str, Any]]] = {}
+        for r in rs:  # the latest record of a seed: the same setting run again runs the current code
+            by_steps.setdefault(r["steps"], {})[r["seed"]] = r
+        if len(by_steps) < 2:
+            continue
+        common = sorted(set.intersection(*(set(v) for v in by_steps.values())))
+        if not common:
+            continue
+        steps = sorted(by_steps)
+        longest = by_steps[steps[-1]][common[0]]
+        method = longest["method"]
+        series.append({
+            "task": task, "method": method, "label": f"{method} ({longest.get('tag', '')})", "seeds": common,
+            "steps": steps, "mean": [statistics.mean(by_steps[n][s]["dev_acc"] for s in common) for n in steps],
+            "per_seed": [[by_steps[n][s]["dev_acc"] for s in common] for n in steps],
+        })  # fmt: skip
+    return series
+
+
+def plot_budget(path: Path, dev_runs: list[dict[str, Any]]) -> bool:
+    """Dev accuracy against training steps for each setting run at several budgets (``budget_series``): the
+    mean over the seeds all its budgets share, and each seed as a dot. False if there is none to draw."""
+    plt = _pyplot()
+    series = budget_series(dev_runs)
+    if plt is None or not series:
+        return False
+    tasks = [t for t in TASKS if any(s["task"] == t for s in series)]
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4.2), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        drawn: dict[str, int] = {}  # a method's second setting on a task gets another line style
+        for s in (s for s in series if s["task"] == task):
+            style = ("-", "--", ":", "-.")[drawn.get(s["method"], 0) % 4]
+            drawn[s["method"]] = drawn.get(s["method"], 0) + 1
+            color = METHOD_COLORS.get(s["method"], "#444444")
+            ax.plot(s["steps"], s["mean"], marker="o", ls=style, color=color,
+                    label=f"{s['label']}, {len(s['seeds'])} seeds")  # fmt: skip
+            for n, accs in zip(s["steps"], s["per_seed"]):
+                ax.scatter([n] * len(accs), accs, s=9, color=color, alpha=0.5)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(sorted({n for s in series if s["task"] == task for n in s["steps"]}))
+        ax.get_xaxis().set_major_formatter(plt.matplotlib.ticker.ScalarFormatter())
+        ax.set_title(f"{task}: dev accuracy against the budget")
+        ax.set_xlabel(f"training steps of {BUDGET['batch_size']} rows")
+        ax.set_ylabel("dev accuracy (%)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
 def update_readme(path: Path, rows: list[dict[str, Any]]) -> bool:
     """Replace the quality table between the README markers with the one from ``rows``."""
     text = path.read_text(encoding="utf-8")
@@ -943,7 +1072,13 @@ def report(work: Path | list[Path], results: Path) -> list[dict[str, Any]]:
     md += holdout_lines(works, results)
     md += ["", "## Evidence", *evidence_lines(runs, meta)]
     if dev_runs:
-        md += ["", "## Dev runs (the settings were chosen on these; `dev_runs.jsonl`)", "", *dev_table(dev_runs)]
+        md += ["", "## Dev sweep points (the settings were chosen on these; `dev_runs.jsonl`)", "",
+               "Per class: accuracy within each gold class (" + "; ".join(
+                   f"{t}: {TASK_WORDS[t]['label_words'].replace(',', ' / ')}" for t in TASKS) + ").", "",
+               *dev_summary(dev_runs)]  # fmt: skip
+        if plot_budget(results / "budget.png", dev_runs):
+            md += ["", "Settings run at more than one budget: `budget.png`.", ""]
+        md += ["", "## Dev runs, one line each", "", *dev_table(dev_runs)]
     (results / "quality.md").write_text("\n".join(md) + "\n")
     return rows
 

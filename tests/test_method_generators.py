@@ -398,6 +398,41 @@ def test_quality_summary_columns_and_goals(tmp_path):
     assert "every seed method >= 75% of the teacher: NOT MET (t3)" in text
 
 
+def test_quality_dev_summary_pairs_with_ood_and_the_budget_plot_joins_budgets(tmp_path):
+    """Dev sweep points: per-class accuracy from the per-row record, the paired difference to plain ood at
+    the same steps, and a setting run at two budgets (one record given -O strings, one typed) is one series
+    over the seeds both budgets have."""
+    from benchmarks import quality as Q
+
+    labels = [0, 0, 1, 1, 2]
+    assert Q.per_class_accuracy("10110", labels) == [50.0, 100.0, 0.0]
+    with pytest.raises(ValueError, match="correct has 4 rows but labels has 5"):
+        Q.per_class_accuracy("1011", labels)
+
+    def rec(method, tag, seed, steps, acc, options=None):
+        return {"task": "tweets", "method": method, "tag": tag, "seed": seed, "steps": steps, "dev_acc": acc,
+                "dev_agreement": acc + 5, "options": options or {}, "loop": {}, "wall_s": 1.0,
+                "dev_per_class": [acc - 10, acc, acc + 10]}  # fmt: skip
+
+    runs = [rec("ood", "a", s, 400, 55.0 + s) for s in range(3)]
+    runs += [rec("ood", "b", s, 1600, 62.0 + s) for s in range(2)]
+    runs += [rec("t3", "c", s, 400, 60.0 + 2 * s) for s in range(3)]
+    runs += [rec("ood", "d", s, 400, 66.0, {"balance": "32768"}) for s in range(3)]
+    runs += [rec("ood-balanced", "e", s, 1600, 67.0, {"balance": 32768}) for s in (1, 2)]
+    lines = Q.dev_summary(runs)
+    by_tag = {line.split(" | ")[2]: line for line in lines[2:]}
+    assert "| 400 | 3 | 56.0 (55.0, 56.0, 57.0) | 46.0 / 56.0 / 66.0 | 61.0 |  |" in by_tag["a"]
+    assert by_tag["c"].endswith("| +6.0 (3 of 3 ahead) |")  # 60-55, 62-56, 64-57
+    assert by_tag["e"].endswith("| +4.0 (1 of 1 ahead) |")  # the 1,600-step ood runs share seed 1 only: 67-63
+    series = {s["label"]: s for s in Q.budget_series(runs)}
+    assert set(series) == {"ood (b)", "ood-balanced (e)"}  # t3 ran at one budget only
+    assert series["ood (b)"]["seeds"] == [0, 1] and series["ood (b)"]["mean"] == [55.5, 62.5]
+    assert series["ood-balanced (e)"]["steps"] == [400, 1600] and series["ood-balanced (e)"]["seeds"] == [1, 2]
+    if Q._pyplot() is not None:
+        assert Q.plot_budget(tmp_path / "budget.png", runs) and (tmp_path / "budget.png").stat().st_size > 0
+    assert not Q.plot_budget(tmp_path / "none.png", runs[:3])
+
+
 def test_quality_option_overrides_need_a_dev_run(tmp_path, capsys):
     """-O changes a method's settings, which are chosen on dev: without --dev it is refused, and a
     malformed one names what was expected."""
