@@ -510,6 +510,15 @@ def paired_lines(runs: list[dict[str, Any]]) -> list[str]:
 
 
 def summarise(runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows (``COLUMNS``) from the test runs; a task whose runs were trained for different
+    numbers of steps is refused: its deltas would compare budgets, not methods."""
+    for task in TASKS:
+        steps = sorted({r["steps"] for r in runs if r["task"] == task and r.get("steps") is not None})
+        if len(steps) > 1:
+            raise ValueError(
+                f"runs: the {task} runs mix budgets ({', '.join(map(str, steps))} steps); one table compares "
+                "methods at one budget: move the other runs out of runs.jsonl"
+            )
     out = []
     for task in TASKS:
         t_acc = teachers.get(task, {}).get("test_acc")

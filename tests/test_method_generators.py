@@ -396,6 +396,9 @@ def test_quality_summary_columns_and_goals(tmp_path):
     assert "movie_reviews: zskd beats ood with a 95% interval above zero: MET" in text
     assert "movie_reviews: t3 beats ood with a 95% interval above zero: NOT MET" in text
     assert "every seed method >= 75% of the teacher: NOT MET (t3)" in text
+    runs[0]["steps"], runs[1]["steps"] = 400, 1600  # a table that mixes budgets compares budgets, not methods
+    with pytest.raises(ValueError, match=r"the movie_reviews runs mix budgets \(400, 1600 steps\)"):
+        Q.summarise(runs, {})
 
 
 def test_quality_dev_summary_pairs_with_ood_and_the_budget_plot_joins_budgets(tmp_path):
