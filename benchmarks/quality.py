@@ -855,7 +855,7 @@ def dev_summary(dev_runs: list[dict[str, Any]]) -> list[str]:
 def budget_series(dev_runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Dev settings run at more than one step count: per series the task, method, a label (the tag of its
     longest run), and per step count the mean dev accuracy over the seeds every step count has."""
-    groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in dev_runs:
         groups.setdefault((r["task"], _dev_setting(r)), []).append(r)
     series = []
