@@ -809,6 +809,11 @@ def _dev_setting(r: dict[str, Any]) -> str:
     return json.dumps([fastkd_method(r["method"]), given], sort_keys=True)
 
 
+def _plain_ood(r: dict[str, Any]) -> bool:
+    """A dev run of the baseline itself: ``ood`` with neither method options nor loop settings."""
+    return r["method"] == "ood" and not r.get("options") and not r.get("loop")
+
+
 def _first_per_seed(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
     """One record per seed (the first): reruns of a setting under other tags are the same run."""
     out: dict[int, dict[str, Any]] = {}
@@ -826,7 +831,7 @@ def dev_summary(dev_runs: list[dict[str, Any]]) -> list[str]:
         groups.setdefault((r["task"], r["method"], r.get("tag", "")), []).append(r)
     ood: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
     for r in dev_runs:
-        if r["method"] == "ood" and not r.get("options") and not r.get("loop"):
+        if _plain_ood(r):
             ood.setdefault((r["task"], r["steps"]), {}).setdefault(r["seed"], r)
     out = ["| task | method | tag | steps | seeds | dev % (per seed) | per class right | agreement | vs `ood`, paired |",
            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -840,7 +845,7 @@ def dev_summary(dev_runs: list[dict[str, Any]]) -> list[str]:
         agree = statistics.mean(by_seed[s].get("dev_agreement", float("nan")) for s in seeds)
         base = ood.get((task, steps[0]), {}) if len(steps) == 1 else {}
         common = [s for s in seeds if s in base]
-        if common and not (method == "ood" and not json.loads(_dev_setting(rs[0]))[1]):
+        if common and not _plain_ood(rs[0]):
             diffs = [by_seed[s]["dev_acc"] - base[s]["dev_acc"] for s in common]
             ahead = sum(d > 0 for d in diffs)
             vs = f"{statistics.mean(diffs):+.1f} ({ahead} of {len(common)} ahead)"
