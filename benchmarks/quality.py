@@ -194,7 +194,7 @@ def ood_corpus(name: str, got: Any) -> str:
         return parts[0]
     joined = Path(parts[0]).with_name(name.replace("+", "_") + ".txt")
     if not joined.is_file():
-        tmp = joined.with_suffix(".tmp")
+        tmp = joined.with_suffix(f".{os.getpid()}.tmp")  # two benchmark processes may join it at once
         tmp.write_text("".join(Path(p).read_text(encoding="utf-8") for p in parts), encoding="utf-8")
         tmp.replace(joined)
     return str(joined)
