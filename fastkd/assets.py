@@ -515,7 +515,9 @@ def _tweet_order(rows: Sequence[dict], seed: int) -> list[dict]:
     return sorted(rows, key=lambda r: hashlib.sha256(f"{seed}:{r['id']}".encode()).hexdigest())
 
 
-def split_tweets(rows: Sequence[dict], seed: int = SPLIT_SEED, sizes: dict[str, int] | None = None) -> dict[str, list[dict]]:
+def split_tweets(
+    rows: Sequence[dict], seed: int = SPLIT_SEED, sizes: dict[str, int] | None = None
+) -> dict[str, list[dict]]:
     """A fixed split of fixed sizes: rows ordered by ``sha256(f"{seed}:{id}")``, then test, dev, train.
 
     Test and dev come first so that a bigger ``train`` size never changes them.
@@ -819,27 +821,23 @@ def _source_loaders(assets: Assets | None) -> dict[str, Callable[[str | None], l
         )
         return load_rows(got.split_path(split or "train"))
 
-    def wordnet(split: str | None = None) -> list[str]:
-        if split:
-            raise ValueError(f"the wordnet source has no splits, got {split!r}")
-        got = assets if assets is not None and assets.wordnet_path else prepare(assets=["wordnet"], register=False)
-        assert got.wordnet_path is not None
-        return load_sentences(got.wordnet_path)
+    def corpus(name: str) -> Callable[[str | None], list]:  # a sentence corpus: wordnet, austen
+        def load(split: str | None = None) -> list[str]:
+            if split:
+                raise ValueError(f"the {name} source has no splits, got {split!r}")
+            path = getattr(assets, f"{name}_path", None) or getattr(
+                prepare(assets=[name], register=False), f"{name}_path"
+            )
+            return load_sentences(path)
 
-    def austen(split: str | None = None) -> list[str]:
-        if split:
-            raise ValueError(f"the austen source has no splits, got {split!r}")
-        got = assets if assets is not None and assets.austen_path else prepare(assets=["austen"], register=False)
-        assert got.austen_path is not None
-        return load_sentences(got.austen_path)
+        return load
 
     loaders: dict[str, Callable[[str | None], list]] = {}
     if assets is None or assets.movie_reviews_dir is not None:
         loaders["movie_reviews"] = movie_reviews
-    if assets is None or assets.wordnet_path is not None:
-        loaders["wordnet"] = wordnet
-    if assets is None or assets.austen_path is not None:
-        loaders["austen"] = austen
+    for name in ("wordnet", "austen"):
+        if assets is None or getattr(assets, f"{name}_path") is not None:
+            loaders[name] = corpus(name)
     return loaders
 
 
