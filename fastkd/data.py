@@ -12,7 +12,7 @@
   reads several splits of one task and maps names to ids in sorted order (stable); a teacher keeps
   that mapping as ``config.label2id`` and every later read maps names through it.
 * Named sources: :func:`register_source` maps a name to a loader; ``"name:split"`` passes the
-  split to the loader. fastkd's offline corpora (``wordnet``, ``movie_reviews``, ...) are
+  split to the loader. fastkd's offline corpora (``wordnet``, ``austen``, ``movie_reviews``, ...) are
   registered by :func:`fastkd.assets.register_sources` (the command line and :func:`fastkd.distill`
   call it); this module imports nothing else of fastkd's but :mod:`fastkd.errors`.
 
