@@ -773,7 +773,7 @@ def test_quality_t3_pool_settings_per_task():
 
     for task in ("movie_reviews", "tweets"):
         got = Q.t3_pool_settings(task)
-        assert (got["num_rows"], got["gen_batch"], got["gen_dtype"]) == (4096, 64, "bfloat16")
+        assert (got["num_rows"], got["gen_batch"], got["gen_dtype"]) == (4096, 64, "float32")
         assert got["tune_steps"] == Q.T3_POOL["tune_steps"] == 8
     assert Q.T3_POOL["num_rows"] == 512 and Q.T3_POOL["gen_batch"] == 16 and "gen_dtype" not in Q.T3_POOL
     for task in Q.TASKS:

@@ -47,7 +47,8 @@ What is reconstruction
     * Cost: only the top ``tune_layers`` blocks of the generator are tuned (all when 0); generation
       is batched (``gen_batch``) with the KV cache and bounded (``max_new_tokens``, prompts cut to
       ``source_max_words``); ``gen_dtype=bfloat16`` samples under a bfloat16 autocast (1.4x the rows
-      per second of float32 on a 2-core Zen 4 with bf16 units, batches of 64), while the REINFORCE
+      per second of float32 on a 2-core Zen 4 with bf16 units, batches of 64; on an AVX2-only Zen 3
+      without them 0.17x: keep float32 there), while the REINFORCE
       log-probabilities of the sampled tokens are computed as before (under the run's own autocast,
       float32 on CPU), so the update is very slightly off-policy (the sample came from the bfloat16
       distribution). The pool is best generated once (``fastkd generate``, or
