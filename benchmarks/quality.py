@@ -537,19 +537,16 @@ def paired_lines(runs: list[dict[str, Any]]) -> list[str]:
 def summarise(runs: list[dict[str, Any]], teachers: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """The table's rows (``COLUMNS``) from the test runs; a task whose runs were trained for different
     numbers of steps is refused: its deltas would compare budgets, not methods."""
+    checks = (("budgets", "at one budget", lambda r: r.get("steps"), " steps"),
+              ("OOD corpora", "on one corpus", ood_of, ""))  # fmt: skip
     for task in TASKS:
-        steps = sorted({r["steps"] for r in runs if r["task"] == task and r.get("steps") is not None})
-        if len(steps) > 1:
-            raise ValueError(
-                f"runs: the {task} runs mix budgets ({', '.join(map(str, steps))} steps); one table compares "
-                "methods at one budget: move the other runs out of runs.jsonl"
-            )
-        corpora = sorted({ood_of(r) for r in runs if r["task"] == task})
-        if len(corpora) > 1:
-            raise ValueError(
-                f"runs: the {task} runs mix OOD corpora ({', '.join(corpora)}); one table compares methods on "
-                "one corpus: move the other runs out of runs.jsonl"
-            )
+        for what, one, value, unit in checks:
+            seen = sorted({value(r) for r in runs if r["task"] == task} - {None})
+            if len(seen) > 1:
+                raise ValueError(
+                    f"runs: the {task} runs mix {what} ({', '.join(map(str, seen))}{unit}); one table compares "
+                    f"methods {one}: move the other runs out of runs.jsonl"
+                )
     out = []
     for task in TASKS:
         t_acc = teachers.get(task, {}).get("test_acc")
