@@ -939,7 +939,7 @@ def plot_budget(path: Path, dev_runs: list[dict[str, Any]]) -> bool:
             drawn[s["method"]] = drawn.get(s["method"], 0) + 1
             color = METHOD_COLORS.get(s["method"], "#444444")
             ax.plot(s["steps"], s["mean"], marker="o", ls=style, color=color,
-                    label=f"{s['label']}, {len(s['seeds'])} seeds")  # fmt: skip
+                    label=f"{s['label']}, {len(s['seeds'])} seed{'s' if len(s['seeds']) != 1 else ''}")  # fmt: skip
             for n, accs in zip(s["steps"], s["per_seed"]):
                 ax.scatter([n] * len(accs), accs, s=9, color=color, alpha=0.5)
         ax.set_xscale("log", base=2)

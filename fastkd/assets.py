@@ -693,6 +693,28 @@ def _wordnet_dir(cache: Path, progress: bool) -> Path:
     return _deb_dir(cache, WORDNET_DEB, "wordnet", WORDNET_FILES, "the WordNet glosses", hint, progress)
 
 
+def _write_sentences(
+    out: Path, count_path: Path, sentences: Iterable[str], name: str, empty: str, progress: bool
+) -> tuple[Path, int]:
+    """Write ``sentences`` to ``out`` one per line, the first of each repeat only (atomically), and their count
+    to ``count_path``; AssetError(``empty``) if there is none."""
+    seen: set[str] = set()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for sentence in sentences:
+            if sentence not in seen:
+                seen.add(sentence)
+                f.write(sentence + "\n")
+    if not seen:
+        tmp.unlink()
+        raise AssetError(empty)
+    tmp.replace(out)
+    count_path.write_text(str(len(seen)))
+    _log(progress, f"{name}: {len(seen)} sentences in {out}")
+    return out, len(seen)
+
+
 def prepare_wordnet(cache: Path, progress: bool = True) -> tuple[Path, int]:
     """WordNet glosses and examples as one sentence per line (deduplicated, in file order)."""
     out = cache / "data" / "wordnet.txt"
@@ -700,22 +722,15 @@ def prepare_wordnet(cache: Path, progress: bool = True) -> tuple[Path, int]:
     if out.is_file() and count_path.is_file():
         return out, int(count_path.read_text())
     src = _wordnet_dir(cache, progress)
-    seen: set[str] = set()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
+
+    def sentences() -> Iterator[str]:
         for name in WORDNET_FILES:
             with open(src / name, encoding="utf-8", errors="replace") as lines:
-                for sentence in parse_wordnet(lines):
-                    if sentence not in seen:
-                        seen.add(sentence)
-                        f.write(sentence + "\n")
-    if not seen:
-        raise AssetError(f"no gloss found in {src}/{{{','.join(WORDNET_FILES)}}}")
-    tmp.replace(out)
-    count_path.write_text(str(len(seen)))
-    _log(progress, f"wordnet: {len(seen)} sentences in {out}")
-    return out, len(seen)
+                yield from parse_wordnet(lines)
+
+    return _write_sentences(
+        out, count_path, sentences(), "wordnet", f"no gloss found in {src}/{{{','.join(WORDNET_FILES)}}}", progress
+    )
 
 
 def prepare_austen(cache: Path, progress: bool = True) -> tuple[Path, int]:
@@ -735,19 +750,10 @@ def prepare_austen(cache: Path, progress: bool = True) -> tuple[Path, int]:
         novels = read_lazyload((src / "Rdata.rdx").read_bytes(), (src / "Rdata.rdb").read_bytes(), list(AUSTEN_NOVELS))
     except (ValueError, KeyError, zlib.error) as exc:
         raise AssetError(f"cannot read the novels from {src}/Rdata.rd[xb]: {exc}. " + hint) from exc
-    seen: set[str] = set()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for name in AUSTEN_NOVELS:
-            for sentence in parse_austen(line or "" for line in novels[name]):
-                if sentence not in seen:
-                    seen.add(sentence)
-                    f.write(sentence + "\n")
-    tmp.replace(out)
-    count_path.write_text(str(len(seen)))
-    _log(progress, f"austen: {len(seen)} sentences in {out}")
-    return out, len(seen)
+    sentences = (s for name in AUSTEN_NOVELS for s in parse_austen(line or "" for line in novels[name]))
+    return _write_sentences(
+        out, count_path, sentences, "austen", f"no sentence found in {src}/Rdata.rdb. " + hint, progress
+    )
 
 
 def prepare(
