@@ -805,7 +805,9 @@ def prepare(
     previous = json.loads(manifest.read_text()) if manifest.is_file() else {}
     merged = {**previous, **{k: v for k, v in asdict(result).items() if v not in (None, {})}}
     merged["counts"] = {**previous.get("counts", {}), **result.counts}
-    manifest.write_text(json.dumps(merged, indent=1))
+    tmp = manifest.with_name(f"{manifest.name}.{os.getpid()}.tmp")  # atomic: a process preparing beside this
+    tmp.write_text(json.dumps(merged, indent=1))  # one never reads a half-written manifest
+    tmp.replace(manifest)
     if register:
         register_sources(result)
     return result

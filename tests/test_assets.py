@@ -338,3 +338,22 @@ def test_movie_holdout_reads_the_amazon_file_of_the_same_archive(tmp_path, monke
     amazon = "a_1\tx\tbroken\n"
     with pytest.raises(A.AssetError, match=r"amazonReviewSnippets_GroundTruth.txt line 1: valence 'x'"):
         A.movie_holdout_path(tmp_path / "other", progress=False)
+
+
+def test_the_manifest_is_replaced_whole_never_written_in_place(fake, tmp_path, monkeypatch):
+    """Two processes preparing at once (the quality benchmark's two tasks) must never read a half-written
+    assets.json: it is written to a per-process temporary file and renamed over the old one."""
+    cache = tmp_path / "cache"
+    A.prepare(cache, assets=["wordnet"], register=False)
+    written: list[str] = []
+    real_write = Path.write_text
+
+    def spy(self, *args, **kwargs):
+        written.append(self.name)
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", spy)
+    A.prepare(cache, assets=["wordnet", "austen"], register=False)
+    assert "assets.json" not in written and any(n.startswith("assets.json.") for n in written)
+    assert json.loads((cache / "assets.json").read_text())["counts"] == {"wordnet": 5, "austen": 2}
+    assert not list(cache.glob("assets.json.*"))  # no temporary file left behind
