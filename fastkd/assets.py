@@ -700,7 +700,7 @@ def _write_sentences(
     to ``count_path``; AssetError(``empty``) if there is none."""
     seen: set[str] = set()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
+    tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # per process, like the manifest's
     with open(tmp, "w", encoding="utf-8") as f:
         for sentence in sentences:
             if sentence not in seen:
