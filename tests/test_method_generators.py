@@ -187,6 +187,35 @@ def _asdfd(teacher, tok, **opts):
     return method
 
 
+def test_asdfd_text_weight_adds_the_ood_methods_rows_as_a_view(teacher_and_tok):
+    from fastkd.methods.base import StepInfo
+
+    teacher, tok = teacher_and_tok
+    plain = _asdfd(teacher, tok, construct_steps=1)
+    mixed = _asdfd(teacher, tok, construct_steps=1, text_weight=0.5)
+    ood = get_method("ood")(mixed.ctx, get_method("ood").parse_options({}))
+    ood.setup()
+
+    def info(offset):
+        g = torch.Generator().manual_seed(5)
+        return StepInfo(step=0, micro=0, rank=0, world=1, batch_size=8, offset=offset, generator=g)
+
+    for offset in (0, 8, 40):
+        text, pseudo = mixed.batch(info(offset))
+        (want,) = ood.batch(info(offset))
+        assert (text.name, text.weight) == ("ood", 0.5)
+        assert torch.equal(text.input_ids, want.input_ids) and torch.equal(text.attention_mask, want.attention_mask)
+        assert text.teacher_embeds is None and pseudo.teacher_embeds is not None
+        # the pseudo view is what asdfd makes without the text view (same draws)
+        (alone,) = plain.batch(info(offset))
+        torch.testing.assert_close(pseudo.teacher_embeds, alone.teacher_embeds)
+    with pytest.raises(ValueError, match="text_weight must be >= 0"):
+        get_method("asdfd").parse_options({"text_weight": -1})
+    with pytest.raises(ValueError, match="text_weight > 0 needs out-of-domain text"):
+        cls = get_method("asdfd")
+        cls(_ctx(teacher, tok, ood_texts=None), cls.parse_options({"text_weight": 1.0})).setup()
+
+
 def test_nearest_words_is_the_brute_force_nearest(teacher_and_tok):
     teacher, tok = teacher_and_tok
     method = _asdfd(teacher, tok)
@@ -722,6 +751,35 @@ def test_zskd_adv_balance_weights_the_adversarial_kd_term(teacher_and_tok, mode)
     torch.testing.assert_close(loss.detach(), want, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(parts["kd_adversarial"], rows.mean(), rtol=1e-5, atol=1e-7)  # logged: plain mean
     assert not torch.allclose(w, torch.ones_like(w))  # the weights do something here
+
+
+def test_zskd_adv_candidates_keep_the_most_divergent_refill_per_row(teacher_and_tok):
+    teacher, tok = teacher_and_tok
+    cls = get_method("zskd")
+    opts = {"pretrain_steps": 5, "generator_cache": "none", "min_gen_lift": 0, "mask_prob": 0.5}
+    one = cls(_ctx(teacher, tok), cls.parse_options(opts))
+    one.setup()
+    four = cls(one.ctx, cls.parse_options({**opts, "adv_candidates": 4}))
+    four.setup()
+    view = one.ctx.encode_texts(one.ctx.ood_texts[:16])
+    # the same draws: four's candidates are what four successive single refills give
+    g1, g4 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    cands = [one._token_adversary(view, g1).input_ids for _ in range(4)]
+    chosen = four._token_adversary(view, g4).input_ids
+    div = four.row_divergence(view, cands)  # [4, 16]
+    assert div.shape == (4, 16)
+    best = div.argmax(0)
+    for r in range(16):
+        assert torch.equal(chosen[r], cands[int(best[r])][r])
+    assert len({int(b) for b in best}) > 1  # rows pick different candidates: per row, not per batch
+    # the kept rows are at least as divergent as any single candidate's, and more than the first's on average
+    kept = four.row_divergence(view, [chosen])[0]
+    torch.testing.assert_close(kept, div.max(0).values, rtol=1e-4, atol=1e-6)
+    assert kept.mean() > div[0].mean()
+    # the student's train/eval mode is restored after the scoring passes
+    assert one.ctx.student.training
+    with pytest.raises(ValueError, match="adv_candidates must be >= 1"):
+        cls.parse_options({"adv_candidates": 0})
 
 
 def test_zskd_adv_balance_option_errors(teacher_and_tok):

@@ -91,7 +91,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import fastkd
-from fastkd.methods.base import Method, StepInfo, TextSampler, View, opt
+from fastkd.methods.base import Method, StepInfo, TextSampler, View, ood_sampler, opt
 
 ROTATIONS = 4
 
@@ -147,6 +147,9 @@ class ASDFD(Method):
         visible_start: bool = opt(
             False, "start rows in the part of the embedding space a narrower student sees (project the start)"
         )
+        text_weight: float = opt(
+            0.0, "weight of a KD view of plain OOD sentences (the ood method's rows) in every batch (ours; 0 = off)"
+        )
         start: str = opt(
             "auto", "where new rows start: text (the words of OOD sentences), words (random words), auto (text "
             "when OOD text is given, else words)"
@@ -169,6 +172,8 @@ class ASDFD(Method):
                 raise ValueError(f"start must be one of auto, text, words; got {self.start!r}")
             if not 0.0 <= self.snap <= 1.0 or self.prior_weight < 0 or self.div_weight < 0 or self.ss_weight < 0:
                 raise ValueError("snap must be in [0, 1]; prior_weight, div_weight and ss_weight >= 0")
+            if self.text_weight < 0:
+                raise ValueError(f"text_weight must be >= 0, got {self.text_weight}")
 
     def setup(self) -> None:
         ctx = self.ctx
@@ -212,6 +217,10 @@ class ASDFD(Method):
             raise ValueError("asdfd start=text needs out-of-domain text: give --ood (or use start=words)")
         self.text_start = start == "text" or (start == "auto" and bool(ctx.ood_texts))
         self.sampler = TextSampler(ctx.ood_texts, ctx.seed + 17, False) if self.text_start else None
+        if self.opt.text_weight > 0 and not ctx.ood_texts:
+            raise ValueError("asdfd text_weight > 0 needs out-of-domain text: give --ood (or use text_weight=0)")
+        # text_weight: the ood method's own rows (same stream, same offsets), as a second view
+        self.text_rows = ood_sampler(ctx, 0) if self.opt.text_weight > 0 else None
 
     # ---- views -------------------------------------------------------------------------------------
     def _layout(self, b: int) -> tuple[Tensor, Tensor, Tensor | None]:
@@ -461,7 +470,12 @@ class ASDFD(Method):
         view.extras["z"] = z
         view.extras["lens"] = lens
         view.extras["rotation"] = torch.randint(ROTATIONS, (b,), generator=g).to(self.ctx.device)
-        return [view]
+        if self.text_rows is None:
+            return [view]
+        texts, pairs = self.text_rows.rows(info.offset, b)
+        text = self.ctx.encode_texts(texts, pairs)
+        text.name, text.weight = "ood", self.opt.text_weight
+        return [text, view]
 
     # ---- the student's self-supervised term -------------------------------------------------------
     def student_loss(self, view: View, student_out: Any, teacher_out: Any) -> Tensor | None:

@@ -262,6 +262,9 @@ class ZeroShotKD(Method):
         embed_norm: str = opt("l2", "step normalisation of embedding_ascent_: l2, linf, sign, none")
         ood_weight: float = opt(1.0, "weight of the KD loss on the clean OOD batch")
         adv_weight: float = opt(1.0, "weight of the KD loss on the adversarial batch")
+        adv_candidates: int = opt(
+            1, "mlm: refills drawn per row; the student trains on the one the teacher and student disagree on most"
+        )
         adv_balance: str = opt(
             "none",
             "reweight adversarial rows so the teacher's class mass on them matches: none, uniform, or clean "
@@ -279,6 +282,8 @@ class ZeroShotKD(Method):
                 raise ValueError("gumbel_tau, gen_lr and embed_radius must be positive")
             if min(self.gen_steps, self.gen_every, self.gen_batch, self.embed_steps, self.pretrain_steps) < 0:
                 raise ValueError("gen_steps, gen_every, gen_batch, embed_steps and pretrain_steps must be >= 0")
+            if self.adv_candidates < 1:
+                raise ValueError(f"zskd adv_candidates must be >= 1, got {self.adv_candidates}")
             if self.adv_balance not in ("none", "uniform", "clean"):
                 raise ValueError(f"zskd adv_balance must be 'none', 'uniform' or 'clean', got {self.adv_balance!r}")
             if not self.adv_balance_cap >= 1.0:
@@ -442,12 +447,42 @@ class ZeroShotKD(Method):
         return {"gen_divergence": div, "gen_mlm_loss": mlm}
 
     @torch.no_grad()
-    def _token_adversary(self, view: View, generator: torch.Generator) -> View:
+    def _refill(self, view: View, generator: torch.Generator) -> Tensor:
+        """``input_ids`` with a fresh ``mask_prob`` share of the real tokens refilled by a generator sample."""
         pick = self._mask(view, generator)
-        logits = self._fill_logits(view, pick)
-        index = categorical_sample(logits, generator)
+        index = categorical_sample(self._fill_logits(view, pick), generator)
         ids = view.input_ids.clone()
         ids[pick] = index.to(ids.dtype)
+        return ids
+
+    @torch.no_grad()
+    def row_divergence(self, view: View, candidates: list[Tensor]) -> Tensor:
+        """``[K, B]``: the run's divergence KL(teacher || student) per row of each candidate ``input_ids``
+        (teacher and student in eval mode, one forward pass each over the ``K * B`` rows)."""
+        ctx = self.ctx
+        k = len(candidates)
+        stacked = View(
+            attention_mask=view.attention_mask.repeat(k, 1), input_ids=torch.cat(candidates),
+            token_type_ids=None if view.token_type_ids is None else view.token_type_ids.repeat(k, 1),
+        )  # fmt: skip
+        student = ctx.student
+        was_training = student.training
+        student.eval()
+        try:
+            t = ctx.forward(ctx.teacher, stacked, "teacher").logits
+            s = ctx.forward(student, stacked, "student").logits
+        finally:
+            student.train(was_training)
+        return ctx.kd(s, t, reduction="none").reshape(k, -1)
+
+    @torch.no_grad()
+    def _token_adversary(self, view: View, generator: torch.Generator) -> View:
+        candidates = [self._refill(view, generator) for _ in range(self.opt.adv_candidates)]
+        if len(candidates) == 1:
+            ids = candidates[0]
+        else:  # keep, per row, the refill the student disagrees with the teacher on most
+            best = self.row_divergence(view, candidates).argmax(0)
+            ids = torch.stack(candidates).gather(0, best.view(1, -1, 1).expand(1, *view.input_ids.shape)).squeeze(0)
         return View(
             attention_mask=view.attention_mask, input_ids=ids, token_type_ids=view.token_type_ids,
             weight=self.opt.adv_weight, name="adversarial",
