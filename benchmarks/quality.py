@@ -141,8 +141,13 @@ OPTIONS: dict[str, dict[str, Any]] = {
 # seeds; negatives right 41% -> 49%: the teacher calls only 22% of the tweet pool negative, and balanced draws
 # show the student those rows 1.5x as often), movie reviews 75.5% -> 75.5% (its pool is 48/52 already, so
 # balancing changes little). Both tasks draw class-balanced since.
+# On Austen (sessions 16-17, 5 dev seeds, float32 pools): movie t3 with source_fraction 0.5 -> 73.8% (73.5, 73.0,
+# 74.9, 74.3, 73.3) against ood 72.3% (ahead in 5 of 5 seeds) and 0 -> 73.5% (3 seeds); registered in session 18
+# after the session-17 test read, so its test rows are a second read of the t3 movie students' test split, by
+# new students. With pool_filter intended as well (session 18, seed 0): 72.8% against 73.5%, not taken. Tweets
+# stay at 0 (0.5 -> 64.7%, 0.75 with pool_filter intended 64.4% on seed 0; ood 69.7%).
 TASK_OPTIONS: dict[str, dict[str, dict[str, Any]]] = {
-    "movie_reviews": {"zskd": {"mask_prob": 0.5}},
+    "movie_reviews": {"zskd": {"mask_prob": 0.5}, "t3": {"source_fraction": 0.5}},
 }
 
 

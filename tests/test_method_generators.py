@@ -532,7 +532,7 @@ def test_quality_task_options_layer_over_the_method_options(monkeypatch):
     got = Q.method_options("tweets", "t3")
     assert got["source_fraction"] == 0.75 and got["tune_lr"] == 2e-5
     assert got["refresh_every"] == Q.OPTIONS["t3"]["refresh_every"]
-    assert Q.method_options("movie_reviews", "t3") == {"source_fraction": 0.0, "refresh_every": 0, "pool_balance": True}
+    assert Q.method_options("movie_reviews", "t3") == {"source_fraction": 0.5, "refresh_every": 0, "pool_balance": True}
     assert Q.method_options("movie_reviews", "ood") == {}
     monkeypatch.undo()
     assert Q.method_options("tweets", "t3") == {"source_fraction": 0.0, "refresh_every": 0, "pool_balance": True}
