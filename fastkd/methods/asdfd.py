@@ -66,6 +66,10 @@ pseudo embeddings did not transfer to text)
       random words are not the sentences the student will read. The choice of ``text`` was made on
       the dev splits (``benchmarks/quality.py --dev``, 400 steps, seed 0, hidden-state matching
       on): tweets 50.8% against 43.9% with ``words``; the results README has every dev point.
+    * Text view (``text_weight``, ours; 0 = off, the paper's loss on pseudo rows only): each batch
+      also carries the ``ood`` method's own rows (the same seeded stream, at the same offsets) as a
+      plain token view weighted ``text_weight``, so the pseudo rows are added to plain distillation
+      on OOD text instead of replacing it (zskd's clean view plays the same part).
     * The updates are normalised gradient steps through :func:`fastkd.embedding_ascent_` (per-token
       L2 direction, ``max_norm`` clamp): descent in the construction stage, ascent in the adversarial
       stage on ``KL(teacher || student) - keep_weight * CE(teacher, target) - prior_weight * prior``.

@@ -63,6 +63,15 @@ What is reconstruction (the papers leave it open, or our setting differs)
       with N = 32,768, zskd scores 63.8% (seeds 0-1; ``ood`` with the same balance 67.0%) and with
       ``adv_balance=uniform`` 65.8% (seeds 0-2; ``ood`` 67.5%, ahead of it in 1 of 3): the refills do
       not add to what balancing gives (``benchmarks/results/quality/README.md``, session 11).
+    * Candidate refills (``adv_candidates`` = K, ours; 1 is the papers' single draw): each clean row
+      gets K refills (each with its own masked positions and sample), teacher and student (eval mode)
+      score the K x B rows in one no-grad forward pass each, and the row keeps the refill with the
+      largest KL(teacher || student) (:meth:`ZeroShotKD.row_divergence`). Why: with one draw from a
+      generator that gets a few dozen updates in a CPU budget, the adversarial view was not more
+      divergent than the clean one (movie reviews on Austen, seed 0: 0.258 against 0.267 mean per
+      log window, higher in 35% of windows); selecting among draws makes the view adversarial by
+      construction, at K extra teacher and student forward passes per step. A search, not a trained
+      adversary: the generator's own update is unchanged.
     * The straight-through estimator: the forward pass uses the hard Gumbel sample (a plain
       embedding lookup, cheaper than the dense ``one_hot @ E``); the backward pass routes the
       gradient through the soft sample (``grad @ E^T``), which is what the straight-through
