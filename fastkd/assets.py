@@ -58,6 +58,7 @@ import tarfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -756,6 +757,37 @@ def prepare_austen(cache: Path, progress: bool = True) -> tuple[Path, int]:
     )
 
 
+@contextmanager
+def _manifest_lock(root: Path):
+    """An exclusive lock on ``<root>/.assets.lock`` (POSIX ``flock``; none where there is no fcntl)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - Windows
+        yield
+        return
+    with open(root / ".assets.lock", "a") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _update_manifest(root: Path, result: Assets) -> None:
+    """Merge ``result`` into ``<root>/assets.json``. The read-merge-write holds the manifest lock, so two
+    processes preparing at once both land (without it the later writer dropped the earlier one's new
+    entries); the write goes through a per-process temporary file renamed over the manifest, so a
+    reader never sees it half-written."""
+    manifest = root / "assets.json"
+    with _manifest_lock(root):
+        previous = json.loads(manifest.read_text()) if manifest.is_file() else {}
+        merged = {**previous, **{k: v for k, v in asdict(result).items() if v not in (None, {})}}
+        merged["counts"] = {**previous.get("counts", {}), **result.counts}
+        tmp = manifest.with_name(f"{manifest.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(merged, indent=1))
+        tmp.replace(manifest)
+
+
 def prepare(
     cache: str | os.PathLike | None = None,
     *,
@@ -801,13 +833,7 @@ def prepare(
             gguf = prepare_smollm2(root, progress)
             ensure_t3_libraries(progress)
             result.smollm2_dir, result.smollm2_file = str(gguf.parent), gguf.name
-    manifest = root / "assets.json"
-    previous = json.loads(manifest.read_text()) if manifest.is_file() else {}
-    merged = {**previous, **{k: v for k, v in asdict(result).items() if v not in (None, {})}}
-    merged["counts"] = {**previous.get("counts", {}), **result.counts}
-    tmp = manifest.with_name(f"{manifest.name}.{os.getpid()}.tmp")  # atomic: a process preparing beside this
-    tmp.write_text(json.dumps(merged, indent=1))  # one never reads a half-written manifest
-    tmp.replace(manifest)
+    _update_manifest(root, result)
     if register:
         register_sources(result)
     return result

@@ -340,6 +340,33 @@ def test_movie_holdout_reads_the_amazon_file_of_the_same_archive(tmp_path, monke
         A.movie_holdout_path(tmp_path / "other", progress=False)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="the manifest lock is POSIX flock")
+def test_the_manifest_update_waits_for_another_writer_and_keeps_its_entries(fake, tmp_path):
+    """The read-merge-write of assets.json holds a lock: a process that prepares while another holds it
+    waits, then merges over what the other wrote (before the lock, the later writer dropped the earlier
+    one's new entries)."""
+    import fcntl
+    import threading
+
+    cache = tmp_path / "cache"
+    A.prepare(cache, assets=["wordnet"], register=False)
+    before = (cache / "assets.json").read_text()
+    with open(cache / ".assets.lock", "a") as fh:  # "another process" holds the lock
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (A.prepare(cache, assets=["austen"], register=False), done.set()))
+        t.start()
+        assert not done.wait(1.0)  # it waits for the lock
+        assert (cache / "assets.json").read_text() == before  # and has not written
+        other = json.loads(before)  # the other process's own update lands while it holds the lock
+        other["counts"]["elsewhere"] = 7
+        (cache / "assets.json").write_text(json.dumps(other))
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    t.join(30)
+    assert done.is_set()
+    assert json.loads((cache / "assets.json").read_text())["counts"] == {"wordnet": 5, "elsewhere": 7, "austen": 2}
+
+
 def test_the_manifest_is_replaced_whole_never_written_in_place(fake, tmp_path, monkeypatch):
     """Two processes preparing at once (the quality benchmark's two tasks) must never read a half-written
     assets.json: it is written to a per-process temporary file and renamed over the old one."""
