@@ -71,9 +71,9 @@ pseudo embeddings did not transfer to text)
       plain token view weighted ``text_weight``, so the pseudo rows are added to plain distillation
       on OOD text instead of replacing it (zskd's clean view plays the same part). Measured at
       ``text_weight`` 1 (dev, session 18, tag ``s18-asdfd-tw1``): movie reviews 72.3% (72.3, 72.1,
-      72.6) against ``ood`` 72.4% on the same seeds, tweets 70.2 / 68.6 (seeds 0-1) against 69.5 /
-      69.6: a tie with plain distillation at 5x its time, so it stays off; the pseudo rows add
-      nothing the OOD sentences do not already give.
+      72.6) against ``ood`` 72.4% on the same seeds (ahead in 1 of 3), tweets 69.9% (70.2, 68.6, 70.8)
+      against 69.7% (2 of 3): a tie with plain distillation at 5x its time, so it stays off; the
+      pseudo rows add nothing the OOD sentences do not already give.
     * The updates are normalised gradient steps through :func:`fastkd.embedding_ascent_` (per-token
       L2 direction, ``max_norm`` clamp): descent in the construction stage, ascent in the adversarial
       stage on ``KL(teacher || student) - keep_weight * CE(teacher, target) - prior_weight * prior``.
