@@ -422,9 +422,7 @@ class ASDFD(Method):
     def _adversarial(self, z: Tensor, y: Tensor, generator: torch.Generator, lens: Tensor | None = None) -> Tensor:
         ctx = self.ctx
         student = ctx.student
-        was_training = student.training
-        student.eval()
-        try:
+        with ctx.student_eval():
             k = torch.randint(ROTATIONS, (z.shape[0],), generator=generator).to(ctx.device)
             for _ in range(self.opt.adv_steps):
                 z.requires_grad_(True)
@@ -437,8 +435,6 @@ class ASDFD(Method):
                 if self.opt.ss_weight > 0:
                     objective = objective + self.opt.ss_weight * self._ss_loss(z, k, lens)
                 z = self._step(z, objective, self.opt.adv_step_size * self.mean_norm, True)
-        finally:
-            student.train(was_training)
         return self._snap(z.detach())
 
     def before_step(self, step: int, generator: torch.Generator) -> dict[str, float]:

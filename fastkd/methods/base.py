@@ -27,8 +27,8 @@ import inspect
 import json
 import os
 import typing
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -177,6 +177,16 @@ class MethodContext:
         """True at real (non-special, non-padding) tokens."""
         special = torch.tensor(self.special_ids(), device=input_ids.device, dtype=input_ids.dtype)
         return attention_mask.bool() & ~torch.isin(input_ids, special)
+
+    @contextmanager
+    def student_eval(self) -> Iterator[None]:
+        """The student in eval mode (no dropout noise) for a method's own passes, its mode restored after."""
+        was_training = self.student.training
+        self.student.eval()
+        try:
+            yield
+        finally:
+            self.student.train(was_training)
 
     def reduce_grads(self, params: Sequence[nn.Parameter]) -> None:
         """Average the gradients of a method's own modules across ranks (no-op on one process)."""

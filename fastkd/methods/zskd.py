@@ -451,13 +451,8 @@ class ZeroShotKD(Method):
         if step % self.gen_interval != 0:
             return {}
         rows = self.opt.gen_batch or self.ctx.micro_batch_size
-        student = self.ctx.student
-        was_training = student.training
-        student.eval()
-        try:
+        with self.ctx.student_eval():
             div, mlm = self._generator_update(generator, rows)
-        finally:
-            student.train(was_training)
         return {"gen_divergence": div, "gen_mlm_loss": mlm}
 
     @torch.no_grad()
@@ -479,14 +474,9 @@ class ZeroShotKD(Method):
             attention_mask=view.attention_mask.repeat(k, 1), input_ids=torch.cat(candidates),
             token_type_ids=None if view.token_type_ids is None else view.token_type_ids.repeat(k, 1),
         )  # fmt: skip
-        student = ctx.student
-        was_training = student.training
-        student.eval()
-        try:
+        with ctx.student_eval():
             t = ctx.forward(ctx.teacher, stacked, "teacher").logits
-            s = ctx.forward(student, stacked, "student").logits
-        finally:
-            student.train(was_training)
+            s = ctx.forward(ctx.student, stacked, "student").logits
         return ctx.kd(s, t, reduction="none").reshape(k, -1)
 
     @torch.no_grad()
@@ -496,7 +486,7 @@ class ZeroShotKD(Method):
             ids = candidates[0]
         else:  # keep, per row, the refill the student disagrees with the teacher on most
             best = self.row_divergence(view, candidates).argmax(0)
-            ids = torch.stack(candidates).gather(0, best.view(1, -1, 1).expand(1, *view.input_ids.shape)).squeeze(0)
+            ids = torch.stack(candidates)[best, torch.arange(best.numel(), device=best.device)]
         return View(
             attention_mask=view.attention_mask, input_ids=ids, token_type_ids=view.token_type_ids,
             weight=self.opt.adv_weight, name="adversarial",
@@ -515,9 +505,7 @@ class ZeroShotKD(Method):
             token_type_ids=view.token_type_ids, weight=self.opt.adv_weight, name="adversarial",
         )  # fmt: skip
         student = ctx.student
-        was_training = student.training
-        student.eval()
-        try:
+        with ctx.student_eval():
             for _ in range(self.opt.embed_steps):
                 x.requires_grad_(True)
                 t_logits = ctx.forward(ctx.teacher, adv, "teacher").logits
@@ -530,8 +518,6 @@ class ZeroShotKD(Method):
                     mask=content, maximize=True,
                 )  # fmt: skip
                 adv.teacher_embeds = x
-        finally:
-            student.train(was_training)
         adv.teacher_embeds = x.detach()
         return adv
 
